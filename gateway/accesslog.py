@@ -1,0 +1,77 @@
+"""Request ids and the one access-log line per request.
+
+The line carries method, route, model, status, durations and byte counts; never a prompt, an
+image, a header value or a key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from gateway.errors import Handler
+
+logger = logging.getLogger("gateway.access")
+
+# Caller-chosen ids are echoed and logged, so only a plain token is accepted (no log injection).
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class Call:
+    """What one request did, filled in as it goes, for the log line and the metrics."""
+
+    __slots__ = ("bytes_in", "model", "request_id", "route", "started", "upstream_s")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.started = asyncio.get_running_loop().time()
+        self.route = "-"
+        self.model: str | None = None
+        self.upstream_s: float | None = None
+        self.bytes_in = 0
+
+
+CALL = web.RequestKey("call", Call)
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    given = request.headers.get("X-Request-ID", "")
+    request[CALL] = Call(given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex)
+    return await handler(request)
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare hook: every response, streamed or not, names its request id."""
+    call = request.get(CALL)
+    if call is not None:
+        response.headers["X-Request-ID"] = call.request_id
+
+
+class AccessLogger(AbstractAccessLogger):
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        call = request.get(CALL)
+        if call is None:
+            return
+        upstream_ms = "-" if call.upstream_s is None else f"{call.upstream_s * 1000:.1f}"
+        self.logger.info(
+            "%s %s %s model=%s status=%s duration_ms=%.1f upstream_ms=%s bytes_in=%s bytes_out=%s",
+            call.request_id,
+            request.method,
+            call.route,
+            call.model or "-",
+            response.status,
+            time * 1000,
+            upstream_ms,
+            call.bytes_in,
+            response.body_length,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)

@@ -1,0 +1,52 @@
+"""create_app(config): the one place the gateway is wired together."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.accesslog import add_request_id, request_id_middleware
+from gateway.config import Config
+from gateway.errors import error_middleware
+from gateway.health import READINESS, Readiness, healthz, readyz
+from gateway.metrics import METRICS, Metrics, metrics_view
+from gateway.proxy import PROXY, Proxy, proxy
+from gateway.upstream import upstream_ctx
+
+CONFIG = web.AppKey("config", Config)
+
+# Named routes give metrics and logs a bounded `route` label; anything else under /v1 or
+# /v1beta still goes through, labelled by the catch-all.
+PROXY_ROUTES = (
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/images/variations",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/v1/models/{model}",
+    "/v1/videos",
+    "/v1/videos/{video_id}",
+    "/v1/videos/{video_id}/content",
+    "/v1beta/models/{model}:generateContent",
+    "/v1beta/models/{model}:streamGenerateContent",
+    "/v1/{tail:.*}",
+    "/v1beta/{tail:.*}",
+)
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(
+        middlewares=[request_id_middleware, error_middleware],
+        client_max_size=config.server.max_body_bytes,
+    )
+    app[CONFIG] = config
+    app[PROXY] = Proxy(config)
+    app[METRICS] = Metrics(config.timeouts.models)
+    app[READINESS] = Readiness()
+    app.cleanup_ctx.append(upstream_ctx(config))
+    app.on_response_prepare.append(add_request_id)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    for path in PROXY_ROUTES:
+        app.router.add_route("*", path, proxy)
+    return app

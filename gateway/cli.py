@@ -1,0 +1,95 @@
+"""The `gateway` command: serve | fake-upstream | hash-key. Logging is set up here only."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from gateway.auth import key_digest
+from gateway.config import ConfigError, load_config
+
+logger = logging.getLogger("gateway")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP gateway")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        help="TOML file (default: $GATEWAY_CONFIG or "
+        "config/gateway.toml when present, else built-in defaults)",
+    )
+    serve.add_argument("--host", help="listen address (overrides server.host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+
+    fake = sub.add_parser("fake-upstream", help="run the APIYI stand-in for development and tests")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8090)
+    fake.add_argument("--latency-s", type=float, default=0.0, help="default generation time")
+    fake.add_argument("--image-bytes", type=int, default=256 * 1024, help="default image size")
+
+    sub.add_parser(
+        "hash-key",
+        help="print the SHA-256 digest of a client key read from stdin, for auth.client_key_sha256",
+    )
+    return parser
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional (not built for every platform)
+        asyncio.run(coro)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "hash-key":
+        key = sys.stdin.read().strip()
+        if not key:
+            print("gateway hash-key: no key on stdin", file=sys.stderr)
+            return 2
+        print(key_digest(key))
+        return 0
+    if args.command == "fake-upstream":
+        from gateway.fake_upstream import FakeSettings, serve_fake
+
+        settings = FakeSettings(latency_s=args.latency_s, image_bytes=args.image_bytes)
+        _run(serve_fake(settings, args.host, args.port))
+        return 0
+
+    from gateway.server import serve
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"gateway: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.host or args.port is not None:
+        server = msgspec.structs.replace(
+            config.server,
+            host=args.host or config.server.host,
+            port=config.server.port if args.port is None else args.port,
+        )
+        config = msgspec.structs.replace(config, server=server)
+    _run(serve(config))
+    return 0

@@ -1,0 +1,146 @@
+"""Typed configuration: a TOML file decoded into frozen structs, then environment overrides.
+
+The struct defaults are the shipped `config/gateway.toml` (a test keeps the two equal), so the
+gateway runs with no file at all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the key."""
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section, frozen=True):
+    host: str = "0.0.0.0"
+    port: int = 8080
+    # Nano Banana accepts 100 MB uploads; leave room for multipart framing and base64 JSON.
+    max_body_bytes: int = 140 * 2**20
+    # How long SIGTERM waits for in-flight calls before cutting them.
+    drain_timeout_s: float = 30.0
+    # Idle caller connections are closed after this long without a request.
+    idle_timeout_s: float = 75.0
+    access_log: bool = True
+
+
+class UpstreamConfig(_Section, frozen=True):
+    url: str = "https://api.apiyi.com/v1"
+    connect_timeout_s: float = 10.0
+    # A failed connect sent nothing, so it is safe to try again.
+    connect_retries: int = 1
+    # Most upstream connections open at once (0: no limit).
+    pool_size: int = 1000
+    # Idle pooled connections are closed before the upstream's own idle timer can race us.
+    idle_timeout_s: float = 30.0
+
+
+class TcpKeepaliveConfig(_Section, frozen=True):
+    # Far below NAT and load-balancer idle timers (AWS NAT 350 s, ALB 60 s) so a silent
+    # multi-minute generation keeps its connections alive on both sides.
+    idle_s: int = 30
+    interval_s: int = 10
+    count: int = 5
+
+
+def _default_model_timeouts() -> dict[str, float]:
+    # APIYI's published generation times, with headroom: they have jumped several-fold on bad days.
+    return {
+        "gpt-image-1": 300.0,
+        "gpt-image-1-mini": 180.0,
+        "gpt-image-1.5": 300.0,
+        "gpt-image-2": 480.0,
+        "gpt-image-2-all": 300.0,
+        "gpt-image-2-vip": 480.0,
+        "dall-e-3": 180.0,
+        "gemini-2.5-flash-image": 90.0,
+        "gemini-2.5-flash-image-preview": 90.0,
+        "gemini-3-pro-image-preview": 600.0,
+        "seedream-4-0-250828": 180.0,
+        "seedream-4-5-251128": 180.0,
+        "flux-kontext-pro": 180.0,
+        "flux-kontext-max": 180.0,
+    }
+
+
+class TimeoutsConfig(_Section, frozen=True):
+    default_s: float = 300.0
+    models: dict[str, float] = msgspec.field(default_factory=_default_model_timeouts)
+
+    def for_model(self, model: str | None) -> float:
+        if model is None:
+            return self.default_s
+        return self.models.get(model, self.default_s)
+
+
+class AuthConfig(_Section, frozen=True):
+    # SHA-256 hex digests of the client keys accepted when the gateway injects its own key.
+    client_key_sha256: frozenset[str] = frozenset()
+    # Prefer GATEWAY_UPSTREAM_API_KEY: a key in a file ends up in backups and diffs.
+    upstream_api_key: str | None = None
+
+
+class Config(_Section, frozen=True):
+    server: ServerConfig = ServerConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    tcp_keepalive: TcpKeepaliveConfig = TcpKeepaliveConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    auth: AuthConfig = AuthConfig()
+
+
+# (environment variable, section, key): the contract fixes these names.
+_ENV_OVERRIDES = (
+    ("GATEWAY_UPSTREAM_URL", "upstream", "url"),
+    ("GATEWAY_UPSTREAM_API_KEY", "auth", "upstream_api_key"),
+)
+
+
+def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read `path` (or GATEWAY_CONFIG, or the default file when present) and apply the env."""
+    env = os.environ if env is None else env
+    explicit = path or (Path(env["GATEWAY_CONFIG"]) if env.get("GATEWAY_CONFIG") else None)
+    file = explicit or DEFAULT_CONFIG_PATH
+    raw: dict[str, Any] = {}
+    if explicit is not None or file.exists():
+        try:
+            raw = msgspec.toml.decode(file.read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"{file}: {exc.strerror}") from exc
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"{file}: {exc}") from exc
+    for var, section, key in _ENV_OVERRIDES:
+        if env.get(var):
+            table = raw.setdefault(section, {})
+            if isinstance(table, dict):
+                table[key] = env[var]
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{file}: {exc}") from exc
+    _check(config, file)
+    return config
+
+
+def _check(config: Config, file: Path) -> None:
+    if not config.upstream.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{file}: upstream.url must be an http(s) URL")
+    if config.auth.client_key_sha256 and not config.auth.upstream_api_key:
+        raise ConfigError(
+            f"{file}: auth.client_key_sha256 is set but no upstream key "
+            "(GATEWAY_UPSTREAM_API_KEY) to inject"
+        )
+    for digest in config.auth.client_key_sha256:
+        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            raise ConfigError(f"{file}: auth.client_key_sha256 holds a non-SHA-256 value")

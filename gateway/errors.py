@@ -1,0 +1,139 @@
+"""Errors the gateway itself produces, rendered in the OpenAI error shape.
+
+Upstream errors are never rendered here: they pass through byte for byte.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+import msgspec
+from aiohttp import web
+
+logger = logging.getLogger(__name__)
+
+
+class _ErrorBody(msgspec.Struct, frozen=True):
+    message: str
+    type: str
+    code: str
+
+
+class _Envelope(msgspec.Struct, frozen=True):
+    error: _ErrorBody
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+    # The OpenAI SDK obeys `x-should-retry` over its own status-based rule; None leaves it be.
+    should_retry: bool | None = None
+
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers or {})
+
+    def response(self) -> web.Response:
+        headers = dict(self.headers)
+        if self.should_retry is not None:
+            headers["x-should-retry"] = "true" if self.should_retry else "false"
+        body = _encode(_Envelope(_ErrorBody(self.message, self.type, self.code)))
+        return web.Response(
+            status=self.status, body=body, content_type="application/json", headers=headers
+        )
+
+
+class BadRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class BodyTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class ShuttingDown(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+    should_retry = True
+
+
+class UpstreamUnreachable(GatewayError):
+    """Nothing reached the upstream, so nothing was billed: retrying is safe."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unreachable"
+    should_retry = True
+
+
+class UpstreamBroken(GatewayError):
+    """The request was sent; the upstream may be generating (and billing) still."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_connection_broken"
+    should_retry = False
+
+
+class UpstreamTimeout(GatewayError):
+    """The deadline passed; the upstream may still finish and bill, so a blind retry pays twice."""
+
+    status = 504
+    type = "upstream_error"
+    code = "upstream_timeout"
+    should_retry = False
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_HTTP_ERRORS: dict[int, type[GatewayError]] = {
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: BodyTooLarge,
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error response the gateway makes, in the OpenAI shape; never a stack trace."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        cls = _HTTP_ERRORS.get(exc.status, BadRequest if exc.status < 500 else GatewayError)
+        return cls(exc.reason).response()
+    except Exception:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return GatewayError("The gateway failed to handle the request.").response()

@@ -1,0 +1,283 @@
+"""Sync pass-through: any /v1 or /v1beta call forwarded upstream, streamed both ways.
+
+Method, path, query and body go upstream byte for byte; status, end-to-end headers and body come
+back the same way. The gateway adds only a deadline per model, kept-alive connections, and
+OpenAI-shaped errors for the failures it alone can see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Mapping
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.accesslog import CALL, Call
+from gateway.auth import Auth
+from gateway.config import Config
+from gateway.errors import (
+    BadRequest,
+    BodyTooLarge,
+    UpstreamBroken,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from gateway.metrics import METRICS, Metrics
+from gateway.sniff import ModelScanner, model_from_body, model_from_path
+from gateway.upstream import UPSTREAM, Upstream
+
+logger = logging.getLogger(__name__)
+
+# RFC 9110 section 7.6.1, plus Host (the upstream's is derived from its URL).
+_HOP_BY_HOP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "trailer",
+        "host",
+    )
+)
+# Bodies up to this size are read whole: cheaper than streaming, and they hold the model.
+_SMALL_BODY = 64 * 1024
+_CHUNK = 64 * 1024
+
+
+class Proxy:
+    """The pass-through's settings, built once per app."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.auth = Auth(config.auth)
+
+
+PROXY = web.AppKey("proxy", Proxy)
+
+
+def strip_hop_by_hop(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    """End-to-end headers only: the fixed hop-by-hop set and any header named in Connection."""
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", ())  # type: ignore[attr-defined]
+        for token in value.split(",")
+    }
+    return CIMultiDict(
+        (k, v)
+        for k, v in headers.items()
+        if k.lower() not in _HOP_BY_HOP and k.lower() not in named
+    )
+
+
+def caller_timeout_s(request: web.Request) -> float:
+    raw = request.headers.get("X-Request-Timeout")
+    if raw is None:
+        return math.inf
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise BadRequest("X-Request-Timeout must be a positive number of seconds.")
+    return value
+
+
+class _Body:
+    """A caller's large body on its way upstream: size-checked and scanned for the model."""
+
+    def __init__(
+        self, request: web.Request, call: Call, limit: int, on_model: Callable[[str], None]
+    ) -> None:
+        self._content = request.content
+        self._call = call
+        self._limit = limit
+        self._on_model = on_model
+        self._scanner = ModelScanner(request.content_type) if call.model is None else None
+        self.too_large = False
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        async for chunk in self._content.iter_chunked(_CHUNK):
+            self._call.bytes_in += len(chunk)
+            if self._call.bytes_in > self._limit:
+                self.too_large = True
+                raise BodyTooLarge("Request body is larger than this gateway accepts.")
+            if self._scanner is not None and (model := self._scanner.feed(chunk)):
+                self._scanner = None
+                self._on_model(model)
+            yield chunk
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    call = request[CALL]
+    resource = request.match_info.route.resource
+    call.route = resource.canonical if resource is not None else "other"
+    inflight = metrics.inflight(call.route)
+    inflight.inc()
+    status = 500
+    try:
+        response = await _forward(request, request.app[PROXY], call, metrics)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        if request.transport is None or request.transport.is_closing():
+            _count_disconnect(metrics, call)
+        raise
+    except Exception as exc:
+        status = getattr(exc, "status", 500)
+        raise
+    finally:
+        inflight.dec()
+        model = metrics.model_label(call.model)
+        metrics.requests(call.route, model, str(status), "sync").inc()
+        metrics.request_duration(call.route, model, "sync").observe(
+            asyncio.get_running_loop().time() - call.started
+        )
+
+
+def _count_disconnect(metrics: Metrics, call: Call) -> None:
+    metrics.client_disconnects(call.route).inc()
+    logger.info("%s caller disconnected; upstream call cancelled", call.request_id)
+
+
+async def _forward(
+    request: web.Request, settings: Proxy, call: Call, metrics: Metrics
+) -> web.StreamResponse:
+    config = settings.config
+    headers = strip_hop_by_hop(request.headers)
+    settings.auth.apply(headers)
+    headers["X-Request-ID"] = call.request_id
+    caller_limit_s = caller_timeout_s(request)
+    length = request.content_length
+    if length is not None and length > config.server.max_body_bytes:
+        raise BodyTooLarge("Request body is larger than this gateway accepts.")
+    call.model = model_from_path(request.path)
+
+    def deadline() -> float:
+        return call.started + min(config.timeouts.for_model(call.model), caller_limit_s)
+
+    upstream = request.app[UPSTREAM]
+    url = upstream.url(request.raw_path)
+    body: _Body | None = None
+    out: web.StreamResponse | None = None
+    try:
+        async with asyncio.timeout_at(deadline()) as scope:
+
+            def found_model(model: str) -> None:
+                call.model = model
+                scope.reschedule(deadline())
+
+            data: bytes | None = None
+            if not request.body_exists:
+                pass
+            elif length is not None and length <= _SMALL_BODY:
+                data = await request.read()
+                call.bytes_in = len(data)
+                if call.model is None and (model := model_from_body(request.content_type, data)):
+                    found_model(model)
+            else:
+                body = _Body(request, call, config.server.max_body_bytes, found_model)
+
+            sent_at = asyncio.get_running_loop().time()
+            up = await _send(
+                upstream,
+                request.method,
+                url,
+                headers,
+                (lambda: body.stream()) if body is not None else (lambda: data),
+                config.upstream.connect_retries,
+                call,
+                metrics,
+            )
+            async with up:
+                if request.method != "HEAD" and (up.content_length or math.inf) <= _SMALL_BODY:
+                    payload = await up.read()
+                    out_headers = strip_hop_by_hop(up.headers)
+                    out_headers.popall("Content-Length", None)
+                    out = web.Response(
+                        status=up.status, reason=up.reason, headers=out_headers, body=payload
+                    )
+                else:
+                    out = web.StreamResponse(
+                        status=up.status, reason=up.reason, headers=strip_hop_by_hop(up.headers)
+                    )
+                    await out.prepare(request)
+                    async for chunk in up.content.iter_any():
+                        try:
+                            await out.write(chunk)
+                        except ConnectionError:
+                            _count_disconnect(metrics, call)
+                            return out
+                    await out.write_eof()
+            call.upstream_s = asyncio.get_running_loop().time() - sent_at
+            metrics.upstream_duration(metrics.model_label(call.model), str(up.status)).observe(
+                call.upstream_s
+            )
+            return out
+    except TimeoutError:
+        streaming = out is not None and out.prepared
+        metrics.upstream_timeouts(
+            metrics.model_label(call.model), "read" if streaming else "total"
+        ).inc()
+        if out is None or not out.prepared:
+            raise UpstreamTimeout(
+                "The upstream did not answer within this model's deadline. It may still be "
+                "generating (and billing); retrying starts a new generation."
+            ) from None
+        _abort(request)
+        return out
+    except aiohttp.ClientError as exc:
+        if body is not None and body.too_large:
+            raise BodyTooLarge("Request body is larger than this gateway accepts.") from None
+        logger.warning("%s upstream connection broken: %s", call.request_id, type(exc).__name__)
+        if out is None or not out.prepared:
+            raise UpstreamBroken(
+                "The connection to the upstream broke after the request was sent; it may have "
+                "been billed."
+            ) from None
+        _abort(request)
+        return out
+
+
+def _abort(request: web.Request) -> None:
+    """End a response that already started: the caller must see a broken body, not a short one."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def _send(
+    upstream: Upstream,
+    method: str,
+    url: URL,
+    headers: CIMultiDict[str],
+    make_data: Callable[[], object],
+    retries: int,
+    call: Call,
+    metrics: Metrics,
+) -> aiohttp.ClientResponse:
+    """Send the request; a connect that fails sent nothing, so it is tried again."""
+    for attempt in range(retries + 1):
+        try:
+            return await upstream.session.request(
+                method,
+                url,
+                headers=headers,
+                data=make_data(),
+                allow_redirects=False,
+            )
+        except aiohttp.ConnectionTimeoutError:
+            metrics.upstream_timeouts(metrics.model_label(call.model), "connect").inc()
+            failure = "connect timed out"
+        except aiohttp.ClientConnectorError as exc:
+            failure = f"connect failed ({exc.os_error.strerror or type(exc.os_error).__name__})"
+        logger.warning("%s upstream %s (attempt %d)", call.request_id, failure, attempt + 1)
+    raise UpstreamUnreachable(f"The upstream could not be reached: {failure}. Nothing was sent.")

@@ -1,0 +1,54 @@
+"""Running an app on a real socket, and draining it on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from gateway.accesslog import AccessLogger
+from gateway.app import create_app
+from gateway.config import Config
+from gateway.health import READINESS
+from gateway.netopts import listening_socket
+
+logger = logging.getLogger(__name__)
+
+
+async def start(app: web.Application, config: Config) -> web.AppRunner:
+    """Serve `app` on the configured address (port 0 picks a free one: `runner.addresses`)."""
+    runner = web.AppRunner(
+        app,
+        # A caller that hangs up must stop its upstream call now, not when it would have ended.
+        handler_cancellation=True,
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger("gateway.access") if config.server.access_log else None,
+        keepalive_timeout=config.server.idle_timeout_s,
+        shutdown_timeout=config.server.drain_timeout_s,
+    )
+    await runner.setup()
+    site = web.SockSite(
+        runner, listening_socket(config.server.host, config.server.port, config.tcp_keepalive)
+    )
+    await site.start()
+    return runner
+
+
+async def serve(config: Config) -> None:
+    app = create_app(config)
+    runner = await start(app, config)
+    logger.info(
+        "gateway listening on %s, upstream %s", runner.addresses[0][:2], config.upstream.url
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("draining: in-flight calls get up to %.0f s", config.server.drain_timeout_s)
+    app[READINESS].draining = True
+    # Closes the listening socket first, then waits for in-flight handlers up to the drain timeout.
+    await runner.cleanup()
+    logger.info("stopped")

@@ -1,0 +1,75 @@
+"""The one upstream client session: a kept-alive pool, keep-alive sockets, bytes untouched."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from gateway.config import Config, TcpKeepaliveConfig
+from gateway.netopts import set_keepalive
+
+# Headers aiohttp would add on its own; the upstream must see exactly what the caller sent.
+_NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+class Upstream:
+    """Where calls go and the session that carries them."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+        self.session = session
+        # Callers' paths start with /v1 or /v1beta, so a base ending in /v1 is cut back to the
+        # root both hang off: https://api.apiyi.com/v1 -> https://api.apiyi.com
+        root = base_url.rstrip("/")
+        self._root = root[: -len("/v1")] if root.endswith("/v1") else root
+
+    def url(self, raw_path: str) -> URL:
+        """The upstream URL for a caller's path and query, byte for byte as the caller sent them."""
+        return URL(self._root + raw_path, encoded=True)
+
+
+UPSTREAM = web.AppKey("upstream", Upstream)
+
+
+def _socket_factory(cfg: TcpKeepaliveConfig) -> Callable[[Any], socket.socket]:
+    def make(addr_info: Any) -> socket.socket:
+        family, type_, proto, _, _ = addr_info
+        sock = socket.socket(family=family, type=type_, proto=proto)
+        set_keepalive(sock, cfg)
+        return sock
+
+    return make
+
+
+def open_session(config: Config) -> aiohttp.ClientSession:
+    up = config.upstream
+    connector = aiohttp.TCPConnector(
+        limit=up.pool_size,
+        limit_per_host=0,
+        keepalive_timeout=up.idle_timeout_s,
+        socket_factory=_socket_factory(config.tcp_keepalive),
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        # Only connecting has its own limit; the per-model deadline bounds everything else.
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout_s),
+        auto_decompress=False,
+        skip_auto_headers=_NO_AUTO_HEADERS,
+        # A shared jar would hand one caller's upstream cookies to every other caller.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )
+
+
+def upstream_ctx(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        session = open_session(config)
+        app[UPSTREAM] = Upstream(session, config.upstream.url)
+        yield
+        await session.close()
+
+    return ctx
