@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import uuid
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-
-from gateway.errors import Handler
 
 logger = logging.getLogger("gateway.access")
 
@@ -23,15 +22,26 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class Call:
-    """What one request did, filled in as it goes, for the log line and the metrics."""
+    """What one proxied request did, filled in as it goes, for the log line and the metrics."""
 
-    __slots__ = ("bytes_in", "model", "request_id", "route", "started", "upstream_s")
+    __slots__ = (
+        "bytes_in",
+        "caller_limit_s",
+        "model",
+        "request_id",
+        "route",
+        "started",
+        "upstream_s",
+    )
 
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
+    def __init__(self, request: web.Request) -> None:
         self.started = asyncio.get_running_loop().time()
-        self.route = "-"
+        given = request.headers.get("X-Request-ID", "")
+        self.request_id = given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
+        resource = request.match_info.route.resource
+        self.route = resource.canonical if resource is not None else "other"
         self.model: str | None = None
+        self.caller_limit_s = math.inf
         self.upstream_s: float | None = None
         self.bytes_in = 0
 
@@ -39,15 +49,8 @@ class Call:
 CALL = web.RequestKey("call", Call)
 
 
-@web.middleware
-async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    given = request.headers.get("X-Request-ID", "")
-    request[CALL] = Call(given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex)
-    return await handler(request)
-
-
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare hook: every response, streamed or not, names its request id."""
+    """on_response_prepare hook: every proxied response, streamed or not, names its request id."""
     call = request.get(CALL)
     if call is not None:
         response.headers["X-Request-ID"] = call.request_id
@@ -56,7 +59,14 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         call = request.get(CALL)
-        if call is None:
+        if call is None:  # not a proxied call: probes, metrics, unknown paths
+            self.logger.info(
+                "- %s %s status=%s duration_ms=%.1f",
+                request.method,
+                request.path,
+                response.status,
+                time * 1000,
+            )
             return
         upstream_ms = "-" if call.upstream_s is None else f"{call.upstream_s * 1000:.1f}"
         self.logger.info(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.accesslog import add_request_id, request_id_middleware
+from gateway.accesslog import add_request_id
 from gateway.config import Config
-from gateway.errors import error_middleware
+from gateway.errors import not_found
 from gateway.health import READINESS, Readiness, healthz, readyz
 from gateway.metrics import METRICS, Metrics, metrics_view
 from gateway.proxy import PROXY, Proxy, proxy
@@ -34,10 +34,9 @@ PROXY_ROUTES = (
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(
-        middlewares=[request_id_middleware, error_middleware],
-        client_max_size=config.server.max_body_bytes,
-    )
+    # No middlewares: aiohttp rebuilds the middleware chain on every request, which costs the
+    # hot path CPU and memory per held call; the proxy renders its own errors.
+    app = web.Application(client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[PROXY] = Proxy(config)
     app[METRICS] = Metrics(config.timeouts.models)
@@ -49,4 +48,5 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/metrics", metrics_view)
     for path in PROXY_ROUTES:
         app.router.add_route("*", path, proxy)
+    app.router.add_route("*", "/{tail:.*}", not_found)
     return app

@@ -5,13 +5,10 @@ Upstream errors are never rendered here: they pass through byte for byte.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 
 import msgspec
 from aiohttp import web
-
-logger = logging.getLogger(__name__)
 
 
 class _ErrorBody(msgspec.Struct, frozen=True):
@@ -67,12 +64,6 @@ class NotFound(GatewayError):
     code = "not_found"
 
 
-class MethodNotAllowed(GatewayError):
-    status = 405
-    type = "invalid_request_error"
-    code = "method_not_allowed"
-
-
 class BodyTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
@@ -113,27 +104,6 @@ class UpstreamTimeout(GatewayError):
     should_retry = False
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-_HTTP_ERRORS: dict[int, type[GatewayError]] = {
-    404: NotFound,
-    405: MethodNotAllowed,
-    413: BodyTooLarge,
-}
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error response the gateway makes, in the OpenAI shape; never a stack trace."""
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        return exc.response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        cls = _HTTP_ERRORS.get(exc.status, BadRequest if exc.status < 500 else GatewayError)
-        return cls(exc.reason).response()
-    except Exception:
-        logger.exception("unhandled error on %s %s", request.method, request.path)
-        return GatewayError("The gateway failed to handle the request.").response()
+async def not_found(request: web.Request) -> web.Response:
+    """Paths outside /v1 and /v1beta that the gateway does not serve, in the OpenAI shape."""
+    return NotFound(f"Unknown path: {request.method} {request.path}").response()

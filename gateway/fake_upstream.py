@@ -125,7 +125,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 async def _reply(request: web.Request, payload: Any) -> web.StreamResponse:
     """A JSON answer after the generation time, with the requested fault applied."""
     ctl = Control.of(request)
-    await asyncio.sleep(ctl.latency_s)
+    if ctl.fault != "trickle":  # a trickle spends the generation time sending
+        await asyncio.sleep(ctl.latency_s)
     if ctl.fault in ("500", "502", "503"):
         return _error(int(ctl.fault), "The model is overloaded. Please try again later.")
     if ctl.fault == "drop":

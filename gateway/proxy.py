@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from gateway.accesslog import CALL, Call
 from gateway.auth import Auth
@@ -23,6 +22,7 @@ from gateway.config import Config
 from gateway.errors import (
     BadRequest,
     BodyTooLarge,
+    GatewayError,
     UpstreamBroken,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -92,56 +92,66 @@ def caller_timeout_s(request: web.Request) -> float:
 
 
 class _Body:
-    """A caller's large body on its way upstream: size-checked and scanned for the model."""
+    """A caller's large body on its way upstream: size-checked and scanned for the model, whose
+    deadline replaces the default as soon as the model is seen."""
 
     def __init__(
-        self, request: web.Request, call: Call, limit: int, on_model: Callable[[str], None]
+        self, request: web.Request, call: Call, config: Config, scope: asyncio.Timeout
     ) -> None:
         self._content = request.content
         self._call = call
-        self._limit = limit
-        self._on_model = on_model
-        self._scanner = ModelScanner(request.content_type) if call.model is None else None
+        self._config = config
+        self._scope = scope
+        self._scanner = (
+            ModelScanner(request.headers.get("Content-Type", "")) if call.model is None else None
+        )
         self.too_large = False
 
     async def stream(self) -> AsyncIterator[bytes]:
+        limit = self._config.server.max_body_bytes
         async for chunk in self._content.iter_chunked(_CHUNK):
             self._call.bytes_in += len(chunk)
-            if self._call.bytes_in > self._limit:
+            if self._call.bytes_in > limit:
                 self.too_large = True
                 raise BodyTooLarge("Request body is larger than this gateway accepts.")
             if self._scanner is not None and (model := self._scanner.feed(chunk)):
                 self._scanner = None
-                self._on_model(model)
+                self._call.model = model
+                self._scope.reschedule(_deadline(self._call, self._config))
             yield chunk
+
+
+def _deadline(call: Call, config: Config) -> float:
+    return call.started + min(config.timeouts.for_model(call.model), call.caller_limit_s)
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
     metrics = request.app[METRICS]
-    call = request[CALL]
-    resource = request.match_info.route.resource
-    call.route = resource.canonical if resource is not None else "other"
+    call = request[CALL] = Call(request)
     inflight = metrics.inflight(call.route)
     inflight.inc()
-    status = 500
+    response: web.StreamResponse | None = None
     try:
         response = await _forward(request, request.app[PROXY], call, metrics)
-        status = response.status
-        return response
+    except GatewayError as exc:
+        response = exc.response()
     except asyncio.CancelledError:
         if request.transport is None or request.transport.is_closing():
             _count_disconnect(metrics, call)
         raise
-    except Exception as exc:
-        status = getattr(exc, "status", 500)
-        raise
+    except Exception:
+        logger.exception("%s unexpected failure", call.request_id)
+        response = GatewayError("The gateway failed to handle the request.").response()
     finally:
         inflight.dec()
         model = metrics.model_label(call.model)
-        metrics.requests(call.route, model, str(status), "sync").inc()
+        # 499: the caller went away before any answer (nginx's convention).
+        status = "499" if response is None else str(response.status)
+        metrics.requests(call.route, model, status, "sync").inc()
         metrics.request_duration(call.route, model, "sync").observe(
             asyncio.get_running_loop().time() - call.started
         )
+    return response
 
 
 def _count_disconnect(metrics: Metrics, call: Call) -> None:
@@ -156,55 +166,39 @@ async def _forward(
     headers = strip_hop_by_hop(request.headers)
     settings.auth.apply(headers)
     headers["X-Request-ID"] = call.request_id
-    caller_limit_s = caller_timeout_s(request)
+    call.caller_limit_s = caller_timeout_s(request)
     length = request.content_length
     if length is not None and length > config.server.max_body_bytes:
         raise BodyTooLarge("Request body is larger than this gateway accepts.")
     call.model = model_from_path(request.path)
-
-    def deadline() -> float:
-        return call.started + min(config.timeouts.for_model(call.model), caller_limit_s)
-
     upstream = request.app[UPSTREAM]
-    url = upstream.url(request.raw_path)
-    body: _Body | None = None
+    data: bytes | _Body | None = None
     out: web.StreamResponse | None = None
     try:
-        async with asyncio.timeout_at(deadline()) as scope:
-
-            def found_model(model: str) -> None:
-                call.model = model
-                scope.reschedule(deadline())
-
-            data: bytes | None = None
+        async with asyncio.timeout_at(_deadline(call, config)) as scope:
             if not request.body_exists:
                 pass
             elif length is not None and length <= _SMALL_BODY:
                 data = await request.read()
                 call.bytes_in = len(data)
-                if call.model is None and (model := model_from_body(request.content_type, data)):
-                    found_model(model)
+                if call.model is None:
+                    call.model = model_from_body(request.headers.get("Content-Type", ""), data)
+                    if (when := _deadline(call, config)) != scope.when():
+                        scope.reschedule(when)
             else:
-                body = _Body(request, call, config.server.max_body_bytes, found_model)
+                data = _Body(request, call, config, scope)
 
             sent_at = asyncio.get_running_loop().time()
-            up = await _send(
-                upstream,
-                request.method,
-                url,
-                headers,
-                (lambda: body.stream()) if body is not None else (lambda: data),
-                config.upstream.connect_retries,
-                call,
-                metrics,
-            )
+            up = await _send(upstream, request, headers, data, config, call, metrics)
             async with up:
                 if request.method != "HEAD" and (up.content_length or math.inf) <= _SMALL_BODY:
-                    payload = await up.read()
                     out_headers = strip_hop_by_hop(up.headers)
                     out_headers.popall("Content-Length", None)
                     out = web.Response(
-                        status=up.status, reason=up.reason, headers=out_headers, body=payload
+                        status=up.status,
+                        reason=up.reason,
+                        headers=out_headers,
+                        body=await up.read(),
                     )
                 else:
                     out = web.StreamResponse(
@@ -219,16 +213,14 @@ async def _forward(
                             return out
                     await out.write_eof()
             call.upstream_s = asyncio.get_running_loop().time() - sent_at
-            metrics.upstream_duration(metrics.model_label(call.model), str(up.status)).observe(
-                call.upstream_s
-            )
+            model = metrics.model_label(call.model)
+            metrics.upstream_duration(model, str(up.status)).observe(call.upstream_s)
             return out
     except TimeoutError:
         streaming = out is not None and out.prepared
-        metrics.upstream_timeouts(
-            metrics.model_label(call.model), "read" if streaming else "total"
-        ).inc()
-        if out is None or not out.prepared:
+        phase = "read" if streaming else "total"
+        metrics.upstream_timeouts(metrics.model_label(call.model), phase).inc()
+        if out is None or not streaming:
             raise UpstreamTimeout(
                 "The upstream did not answer within this model's deadline. It may still be "
                 "generating (and billing); retrying starts a new generation."
@@ -236,7 +228,7 @@ async def _forward(
         _abort(request)
         return out
     except aiohttp.ClientError as exc:
-        if body is not None and body.too_large:
+        if isinstance(data, _Body) and data.too_large:
             raise BodyTooLarge("Request body is larger than this gateway accepts.") from None
         logger.warning("%s upstream connection broken: %s", call.request_id, type(exc).__name__)
         if out is None or not out.prepared:
@@ -256,22 +248,23 @@ def _abort(request: web.Request) -> None:
 
 async def _send(
     upstream: Upstream,
-    method: str,
-    url: URL,
+    request: web.Request,
     headers: CIMultiDict[str],
-    make_data: Callable[[], object],
-    retries: int,
+    data: bytes | _Body | None,
+    config: Config,
     call: Call,
     metrics: Metrics,
 ) -> aiohttp.ClientResponse:
     """Send the request; a connect that fails sent nothing, so it is tried again."""
-    for attempt in range(retries + 1):
+    url = upstream.url(request.raw_path)
+    for attempt in range(config.upstream.connect_retries + 1):
         try:
             return await upstream.session.request(
-                method,
+                request.method,
                 url,
                 headers=headers,
-                data=make_data(),
+                # A fresh generator per attempt: a failed connect never started the last one.
+                data=data.stream() if isinstance(data, _Body) else data,
                 allow_redirects=False,
             )
         except aiohttp.ConnectionTimeoutError:

@@ -36,7 +36,7 @@ def model_from_path(path: str) -> str | None:
 
 def model_from_body(content_type: str, body: bytes) -> str | None:
     """The model of a complete body: exact for JSON objects, pattern-matched for multipart."""
-    if content_type == "application/json":
+    if content_type.partition(";")[0].strip().lower() == "application/json":
         try:
             model = _decode_model(body).model
         except (msgspec.DecodeError, msgspec.ValidationError):

@@ -1,0 +1,111 @@
+"""Real parts only: the APIYI stand-in and the gateway on real sockets, real clients."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import msgspec
+import openai
+import pytest
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.config import Config
+from gateway.fake_upstream import STATS, FakeSettings, FakeStats, start_fake
+from gateway.metrics import METRICS, Metrics
+from gateway.server import start
+
+
+@dataclasses.dataclass
+class Fake:
+    url: str
+    runner: web.AppRunner
+
+    @property
+    def stats(self) -> FakeStats:
+        return self.runner.app[STATS]
+
+
+@dataclasses.dataclass
+class Gateway:
+    url: str
+    app: web.Application
+    config: Config
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.app[METRICS]
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+def _port(runner: web.AppRunner) -> int:
+    port = runner.addresses[0][1]
+    assert isinstance(port, int)
+    return port
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[Fake]:
+    runner = await start_fake(FakeSettings(image_bytes=64 * 1024), "127.0.0.1", 0)
+    yield Fake(f"http://127.0.0.1:{_port(runner)}", runner)
+    await runner.cleanup()
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and key in out else value
+    return out
+
+
+def make_config(upstream_url: str, **sections: dict[str, Any]) -> Config:
+    """A Config decoded the way the file is, so tests exercise the same validation."""
+    raw: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0, "drain_timeout_s": 2.0},
+        "upstream": {"url": upstream_url},
+    }
+    return msgspec.convert(merge(raw, sections), Config)
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def gateway_factory(fake: Fake) -> AsyncIterator[GatewayFactory]:
+    runners: list[web.AppRunner] = []
+
+    async def make(upstream_url: str | None = None, **sections: dict[str, Any]) -> Gateway:
+        config = make_config(upstream_url or f"{fake.url}/v1", **sections)
+        app = create_app(config)
+        runner = await start(app, config)
+        runners.append(runner)
+        return Gateway(f"http://127.0.0.1:{_port(runner)}", app, config)
+
+    yield make
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def gateway(gateway_factory: GatewayFactory) -> Gateway:
+    return await gateway_factory()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def sdk(gateway: Gateway) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(
+        base_url=f"{gateway.url}/v1", api_key="sk-caller", max_retries=2
+    ) as client:
+        yield client

@@ -1,0 +1,71 @@
+"""Key injection: callers hold gateway keys, only the gateway holds the upstream key."""
+
+from __future__ import annotations
+
+import aiohttp
+import openai
+import pytest
+
+from gateway.auth import key_digest
+from tests.conftest import Fake, Gateway, GatewayFactory
+
+CLIENT_KEY = "gw-team-a-0123456789"
+
+
+@pytest.fixture
+async def injecting(gateway_factory: GatewayFactory) -> Gateway:
+    return await gateway_factory(
+        auth={"client_key_sha256": [key_digest(CLIENT_KEY)], "upstream_api_key": "sk-UPSTREAM"}
+    )
+
+
+def _sent_headers(fake: Fake) -> dict[str, str]:
+    return {k.lower(): v for k, v in fake.stats.last["headers"]}
+
+
+async def test_client_key_is_swapped_for_the_upstream_key(injecting: Gateway, fake: Fake) -> None:
+    async with openai.AsyncOpenAI(base_url=f"{injecting.url}/v1", api_key=CLIENT_KEY) as sdk:
+        result = await sdk.images.generate(model="gpt-image-1", prompt="x")
+    assert result.data
+    assert _sent_headers(fake)["authorization"] == "Bearer sk-UPSTREAM"
+
+
+async def test_google_style_key_header_is_accepted_and_not_forwarded(
+    injecting: Gateway, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    async with http.post(
+        f"{injecting.url}/v1beta/models/gemini-2.5-flash-image:generateContent",
+        json={"contents": []},
+        headers={"x-goog-api-key": CLIENT_KEY},
+    ) as resp:
+        assert resp.status == 200
+    sent = _sent_headers(fake)
+    assert sent["authorization"] == "Bearer sk-UPSTREAM"
+    assert "x-goog-api-key" not in sent
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong-key"}, {"Authorization": f"Basic {CLIENT_KEY}"}]
+)
+async def test_unknown_or_missing_key_is_a_401_and_nothing_is_sent(
+    injecting: Gateway, fake: Fake, http: aiohttp.ClientSession, headers: dict[str, str]
+) -> None:
+    async with http.post(
+        f"{injecting.url}/v1/images/generations", json={"model": "gpt-image-1"}, headers=headers
+    ) as resp:
+        assert resp.status == 401
+        assert (await resp.json())["error"]["code"] == "invalid_api_key"
+    assert fake.stats.requests == 0
+
+
+async def test_sdk_with_a_wrong_key_gets_an_authentication_error(injecting: Gateway) -> None:
+    async with openai.AsyncOpenAI(base_url=f"{injecting.url}/v1", api_key="nope") as sdk:
+        with pytest.raises(openai.AuthenticationError):
+            await sdk.models.list()
+
+
+async def test_without_an_upstream_key_the_callers_key_passes_through(
+    gateway: Gateway, fake: Fake, sdk: openai.AsyncOpenAI
+) -> None:
+    await sdk.models.list()
+    assert _sent_headers(fake)["authorization"] == "Bearer sk-caller"

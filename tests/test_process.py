@@ -1,0 +1,127 @@
+"""The gateway as a real process: start-up, bad config, and draining on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.auth import key_digest
+from tests.conftest import Fake
+from tests.procs import GatewayProcess, free_port
+
+Spawn = Callable[..., Awaitable[tuple[GatewayProcess, str]]]
+
+
+@pytest.fixture
+async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
+    procs: list[GatewayProcess] = []
+
+    async def start(
+        config: str = "", env: dict[str, str] | None = None
+    ) -> tuple[GatewayProcess, str]:
+        port = free_port()
+        file = tmp_path / f"gw-{port}.toml"
+        file.write_text(config)
+        proc = GatewayProcess(
+            ["serve", "--config", str(file), "--host", "127.0.0.1", "--port", str(port)],
+            tmp_path / f"gw-{port}.log",
+            env,
+        )
+        procs.append(proc)
+        await proc.wait_listening(port)
+        return proc, f"http://127.0.0.1:{port}"
+
+    yield start
+    for proc in procs:
+        proc.close()
+
+
+async def test_serves_on_defaults_with_no_config_file(tmp_path: Path) -> None:
+    port = free_port()
+    # Run from an empty directory: no config/gateway.toml to find, no Redis, no edits.
+    proc = GatewayProcess(["serve", "--port", str(port)], tmp_path / "gw.log")
+    try:
+        await proc.wait_listening(port)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/healthz") as r,
+        ):
+            assert r.status == 200
+        assert "upstream https://api.apiyi.com/v1" in proc.output()
+    finally:
+        proc.close()
+
+
+def test_bad_config_stops_start_up_naming_the_key(tmp_path: Path) -> None:
+    file = tmp_path / "bad.toml"
+    file.write_text("[server]\nport = 8080\nmax_body = 10\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(file)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "max_body" in done.stderr
+    assert "bad.toml" in done.stderr
+
+
+def test_hash_key_prints_the_digest_for_the_config() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "hash-key"],
+        input="gw-secret\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0
+    assert done.stdout.strip() == key_digest("gw-secret")
+
+
+async def test_sigterm_finishes_in_flight_calls_and_refuses_new_ones(
+    spawn: Spawn, fake: Fake
+) -> None:
+    proc, url = await spawn(f"[server]\ndrain_timeout_s = 5.0\n[upstream]\nurl = '{fake.url}/v1'\n")
+    async with aiohttp.ClientSession() as http:
+        call = asyncio.ensure_future(_generate(http, url, latency_s=1.5))
+        await asyncio.sleep(0.5)
+        proc.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await _generate(http, url, latency_s=0)
+        status, size = await call
+    assert status == 200
+    assert size > 60_000
+    assert await proc.wait_exit(within_s=5) == 0
+    assert "draining" in proc.output()
+
+
+async def test_drain_timeout_cuts_calls_that_run_too_long(spawn: Spawn, fake: Fake) -> None:
+    proc, url = await spawn(f"[server]\ndrain_timeout_s = 1.0\n[upstream]\nurl = '{fake.url}/v1'\n")
+    async with aiohttp.ClientSession() as http:
+        call = asyncio.ensure_future(_generate(http, url, latency_s=30))
+        await asyncio.sleep(0.5)
+        proc.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await call
+    assert await proc.wait_exit(within_s=5) == 0
+    assert time.monotonic() - signalled < 3
+    assert fake.stats.cancelled == 1  # the upstream call did not outlive the drain
+
+
+async def _generate(http: aiohttp.ClientSession, url: str, latency_s: float) -> tuple[int, int]:
+    async with http.post(
+        f"{url}/v1/images/generations",
+        json={"model": "gpt-image-1", "prompt": "x"},
+        headers={"X-Fake-Latency": str(latency_s)},
+    ) as resp:
+        return resp.status, len(await resp.read())
