@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 
 from gateway.accesslog import CALL, Call
 from gateway.auth import Auth
@@ -33,7 +33,8 @@ from gateway.upstream import UPSTREAM, Upstream
 
 logger = logging.getLogger(__name__)
 
-# RFC 9110 section 7.6.1, plus Host (the upstream's is derived from its URL).
+# RFC 9110 section 7.6.1; plus Host (the upstream's comes from its URL) and Expect (the gateway
+# answered the caller's 100-continue itself and sends the body without waiting again).
 _HOP_BY_HOP = frozenset(
     (
         "connection",
@@ -46,6 +47,7 @@ _HOP_BY_HOP = frozenset(
         "proxy-authorization",
         "trailer",
         "host",
+        "expect",
     )
 )
 # Bodies up to this size are read whole: cheaper than streaming, and they hold the model.
@@ -64,11 +66,11 @@ class Proxy:
 PROXY = web.AppKey("proxy", Proxy)
 
 
-def strip_hop_by_hop(headers: Mapping[str, str]) -> CIMultiDict[str]:
+def strip_hop_by_hop(headers: MultiMapping[str]) -> CIMultiDict[str]:
     """End-to-end headers only: the fixed hop-by-hop set and any header named in Connection."""
     named = {
         token.strip().lower()
-        for value in headers.getall("Connection", ())  # type: ignore[attr-defined]
+        for value in headers.getall("Connection", ())
         for token in value.split(",")
     }
     return CIMultiDict(

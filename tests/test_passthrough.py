@@ -213,3 +213,18 @@ async def test_gateway_errors_use_the_openai_shape(
         assert resp.status == 404
         error = (await resp.json())["error"]
         assert set(error) == {"message", "type", "code"}
+
+
+async def test_expect_100_continue_is_answered_by_the_gateway(
+    gateway: Gateway, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    body = b'{"model":"gpt-image-1","prompt":"' + b"p" * 5000 + b'"}'
+    async with http.post(
+        f"{gateway.url}/v1/images/generations",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        expect100=True,
+    ) as resp:
+        assert resp.status == 200
+    assert "expect" not in {k.lower() for k, _ in fake.stats.last["headers"]}
+    assert fake.stats.last["body_sha256"] == hashlib.sha256(body).hexdigest()

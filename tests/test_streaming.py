@@ -103,3 +103,19 @@ async def test_chunked_upload_is_streamed_and_its_model_found_late(
         assert resp.status == 504
     assert 0.9 < time.monotonic() - started < 1.5
     assert fake.stats.last["body_sha256"] == hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+async def test_multipart_model_field_picks_the_deadline(
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gateway = await gateway_factory(timeouts={"models": {"gpt-image-1": 1.0}})
+    form = aiohttp.FormData()
+    form.add_field("prompt", "add a hat")
+    form.add_field("model", "gpt-image-1")
+    form.add_field("image", png(200_000), filename="in.png", content_type="image/png")
+    started = time.monotonic()
+    async with http.post(
+        f"{gateway.url}/v1/images/edits", data=form, headers={"X-Fake-Latency": "5"}
+    ) as resp:
+        assert resp.status == 504
+    assert abs(time.monotonic() - started - 1.0) < 0.5

@@ -15,8 +15,9 @@ async def session_ctx(app: web.Application):  # type: ignore[no-untyped-def]
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
+    headers = [(k, v) for k, v in request.headers.items() if k.lower() != "host"]
     async with request.app["session"].request(
-        request.method, UPSTREAM + request.path_qs, data=await request.read()
+        request.method, UPSTREAM + request.path_qs, headers=headers, data=await request.read()
     ) as up:
         out = web.StreamResponse(status=up.status)
         out.content_type = up.content_type

@@ -107,10 +107,13 @@ def running(args: list[str], port: int, env: dict[str, str] | None = None) -> It
             proc.wait()
 
 
-def gateway(port: int, upstream: str, tmp: Path) -> list[str]:
+def gateway(port: int, upstream: str, tmp: Path, access_log: bool = True) -> list[str]:
     config = tmp / f"gateway-{port}.toml"
-    # Defaults but an unlimited pool (thousands of held calls) and the access log on, as shipped.
-    config.write_text(f"[upstream]\nurl = '{upstream}'\npool_size = 0\n")
+    # Defaults (access log on, as shipped) but an unlimited pool for thousands of held calls.
+    log = "true" if access_log else "false"
+    config.write_text(
+        f"[server]\naccess_log = {log}\n[upstream]\nurl = '{upstream}'\npool_size = 0\n"
+    )
     return [
         sys.executable,
         "-m",
@@ -153,9 +156,10 @@ def wrk(url: str, connections: int, seconds: int) -> tuple[float, float]:
 
 def bench_throughput(seconds: int, tmp: Path, ports: dict[str, int]) -> None:
     origin = f"http://127.0.0.1:{ports['origin']}"
-    gw_port, bare_port = free_port(), free_port()
+    gw_port, quiet_port, bare_port = free_port(), free_port(), free_port()
     with (
         running(gateway(gw_port, origin, tmp), gw_port),
+        running(gateway(quiet_port, origin, tmp, access_log=False), quiet_port),
         running([sys.executable, str(HERE / "bare_proxy.py"), origin, str(bare_port)], bare_port),
     ):
         targets = {
@@ -163,6 +167,7 @@ def bench_throughput(seconds: int, tmp: Path, ports: dict[str, int]) -> None:
             "nginx reverse proxy": ports["proxy"],
             "bare aiohttp proxy": bare_port,
             "gateway": gw_port,
+            "gateway, access log off": quiet_port,
         }
         results: dict[str, tuple[float, float]] = {}
         for name, port in targets.items():
@@ -179,11 +184,12 @@ def bench_throughput(seconds: int, tmp: Path, ports: dict[str, int]) -> None:
         print(f"{name:28} {rps:9.0f} {rps / nginx_rps:8.3f} {p50:8.3f} {p50 - direct_p50:9.3f}")
 
 
-async def _held_call(port: int, body: bytes) -> int:
+async def _held_call(port: int, body: bytes, extra: bytes = b"") -> int:
+    """One call on its own connection, read to the end like a well-behaved client."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(
         b"POST /v1/images/generations HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        b"%sContent-Length: %d\r\n\r\n%s" % (extra, len(body), body)
     )
     try:
         status = int((await reader.readline()).split()[1])
@@ -225,7 +231,10 @@ async def _hold(port: int, count: int, pid: int, fake_port: int) -> tuple[int, i
         wave = min(count, start + 500) - start
         calls += [asyncio.create_task(_held_call(port, body)) for _ in range(wave)]
         await asyncio.sleep(0.3)
+    deadline = time.monotonic() + 15
     while await _upstream_requests(fake_port) - seen_before < count:
+        if time.monotonic() > deadline or any(c.done() for c in calls):
+            break  # some calls failed early: reported below as failed
         await asyncio.sleep(0.2)
     await asyncio.sleep(0.5)
     held = rss_kb(pid)
@@ -271,20 +280,7 @@ async def _warm(port: int) -> None:
     # Warm-up calls with no latency: a first call allocates pools and caches once.
     body = b'{"model":"gpt-image-1","prompt":"warm"}'
     for _ in range(20):
-        await asyncio.gather(*[_held_call_fast(port, body) for _ in range(50)])
-
-
-async def _held_call_fast(port: int, body: bytes) -> int:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(
-        b"POST /v1/images/generations HTTP/1.1\r\nHost: bench\r\nX-Fake-Latency: 0\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
-    try:
-        status = int((await reader.readline()).split()[1])
-        return status
-    finally:
-        writer.close()
+        await asyncio.gather(*[_held_call(port, body, b"X-Fake-Latency: 0\r\n") for _ in range(50)])
 
 
 def bench_large(tmp: Path, ports: dict[str, int]) -> None:
