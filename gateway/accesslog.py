@@ -15,7 +15,7 @@ import uuid
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-logger = logging.getLogger("gateway.access")
+access_logger = logging.getLogger("gateway.access")
 
 # Caller-chosen ids are echoed and logged, so only a plain token is accepted (no log injection).
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

@@ -8,7 +8,7 @@ import signal
 
 from aiohttp import web
 
-from gateway.accesslog import AccessLogger
+from gateway.accesslog import AccessLogger, access_logger
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.health import READINESS
@@ -24,7 +24,7 @@ async def start(app: web.Application, config: Config) -> web.AppRunner:
         # A caller that hangs up must stop its upstream call now, not when it would have ended.
         handler_cancellation=True,
         access_log_class=AccessLogger,
-        access_log=logging.getLogger("gateway.access") if config.server.access_log else None,
+        access_log=access_logger if config.server.access_log else None,
         keepalive_timeout=config.server.idle_timeout_s,
         shutdown_timeout=config.server.drain_timeout_s,
     )

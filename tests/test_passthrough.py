@@ -100,34 +100,35 @@ async def test_gemini_native_path(
     )
 
 
+async def _generate_with_fault(
+    http: aiohttp.ClientSession, gateway: Gateway, fault: str
+) -> tuple[int, dict[str, str], bytes]:
+    async with http.post(
+        f"{gateway.url}/v1/images/generations",
+        json={"model": "gpt-image-1", "prompt": "x"},
+        headers={"X-Fake-Fault": fault},
+    ) as resp:
+        return resp.status, dict(resp.headers), await resp.read()
+
+
 async def test_upstream_errors_pass_through_unchanged(
     gateway: Gateway, http: aiohttp.ClientSession
 ) -> None:
-    async with http.post(
-        f"{gateway.url}/v1/images/generations",
-        json={"model": "gpt-image-1", "prompt": "x"},
-        headers={"X-Fake-Fault": "429"},
-    ) as resp:
-        assert resp.status == 429
-        assert resp.headers["Retry-After"] == "7"
-        assert "x-should-retry" not in resp.headers
-        assert (await resp.json())["error"]["code"] == 429
-    async with http.post(
-        f"{gateway.url}/v1/images/generations",
-        json={"model": "gpt-image-1", "prompt": "x"},
-        headers={"X-Fake-Fault": "503"},
-    ) as resp:
-        assert resp.status == 503
-        assert (await resp.json())["error"]["message"].startswith("The model is overloaded")
-    async with http.post(
-        f"{gateway.url}/v1/images/generations",
-        json={"model": "gpt-image-1", "prompt": "x"},
-        headers={"X-Fake-Fault": "malformed"},
-    ) as resp:
-        # A broken body from the upstream is the upstream's answer: relayed, not rewritten.
-        assert resp.status == 200
-        with pytest.raises(json.JSONDecodeError):
-            json.loads(await resp.read())
+    status, headers, body = await _generate_with_fault(http, gateway, "429")
+    assert status == 429
+    assert headers["Retry-After"] == "7"
+    assert "x-should-retry" not in headers
+    assert json.loads(body)["error"]["code"] == 429
+
+    status, _, body = await _generate_with_fault(http, gateway, "503")
+    assert status == 503
+    assert json.loads(body)["error"]["message"].startswith("The model is overloaded")
+
+    # A broken body from the upstream is the upstream's answer: relayed, not rewritten.
+    status, _, body = await _generate_with_fault(http, gateway, "malformed")
+    assert status == 200
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(body)
 
 
 async def test_hop_by_hop_headers_are_not_forwarded(
