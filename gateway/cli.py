@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(key_digest(key))
         return 0
     if args.command == "fake-upstream":
-        from gateway.fake_upstream import FakeSettings, serve_fake
+        from gateway.fake import FakeSettings, serve_fake
 
         settings = FakeSettings(latency_s=args.latency_s, image_bytes=args.image_bytes)
         _run(serve_fake(settings, args.host, args.port))

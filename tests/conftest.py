@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import Config
-from gateway.fake_upstream import STATS, FakeSettings, FakeStats, start_fake
+from gateway.fake import STATS, FakeSettings, FakeStats, start_fake
 from gateway.metrics import METRICS, Metrics
 from gateway.server import start
 

@@ -13,7 +13,7 @@ import openai
 import pytest
 from yarl import URL
 
-from gateway.fake_upstream import png
+from gateway.fake import png
 from tests.conftest import Fake, Gateway
 
 

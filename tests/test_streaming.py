@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import openai
 
-from gateway.fake_upstream import png, png_b64
+from gateway.fake import png, png_b64
 from tests.conftest import Fake, Gateway, GatewayFactory
 
 
