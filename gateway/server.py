@@ -23,6 +23,9 @@ async def start(app: web.Application, config: Config) -> web.AppRunner:
         app,
         # A caller that hangs up must stop its upstream call now, not when it would have ended.
         handler_cancellation=True,
+        # Accepted sockets inherit the listening socket's keep-alive options (set in full there);
+        # aiohttp's own per-connection SO_KEEPALIVE call would only repeat part of that.
+        tcp_keepalive=False,
         access_log_class=AccessLogger,
         access_log=access_logger if config.server.access_log else None,
         keepalive_timeout=config.server.idle_timeout_s,
