@@ -291,8 +291,28 @@ def bench_large(tmp: Path, ports: dict[str, int]) -> None:
         before = rss_kb(pid, "VmHWM")
         size = asyncio.run(_large(port))
         after = rss_kb(pid, "VmHWM")
-    print("\n## One large answer through the gateway")
-    print(f"answer {size / 2**20:.1f} MB; gateway peak RSS grew {(after - before) / 1024:.1f} MB")
+        uploaded, status = asyncio.run(_upload(port, 100 * 2**20))
+        after_upload = rss_kb(pid, "VmHWM")
+    print("\n## Large bodies through the gateway (peak RSS growth)")
+    print(f"answer {size / 2**20:.1f} MB: {(after - before) / 1024:.1f} MB")
+    grown_mb = (after_upload - after) / 1024
+    print(f"upload {uploaded / 2**20:.1f} MB (status {status}): {grown_mb:.1f} MB")
+
+
+async def _upload(port: int, size: int) -> tuple[int, int]:
+    """A 100 MB body (Nano Banana's limit) sent in 1 MiB writes; the stand-in answers with 404."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /v1/uploads/bench HTTP/1.1\r\nHost: bench\r\nX-Fake-Latency: 0\r\n"
+        b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % size
+    )
+    piece = os.urandom(2**20)
+    for _ in range(size // len(piece)):
+        writer.write(piece)
+        await writer.drain()
+    status = int((await reader.readline()).split()[1])
+    writer.close()
+    return size, status
 
 
 async def _large(port: int) -> int:
