@@ -1,0 +1,148 @@
+"""The embedded task store: one process, nothing survives a restart, no setup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import msgspec
+
+from gateway.tasks.models import (
+    TERMINAL,
+    Claim,
+    Job,
+    Status,
+    StoredResponse,
+    Task,
+    TaskError,
+    TaskEvent,
+    TaskRecord,
+)
+
+
+class _Entry:
+    __slots__ = ("changed", "events", "expires_at", "job", "record", "response")
+
+    def __init__(self, record: TaskRecord, job: Job, expires_at: float) -> None:
+        self.record = record
+        self.job: Job | None = job
+        self.response: StoredResponse | None = None
+        self.events: list[TaskEvent] = []
+        self.changed = asyncio.Event()
+        self.expires_at = expires_at
+
+
+class MemoryStore:
+    def __init__(self, retention_s: float) -> None:
+        self._retention_s = retention_s
+        self._entries: dict[str, _Entry] = {}
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+
+    def _entry(self, task_id: str) -> _Entry | None:
+        entry = self._entries.get(task_id)
+        if entry is not None and entry.expires_at <= time.monotonic():
+            del self._entries[task_id]
+            return None
+        return entry
+
+    def _set(self, entry: _Entry, record: TaskRecord) -> None:
+        """The one place a task changes: status and its event together, and readers woken."""
+        entry.record = record
+        entry.events.append(TaskEvent(str(len(entry.events) + 1), record.task))
+        entry.changed.set()
+        entry.changed = asyncio.Event()
+
+    async def create(self, record: TaskRecord, job: Job) -> None:
+        self._purge()
+        entry = _Entry(record, job, time.monotonic() + self._retention_s)
+        self._entries[record.task.id] = entry
+        self._set(entry, record)
+        self._queue.put_nowait(record.task.id)
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        entry = self._entry(task_id)
+        return None if entry is None else entry.record
+
+    async def claim(self, timeout_s: float) -> Claim | None:
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                async with asyncio.timeout(left):
+                    task_id = await self._queue.get()
+            except TimeoutError:
+                return None
+            entry = self._entry(task_id)
+            if entry is None or entry.job is None or entry.record.task.status != "queued":
+                continue  # cancelled or expired while queued
+            record = entry.record
+            started = msgspec.structs.replace(
+                record,
+                task=msgspec.structs.replace(record.task, status="in_progress"),
+                attempt=record.attempt + 1,
+            )
+            self._set(entry, started)
+            return Claim(started, entry.job)
+        return None
+
+    async def finish(
+        self,
+        task_id: str,
+        attempt: int,
+        status: Status,
+        *,
+        response: StoredResponse | None = None,
+        error: TaskError | None = None,
+    ) -> Task | None:
+        entry = self._entry(task_id)
+        if entry is None:
+            return None
+        record = entry.record
+        if record.task.status != "in_progress" or record.attempt != attempt:
+            return None  # cancelled meanwhile, or a stale worker: its result is not ours to keep
+        task = msgspec.structs.replace(record.task, status=status, error=error)
+        entry.response = response
+        entry.job = None  # the caller's credential goes with it
+        self._set(entry, msgspec.structs.replace(record, task=task))
+        return task
+
+    async def cancel(self, task_id: str) -> Task | None:
+        entry = self._entry(task_id)
+        if entry is None:
+            return None
+        record = entry.record
+        if record.task.status not in TERMINAL:
+            entry.job = None
+            record = msgspec.structs.replace(
+                record, task=msgspec.structs.replace(record.task, status="cancelled")
+            )
+            self._set(entry, record)
+        return record.task
+
+    async def result(self, task_id: str) -> StoredResponse | None:
+        entry = self._entry(task_id)
+        return None if entry is None else entry.response
+
+    async def events(self, task_id: str, after: str | None, timeout_s: float) -> list[TaskEvent]:
+        entry = self._entry(task_id)
+        if entry is None:
+            return []
+        seen = int(after) if after else 0
+        if seen >= len(entry.events) and entry.record.task.status not in TERMINAL:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await entry.changed.wait()
+        return entry.events[seen:]
+
+    async def close(self) -> None:
+        self._entries.clear()
+
+    def _purge(self) -> None:
+        # Every task is kept equally long, so insertion order is expiry order: stop at the first
+        # one still alive instead of scanning them all.
+        now = time.monotonic()
+        while self._entries:
+            task_id, entry = next(iter(self._entries.items()))
+            if entry.expires_at > now:
+                return
+            del self._entries[task_id]

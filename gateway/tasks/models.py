@@ -1,0 +1,101 @@
+"""What a task is, and the one small interface every task store keeps.
+
+The public task object (`Task`) is what callers see; `TaskRecord` adds what only the gateway
+may know (the owner's keyed hash, the attempt that fences stale workers). The caller's request,
+credential included, lives in a `Job` only until the task ends.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import msgspec
+
+Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+TERMINAL: frozenset[Status] = frozenset(("completed", "failed", "cancelled"))
+
+
+class TaskError(msgspec.Struct, frozen=True):
+    message: str
+    type: str
+    code: str
+
+
+class Task(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    object: Literal["task"] = "task"
+    status: Status
+    model: str | None
+    created_at: int
+    error: TaskError | None = None
+
+
+class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
+    task: Task
+    owner: str
+    attempt: int = 0
+
+
+class Job(msgspec.Struct, frozen=True, kw_only=True):
+    """The upstream request to make, exactly as the caller sent it."""
+
+    method: str
+    path_qs: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    deadline_s: float
+
+
+class StoredResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """The upstream's answer, replayed as a sync call would have returned it."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+class TaskEvent(msgspec.Struct, frozen=True):
+    """One status change; `id` orders a task's events and is the SSE `id:`."""
+
+    id: str
+    task: Task
+
+
+class Claim(msgspec.Struct, frozen=True):
+    record: TaskRecord
+    job: Job
+
+
+class TaskStore(Protocol):
+    """Task state with atomic transitions: every status change and its event happen together,
+    terminal states never change, and a worker's writes count only for its own attempt."""
+
+    async def create(self, record: TaskRecord, job: Job) -> None:
+        """Store a queued task and its job, and queue it."""
+
+    async def get(self, task_id: str) -> TaskRecord | None: ...
+
+    async def claim(self, timeout_s: float) -> Claim | None:
+        """The next queued task, now in progress with a new attempt; None after `timeout_s`."""
+
+    async def finish(
+        self,
+        task_id: str,
+        attempt: int,
+        status: Status,
+        *,
+        response: StoredResponse | None = None,
+        error: TaskError | None = None,
+    ) -> Task | None:
+        """End an in-progress task, only if `attempt` is still the current one."""
+
+    async def cancel(self, task_id: str) -> Task | None:
+        """Cancel a task that has not ended; returns the task as it now stands."""
+
+    async def result(self, task_id: str) -> StoredResponse | None: ...
+
+    async def events(self, task_id: str, after: str | None, timeout_s: float) -> list[TaskEvent]:
+        """The task's events after `after` (all when None), waiting up to `timeout_s` for one.
+        Raises ValueError for an event id this store never made."""
+
+    async def close(self) -> None: ...
