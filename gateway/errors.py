@@ -30,8 +30,12 @@ class GatewayError(Exception):
     code = "internal_error"
     # The OpenAI SDK obeys `x-should-retry` over its own status-based rule; None leaves it be.
     should_retry: bool | None = None
+    default_message = "The gateway failed to handle the request."
 
-    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str | None = None, *, headers: Mapping[str, str] | None = None
+    ) -> None:
+        message = message or self.default_message
         super().__init__(message)
         self.message = message
         self.headers = dict(headers or {})
@@ -85,6 +89,10 @@ class UpstreamUnreachable(GatewayError):
     code = "upstream_unreachable"
     should_retry = True
 
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
 
 class UpstreamBroken(GatewayError):
     """The request was sent; the upstream may be generating (and billing) still."""
@@ -93,6 +101,9 @@ class UpstreamBroken(GatewayError):
     type = "upstream_error"
     code = "upstream_connection_broken"
     should_retry = False
+    default_message = (
+        "The connection to the upstream broke after the request was sent; it may have been billed."
+    )
 
 
 class UpstreamTimeout(GatewayError):
@@ -102,6 +113,10 @@ class UpstreamTimeout(GatewayError):
     type = "upstream_error"
     code = "upstream_timeout"
     should_retry = False
+    default_message = (
+        "The upstream did not answer within this model's deadline. It may still be generating "
+        "(and billing); retrying starts a new generation."
+    )
 
 
 async def not_found(request: web.Request) -> web.Response:

@@ -14,42 +14,24 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, MultiMapping
 
 from gateway.accesslog import CALL, Call
 from gateway.auth import Auth
 from gateway.config import Config
 from gateway.errors import (
-    BadRequest,
     BodyTooLarge,
     GatewayError,
     UpstreamBroken,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from gateway.headers import caller_timeout_s, strip_hop_by_hop
 from gateway.metrics import METRICS, Metrics
 from gateway.sniff import ModelScanner, model_from_body, model_from_path
-from gateway.upstream import UPSTREAM, Upstream
+from gateway.upstream import UPSTREAM
 
 logger = logging.getLogger(__name__)
 
-# RFC 9110 section 7.6.1; plus Host (the upstream's comes from its URL) and Expect (the gateway
-# answered the caller's 100-continue itself and sends the body without waiting again).
-_HOP_BY_HOP = frozenset(
-    (
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "trailer",
-        "host",
-        "expect",
-    )
-)
 # Bodies up to this size are read whole: cheaper than streaming, and they hold the model.
 _SMALL_BODY = 64 * 1024
 _CHUNK = 64 * 1024
@@ -64,33 +46,6 @@ class Proxy:
 
 
 PROXY = web.AppKey("proxy", Proxy)
-
-
-def strip_hop_by_hop(headers: MultiMapping[str]) -> CIMultiDict[str]:
-    """End-to-end headers only: the fixed hop-by-hop set and any header named in Connection."""
-    named = {
-        token.strip().lower()
-        for value in headers.getall("Connection", ())
-        for token in value.split(",")
-    }
-    return CIMultiDict(
-        (k, v)
-        for k, v in headers.items()
-        if k.lower() not in _HOP_BY_HOP and k.lower() not in named
-    )
-
-
-def caller_timeout_s(request: web.Request) -> float:
-    raw = request.headers.get("X-Request-Timeout")
-    if raw is None:
-        return math.inf
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise BadRequest("X-Request-Timeout must be a positive number of seconds.")
-    return value
 
 
 class _Body:
@@ -168,7 +123,7 @@ async def _forward(
     headers = strip_hop_by_hop(request.headers)
     settings.auth.apply(headers)
     headers["X-Request-ID"] = call.request_id
-    call.caller_limit_s = caller_timeout_s(request)
+    call.caller_limit_s = caller_timeout_s(request.headers)
     length = request.content_length
     if length is not None and length > config.server.max_body_bytes:
         raise BodyTooLarge("Request body is larger than this gateway accepts.")
@@ -191,7 +146,19 @@ async def _forward(
                 data = _Body(request, call, config, scope)
 
             sent_at = asyncio.get_running_loop().time()
-            up = await _send(upstream, request, headers, data, config, call, metrics)
+            try:
+                up = await upstream.send(
+                    request.method,
+                    request.raw_path,
+                    headers,
+                    data.stream if isinstance(data, _Body) else data,
+                    retries=config.upstream.connect_retries,
+                    log_id=call.request_id,
+                )
+            except UpstreamUnreachable as exc:
+                if exc.timed_out:
+                    metrics.upstream_timeouts(metrics.model_label(call.model), "connect").inc()
+                raise
             async with up:
                 if request.method != "HEAD" and (up.content_length or math.inf) <= _SMALL_BODY:
                     out_headers = strip_hop_by_hop(up.headers)
@@ -223,10 +190,7 @@ async def _forward(
         phase = "read" if streaming else "total"
         metrics.upstream_timeouts(metrics.model_label(call.model), phase).inc()
         if out is None or not streaming:
-            raise UpstreamTimeout(
-                "The upstream did not answer within this model's deadline. It may still be "
-                "generating (and billing); retrying starts a new generation."
-            ) from None
+            raise UpstreamTimeout() from None
         _abort(request)
         return out
     except aiohttp.ClientError as exc:
@@ -234,10 +198,7 @@ async def _forward(
             raise BodyTooLarge("Request body is larger than this gateway accepts.") from None
         logger.warning("%s upstream connection broken: %s", call.request_id, type(exc).__name__)
         if out is None or not out.prepared:
-            raise UpstreamBroken(
-                "The connection to the upstream broke after the request was sent; it may have "
-                "been billed."
-            ) from None
+            raise UpstreamBroken() from None
         _abort(request)
         return out
 
@@ -246,33 +207,3 @@ def _abort(request: web.Request) -> None:
     """End a response that already started: the caller must see a broken body, not a short one."""
     if request.transport is not None:
         request.transport.abort()
-
-
-async def _send(
-    upstream: Upstream,
-    request: web.Request,
-    headers: CIMultiDict[str],
-    data: bytes | _Body | None,
-    config: Config,
-    call: Call,
-    metrics: Metrics,
-) -> aiohttp.ClientResponse:
-    """Send the request; a connect that fails sent nothing, so it is tried again."""
-    url = upstream.url(request.raw_path)
-    for attempt in range(config.upstream.connect_retries + 1):
-        try:
-            return await upstream.session.request(
-                request.method,
-                url,
-                headers=headers,
-                # A fresh generator per attempt: a failed connect never started the last one.
-                data=data.stream() if isinstance(data, _Body) else data,
-                allow_redirects=False,
-            )
-        except aiohttp.ConnectionTimeoutError:
-            metrics.upstream_timeouts(metrics.model_label(call.model), "connect").inc()
-            failure = "connect timed out"
-        except aiohttp.ClientConnectorError as exc:
-            failure = f"connect failed ({exc.os_error.strerror or type(exc.os_error).__name__})"
-        logger.warning("%s upstream %s (attempt %d)", call.request_id, failure, attempt + 1)
-    raise UpstreamUnreachable(f"The upstream could not be reached: {failure}. Nothing was sent.")

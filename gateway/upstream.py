@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import Config, TcpKeepaliveConfig
+from gateway.errors import UpstreamUnreachable
 from gateway.netopts import set_keepalive
+
+logger = logging.getLogger(__name__)
 
 # Headers aiohttp would add on its own; the upstream must see exactly what the caller sent.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -30,6 +35,39 @@ class Upstream:
     def url(self, raw_path: str) -> URL:
         """The upstream URL for a caller's path and query, byte for byte as the caller sent them."""
         return URL(self._root + raw_path, encoded=True)
+
+    async def send(
+        self,
+        method: str,
+        raw_path: str,
+        headers: CIMultiDict[str],
+        body: bytes | Callable[[], AsyncIterator[bytes]] | None,
+        *,
+        retries: int,
+        log_id: str,
+    ) -> aiohttp.ClientResponse:
+        """Send a request and return once the answer's headers are in. A connect that fails sent
+        nothing (nothing billed), so it is tried again; a streamed body is made anew each try."""
+        url = self.url(raw_path)
+        timed_out = False
+        for attempt in range(retries + 1):
+            try:
+                return await self.session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=body() if callable(body) else body,
+                    allow_redirects=False,
+                )
+            except aiohttp.ConnectionTimeoutError:
+                timed_out = True
+                failure = "connect timed out"
+            except aiohttp.ClientConnectorError as exc:
+                failure = f"connect failed ({exc.os_error.strerror or type(exc.os_error).__name__})"
+            logger.warning("%s upstream %s (attempt %d)", log_id, failure, attempt + 1)
+        raise UpstreamUnreachable(
+            f"The upstream could not be reached: {failure}. Nothing was sent.", timed_out=timed_out
+        )
 
 
 UPSTREAM = web.AppKey("upstream", Upstream)

@@ -85,7 +85,7 @@ async def test_bad_request_timeout_is_a_400(
 async def test_unreachable_upstream_is_a_retry_safe_502_after_one_more_try(
     gateway_factory: GatewayFactory, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="gateway.proxy")
+    caplog.set_level(logging.WARNING, logger="gateway.upstream")
     gateway = await gateway_factory(f"http://127.0.0.1:{_closed_port()}/v1")
     status, headers, body, _ = await _post(http, gateway.url)
     assert status == 502

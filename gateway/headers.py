@@ -1,0 +1,55 @@
+"""Which headers cross the gateway, and the caller's own deadline."""
+
+from __future__ import annotations
+
+import math
+
+from multidict import CIMultiDict, MultiMapping
+
+from gateway.errors import BadRequest
+
+# RFC 9110 section 7.6.1; plus Host (the upstream's comes from its URL) and Expect (the gateway
+# answered the caller's 100-continue itself and sends the body without waiting again).
+_HOP_BY_HOP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "trailer",
+        "host",
+        "expect",
+    )
+)
+
+
+def strip_hop_by_hop(headers: MultiMapping[str]) -> CIMultiDict[str]:
+    """End-to-end headers only: the fixed hop-by-hop set and any header named in Connection."""
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+    }
+    return CIMultiDict(
+        (k, v)
+        for k, v in headers.items()
+        if k.lower() not in _HOP_BY_HOP and k.lower() not in named
+    )
+
+
+def caller_timeout_s(headers: MultiMapping[str]) -> float:
+    """The caller's `X-Request-Timeout`: it may shorten a deadline, never lengthen it."""
+    raw = headers.get("X-Request-Timeout")
+    if raw is None:
+        return math.inf
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise BadRequest("X-Request-Timeout must be a positive number of seconds.")
+    return value
