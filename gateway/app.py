@@ -5,14 +5,17 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.accesslog import add_request_id
-from gateway.config import Config
+from gateway.auth import AUTH, Auth
+from gateway.config import CONFIG, Config
 from gateway.errors import not_found
 from gateway.health import READINESS, Readiness, healthz, readyz
 from gateway.metrics import METRICS, Metrics, metrics_view
-from gateway.proxy import PROXY, Proxy, proxy
+from gateway.proxy import proxy
+from gateway.tasks.memory import MemoryStore
+from gateway.tasks.service import TASKS, TaskService
+from gateway.tasks.views import cancel_view, events_view, result_view, task_view
+from gateway.tasks.worker import workers_ctx
 from gateway.upstream import upstream_ctx
-
-CONFIG = web.AppKey("config", Config)
 
 # Named routes give metrics and logs a bounded `route` label; anything else under /v1 or
 # /v1beta still goes through, labelled by the catch-all.
@@ -38,14 +41,20 @@ def create_app(config: Config) -> web.Application:
     # hot path CPU and memory per held call; the proxy renders its own errors.
     app = web.Application(client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
-    app[PROXY] = Proxy(config)
+    app[AUTH] = Auth(config.auth)
+    app[TASKS] = TaskService(MemoryStore(retention_s=config.tasks.retention_s))
     app[METRICS] = Metrics(config.timeouts.models)
     app[READINESS] = Readiness()
     app.cleanup_ctx.append(upstream_ctx(config))
+    app.cleanup_ctx.append(workers_ctx(config))
     app.on_response_prepare.append(add_request_id)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/v1/tasks/{task_id}", task_view)
+    app.router.add_delete("/v1/tasks/{task_id}", cancel_view)
+    app.router.add_get("/v1/tasks/{task_id}/result", result_view)
+    app.router.add_get("/v1/tasks/{task_id}/events", events_view)
     for path in PROXY_ROUTES:
         app.router.add_route("*", path, proxy)
     app.router.add_route("*", "/{tail:.*}", not_found)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 
-from multidict import CIMultiDict
+from aiohttp import web
+from multidict import CIMultiDict, MultiMapping
 
 from gateway.config import AuthConfig
 from gateway.errors import Unauthorized
@@ -21,7 +22,7 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def presented_key(headers: CIMultiDict[str]) -> str | None:
+def presented_key(headers: MultiMapping[str]) -> str | None:
     """The caller's key: OpenAI SDKs send a bearer token, Google's GenAI SDK `x-goog-api-key`."""
     auth = headers.get("Authorization", "")
     scheme, _, token = auth.partition(" ")
@@ -48,3 +49,6 @@ class Auth:
             raise Unauthorized("Invalid or missing API key for this gateway.")
         headers.popall(_GOOGLE_KEY, None)
         headers["Authorization"] = f"Bearer {self._upstream_key}"
+
+
+AUTH = web.AppKey("auth", Auth)

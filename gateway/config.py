@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from aiohttp import web
 
 DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
 
@@ -85,6 +86,15 @@ class TimeoutsConfig(_Section, frozen=True):
         return self.models.get(model, self.default_s)
 
 
+class TasksConfig(_Section, frozen=True):
+    # Async tasks run by this replica at once.
+    workers: int = 16
+    # How long a task, its events and its result are kept after it was created.
+    retention_s: float = 86400.0
+    # Largest upstream answer kept as a task result; a larger one fails the task clearly.
+    result_max_bytes: int = 32 * 2**20
+
+
 class AuthConfig(_Section, frozen=True):
     # SHA-256 hex digests of the client keys accepted when the gateway injects its own key.
     client_key_sha256: frozenset[str] = frozenset()
@@ -97,8 +107,11 @@ class Config(_Section, frozen=True):
     upstream: UpstreamConfig = UpstreamConfig()
     tcp_keepalive: TcpKeepaliveConfig = TcpKeepaliveConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
+    tasks: TasksConfig = TasksConfig()
     auth: AuthConfig = AuthConfig()
 
+
+CONFIG = web.AppKey("config", Config)
 
 # (environment variable, section, key): the contract fixes these names.
 _ENV_OVERRIDES = (

@@ -5,7 +5,8 @@ Upstream errors are never rendered here: they pass through byte for byte.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from functools import wraps
 
 import msgspec
 from aiohttp import web
@@ -72,6 +73,7 @@ class BodyTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+    default_message = "Request body is larger than this gateway accepts."
 
 
 class ShuttingDown(GatewayError):
@@ -106,6 +108,22 @@ class UpstreamBroken(GatewayError):
     )
 
 
+class ResultTooLarge(GatewayError):
+    """The upstream's answer exceeds what a task may keep; it was paid for, so do not retry."""
+
+    status = 502
+    type = "upstream_error"
+    code = "result_too_large"
+    should_retry = False
+
+
+class TaskCancelled(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "task_cancelled"
+    default_message = "The task was cancelled; it has no result."
+
+
 class UpstreamTimeout(GatewayError):
     """The deadline passed; the upstream may still finish and bill, so a blind retry pays twice."""
 
@@ -122,3 +140,19 @@ class UpstreamTimeout(GatewayError):
 async def not_found(request: web.Request) -> web.Response:
     """Paths outside /v1 and /v1beta that the gateway does not serve, in the OpenAI shape."""
     return NotFound(f"Unknown path: {request.method} {request.path}").response()
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def renders_errors(handler: Handler) -> Handler:
+    """A view whose GatewayErrors become OpenAI-shaped responses (the app has no middleware)."""
+
+    @wraps(handler)
+    async def view(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            return exc.response()
+
+    return view

@@ -16,8 +16,8 @@ import aiohttp
 from aiohttp import web
 
 from gateway.accesslog import CALL, Call
-from gateway.auth import Auth
-from gateway.config import Config
+from gateway.auth import AUTH
+from gateway.config import CONFIG, Config
 from gateway.errors import (
     BodyTooLarge,
     GatewayError,
@@ -28,6 +28,8 @@ from gateway.errors import (
 from gateway.headers import caller_timeout_s, strip_hop_by_hop
 from gateway.metrics import METRICS, Metrics
 from gateway.sniff import ModelScanner, model_from_body, model_from_path
+from gateway.tasks.prefer import Preferences, parse_prefer
+from gateway.tasks.views import ASYNC_ROUTES, submit
 from gateway.upstream import UPSTREAM
 
 logger = logging.getLogger(__name__)
@@ -35,17 +37,6 @@ logger = logging.getLogger(__name__)
 # Bodies up to this size are read whole: cheaper than streaming, and they hold the model.
 _SMALL_BODY = 64 * 1024
 _CHUNK = 64 * 1024
-
-
-class Proxy:
-    """The pass-through's settings, built once per app."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.auth = Auth(config.auth)
-
-
-PROXY = web.AppKey("proxy", Proxy)
 
 
 class _Body:
@@ -70,7 +61,7 @@ class _Body:
             self._call.bytes_in += len(chunk)
             if self._call.bytes_in > limit:
                 self.too_large = True
-                raise BodyTooLarge("Request body is larger than this gateway accepts.")
+                raise BodyTooLarge()
             if self._scanner is not None and (model := self._scanner.feed(chunk)):
                 self._scanner = None
                 self._call.model = model
@@ -88,8 +79,13 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     inflight = metrics.inflight(call.route)
     inflight.inc()
     response: web.StreamResponse | None = None
+    mode = "sync"
     try:
-        response = await _forward(request, request.app[PROXY], call, metrics)
+        if (prefs := _async_preferences(request, call)) is not None:
+            mode = "async"
+            response = await submit(request, call, prefs)
+        else:
+            response = await _forward(request, call, metrics)
     except GatewayError as exc:
         response = exc.response()
     except asyncio.CancelledError:
@@ -104,8 +100,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         model = metrics.model_label(call.model)
         # 499: the caller went away before any answer (nginx's convention).
         status = "499" if response is None else str(response.status)
-        metrics.requests(call.route, model, status, "sync").inc()
-        metrics.request_duration(call.route, model, "sync").observe(
+        metrics.requests(call.route, model, status, mode).inc()
+        metrics.request_duration(call.route, model, mode).observe(
             asyncio.get_running_loop().time() - call.started
         )
     return response
@@ -116,17 +112,27 @@ def _count_disconnect(metrics: Metrics, call: Call) -> None:
     logger.info("%s caller disconnected; upstream call cancelled", call.request_id)
 
 
-async def _forward(
-    request: web.Request, settings: Proxy, call: Call, metrics: Metrics
-) -> web.StreamResponse:
-    config = settings.config
+def _async_preferences(request: web.Request, call: Call) -> Preferences | None:
+    """The caller's preferences when it asked for a task (`Prefer: respond-async`)."""
+    if (
+        request.method != "POST"
+        or call.route not in ASYNC_ROUTES
+        or "Prefer" not in request.headers
+    ):
+        return None
+    prefs = parse_prefer(request.headers.getall("Prefer"))
+    return prefs if prefs.respond_async else None
+
+
+async def _forward(request: web.Request, call: Call, metrics: Metrics) -> web.StreamResponse:
+    config = request.app[CONFIG]
     headers = strip_hop_by_hop(request.headers)
-    settings.auth.apply(headers)
+    request.app[AUTH].apply(headers)
     headers["X-Request-ID"] = call.request_id
     call.caller_limit_s = caller_timeout_s(request.headers)
     length = request.content_length
     if length is not None and length > config.server.max_body_bytes:
-        raise BodyTooLarge("Request body is larger than this gateway accepts.")
+        raise BodyTooLarge()
     call.model = model_from_path(request.path)
     upstream = request.app[UPSTREAM]
     data: bytes | _Body | None = None
@@ -195,7 +201,7 @@ async def _forward(
         return out
     except aiohttp.ClientError as exc:
         if isinstance(data, _Body) and data.too_large:
-            raise BodyTooLarge("Request body is larger than this gateway accepts.") from None
+            raise BodyTooLarge() from None
         logger.warning("%s upstream connection broken: %s", call.request_id, type(exc).__name__)
         if out is None or not out.prepared:
             raise UpstreamBroken() from None

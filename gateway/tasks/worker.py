@@ -1,0 +1,136 @@
+"""Task workers: claim a queued task, make its upstream call, keep the answer.
+
+A cancel is watched through the task's own events, so it aborts the running upstream call
+whichever replica the DELETE arrived at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.config import Config
+from gateway.errors import GatewayError, ResultTooLarge, UpstreamBroken, UpstreamTimeout
+from gateway.headers import strip_hop_by_hop
+from gateway.tasks.models import Claim, Job, Status, StoredResponse, TaskError, TaskStore
+from gateway.tasks.service import TASKS
+from gateway.upstream import UPSTREAM, Upstream
+
+logger = logging.getLogger(__name__)
+
+_CLAIM_WAIT_S = 1.0
+_CANCEL_POLL_S = 5.0
+
+
+def stored(response: web.Response) -> StoredResponse:
+    """A response the gateway made, kept so that a task replays it as the sync call would."""
+    body = response.body
+    assert isinstance(body, bytes)
+    return StoredResponse(status=response.status, headers=list(response.headers.items()), body=body)
+
+
+class Worker:
+    def __init__(self, store: TaskStore, upstream: Upstream, config: Config) -> None:
+        self._store = store
+        self._upstream = upstream
+        self._config = config
+
+    async def run(self) -> None:
+        while True:
+            claim = await self._store.claim(_CLAIM_WAIT_S)
+            if claim is not None:
+                await self._run(claim)
+
+    async def _run(self, claim: Claim) -> None:
+        task_id, attempt = claim.record.task.id, claim.record.attempt
+        call = asyncio.ensure_future(self._call(claim.job, task_id))
+        cancel = asyncio.ensure_future(self._cancelled(task_id))
+        try:
+            await asyncio.wait((call, cancel), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pending in (call, cancel):
+                pending.cancel()
+            await asyncio.gather(call, cancel, return_exceptions=True)
+        if call.cancelled():
+            logger.info("%s cancelled; upstream call aborted", task_id)
+            return
+        response, error = call.result()
+        status: Status = "completed" if error is None else "failed"
+        if await self._store.finish(task_id, attempt, status, response=response, error=error):
+            logger.info("%s %s (upstream status %d)", task_id, status, response.status)
+
+    async def _cancelled(self, task_id: str) -> None:
+        """Returns when the task is cancelled (or gone)."""
+        after: str | None = None
+        while True:
+            events = await self._store.events(task_id, after, _CANCEL_POLL_S)
+            if any(e.task.status == "cancelled" for e in events):
+                return
+            if events:
+                after = events[-1].id
+            elif await self._store.get(task_id) is None:
+                return
+
+    async def _call(self, job: Job, task_id: str) -> tuple[StoredResponse, TaskError | None]:
+        try:
+            async with asyncio.timeout(job.deadline_s):
+                up = await self._upstream.send(
+                    job.method,
+                    job.path_qs,
+                    CIMultiDict(job.headers),
+                    job.body,
+                    retries=self._config.upstream.connect_retries,
+                    log_id=task_id,
+                )
+                async with up:
+                    body = await _read(up, self._config.tasks.result_max_bytes)
+        except TimeoutError:
+            failure: GatewayError = UpstreamTimeout()
+        except aiohttp.ClientError:
+            failure = UpstreamBroken()
+        except GatewayError as exc:
+            failure = exc
+        else:
+            answer = StoredResponse(
+                status=up.status, headers=list(strip_hop_by_hop(up.headers).items()), body=body
+            )
+            if up.status < 400:
+                return answer, None
+            return answer, TaskError(
+                f"The upstream answered {up.status}.", "upstream_error", str(up.status)
+            )
+        logger.warning("%s failed: %s", task_id, failure.code)
+        return stored(failure.response()), TaskError(failure.message, failure.type, failure.code)
+
+
+async def _read(up: aiohttp.ClientResponse, limit: int) -> bytes:
+    if up.content_length is not None and up.content_length > limit:
+        raise ResultTooLarge(f"The upstream's answer is larger than {limit} bytes.")
+    body = bytearray()
+    async for chunk in up.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise ResultTooLarge(f"The upstream's answer is larger than {limit} bytes.")
+    return bytes(body)
+
+
+def workers_ctx(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Run `tasks.workers` workers for the app's life; on shutdown they stop where they are."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        worker = Worker(app[TASKS].store, app[UPSTREAM], config)
+        loops = [asyncio.create_task(worker.run()) for _ in range(config.tasks.workers)]
+        yield
+        for loop in loops:
+            loop.cancel()
+        for loop in loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+
+    return ctx

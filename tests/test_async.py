@@ -1,0 +1,180 @@
+"""`Prefer: respond-async`: a task id at once, the call run by the gateway, the answer kept."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.fake import png
+from tests.conftest import Fake, Gateway
+
+KEY = {"Authorization": "Bearer sk-tenant-a"}
+OTHER = {"Authorization": "Bearer sk-tenant-b"}
+GENERATE = {"model": "gpt-image-1", "prompt": "a lighthouse"}
+
+
+async def _submit(
+    http: aiohttp.ClientSession, gateway: Gateway, prefer: str = "respond-async", **headers: str
+) -> tuple[int, dict[str, str], Any]:
+    async with http.post(
+        f"{gateway.url}/v1/images/generations",
+        json=GENERATE,
+        headers={**KEY, "Prefer": prefer, **headers},
+    ) as resp:
+        return resp.status, dict(resp.headers), await resp.json()
+
+
+async def _until_ended(http: aiohttp.ClientSession, url: str, within_s: float = 10) -> Any:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        async with http.get(url, headers=KEY) as resp:
+            task = await resp.json()
+        if task["status"] in ("completed", "failed", "cancelled"):
+            return task
+        await asyncio.sleep(0.05)
+    raise AssertionError("task did not end")
+
+
+async def test_submit_answers_202_at_once_and_the_result_is_the_sync_answer(
+    gateway: Gateway, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    started = time.monotonic()
+    status, headers, task = await _submit(
+        http, gateway, **{"X-Fake-Latency": "1", "X-Fake-Image-Bytes": "300000"}
+    )
+    assert time.monotonic() - started < 0.5
+    assert status == 202
+    assert headers["Location"] == f"/v1/tasks/{task['id']}"
+    assert headers["Preference-Applied"] == "respond-async"
+    assert headers["Vary"] == "Prefer"
+    assert task["object"] == "task"
+    assert task["status"] in ("queued", "in_progress")
+    assert task["model"] == "gpt-image-1"
+    assert len(task["id"]) >= 5 + 22
+    ended = await _until_ended(http, gateway.url + headers["Location"])
+    assert ended["status"] == "completed"
+    async with http.get(f"{gateway.url}/v1/tasks/{task['id']}/result", headers=KEY) as resp:
+        assert resp.status == 200
+        answer = await resp.json()
+    assert base64.b64decode(answer["data"][0]["b64_json"]) == png(300_000)
+    assert fake.stats.requests == 1
+    # The gateway consumed the preference; the upstream saw the caller's own key.
+    sent = {k.lower(): v for k, v in fake.stats.last["headers"]}
+    assert "prefer" not in sent
+    assert sent["authorization"] == KEY["Authorization"]
+
+
+async def test_wait_returns_the_ordinary_answer_when_ready_in_time(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    status, _, answer = await _submit(http, gateway, "respond-async, wait=5")
+    assert status == 200
+    assert "data" in answer
+    status, _, task = await _submit(
+        http, gateway, "respond-async, wait=0.2", **{"X-Fake-Latency": "2"}
+    )
+    assert status == 202
+    assert task["object"] == "task"
+
+
+async def test_events_stream_every_change_and_resume_after_the_last_seen(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    _, _, task = await _submit(http, gateway, **{"X-Fake-Latency": "0.5"})
+    url = f"{gateway.url}/v1/tasks/{task['id']}/events"
+    events = await _read_events(http, url)
+    assert [e["event"] for e in events] == ["queued", "in_progress", "completed"]
+    assert all(json.loads(e["data"])["id"] == task["id"] for e in events)
+    resumed = await _read_events(http, url, {"Last-Event-ID": events[0]["id"]})
+    assert [e["id"] for e in resumed] == [e["id"] for e in events[1:]]
+
+
+async def _read_events(
+    http: aiohttp.ClientSession, url: str, extra: dict[str, str] | None = None
+) -> list[dict[str, str]]:
+    events: list[dict[str, str]] = []
+    async with http.get(url, headers={**KEY, **(extra or {})}) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        assert resp.headers["X-Accel-Buffering"] == "no"
+        raw = (await resp.read()).decode()  # ends by itself after the terminal event
+    for block in raw.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "event" in fields:
+            events.append(fields)
+    return events
+
+
+async def test_cancel_aborts_the_running_upstream_call(
+    gateway: Gateway, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    _, _, task = await _submit(http, gateway, **{"X-Fake-Latency": "30"})
+    url = f"{gateway.url}/v1/tasks/{task['id']}"
+    while fake.stats.requests == 0:
+        await asyncio.sleep(0.02)
+    async with http.delete(url, headers=KEY) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["status"] == "cancelled"
+    cancelled_at = time.monotonic()
+    while fake.stats.cancelled == 0 and time.monotonic() - cancelled_at < 1.0:
+        await asyncio.sleep(0.02)
+    assert fake.stats.cancelled == 1
+    async with http.get(url + "/result", headers=KEY) as resp:
+        assert resp.status == 409
+    async with http.get(url, headers=KEY) as resp:
+        assert (await resp.json())["status"] == "cancelled"
+
+
+async def test_upstream_errors_fail_the_task_and_replay_as_sync(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    _, headers, task = await _submit(http, gateway, **{"X-Fake-Fault": "503"})
+    ended = await _until_ended(http, gateway.url + headers["Location"])
+    assert ended["status"] == "failed"
+    assert ended["error"]["code"] == "503"
+    async with http.get(f"{gateway.url}/v1/tasks/{task['id']}/result", headers=KEY) as resp:
+        assert resp.status == 503
+        assert (await resp.json())["error"]["message"].startswith("The model is overloaded")
+
+
+@pytest.mark.parametrize(
+    ("method", "suffix"), [("GET", ""), ("GET", "/result"), ("GET", "/events"), ("DELETE", "")]
+)
+async def test_another_credential_sees_no_task(
+    gateway: Gateway, http: aiohttp.ClientSession, method: str, suffix: str
+) -> None:
+    _, headers, _ = await _submit(http, gateway, **{"X-Fake-Latency": "1"})
+    async with http.request(
+        method, gateway.url + headers["Location"] + suffix, headers=OTHER
+    ) as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"]["code"] == "not_found"
+    async with http.get(gateway.url + headers["Location"], headers=KEY) as resp:
+        assert (await resp.json())["status"] != "cancelled"
+
+
+async def test_bad_input_is_refused_and_nothing_runs(
+    gateway: Gateway, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    async with http.post(
+        f"{gateway.url}/v1/images/generations",
+        data=b'{"model": "gpt-image-1", "prompt": ',
+        headers={**KEY, "Prefer": "respond-async", "Content-Type": "application/json"},
+    ) as resp:
+        assert resp.status == 400
+    async with http.post(
+        f"{gateway.url}/v1/images/generations",
+        json=GENERATE,
+        headers={**KEY, "Prefer": "respond-async, wait=soon"},
+    ) as resp:
+        assert resp.status == 400
+    async with http.get(f"{gateway.url}/v1/tasks/task_bogus", headers=KEY) as resp:
+        assert resp.status == 404
+    await asyncio.sleep(0.2)
+    assert fake.stats.requests == 0
