@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -17,6 +17,7 @@ from gateway.config import Config
 from gateway.fake import STATS, FakeSettings, FakeStats, start_fake
 from gateway.metrics import METRICS, Metrics
 from gateway.server import start
+from tests.redis_server import RedisServer
 
 
 @dataclasses.dataclass
@@ -48,6 +49,13 @@ def _port(runner: web.AppRunner) -> int:
     port = runner.addresses[0][1]
     assert isinstance(port, int)
     return port
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
+from redis.asyncio import Redis
 
 from gateway.tasks.memory import MemoryStore
 from gateway.tasks.models import Job, StoredResponse, Task, TaskError, TaskRecord, TaskStore
+from gateway.tasks.store import RedisStore
+from tests.redis_server import RedisServer
 
 JOB = Job(
     method="POST",
@@ -21,12 +24,17 @@ JOB = Job(
 ANSWER = StoredResponse(status=200, headers=[("Content-Type", "application/json")], body=b"{}")
 
 
-STORES: dict[str, Callable[[], TaskStore]] = {"memory": lambda: MemoryStore(retention_s=60.0)}
-
-
-@pytest.fixture(params=sorted(STORES))
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[TaskStore]:
-    made = STORES[request.param]()
+@pytest.fixture(params=["memory", "redis"])
+async def store(
+    request: pytest.FixtureRequest, redis_server: RedisServer
+) -> AsyncIterator[TaskStore]:
+    made: TaskStore
+    if request.param == "memory":
+        made = MemoryStore(retention_s=60.0)
+    else:
+        client = Redis.from_url(redis_server.url)
+        await client.flushall()
+        made = RedisStore(client, consumer="test-worker", retention_s=60.0, lease_s=0.5)
     yield made
     await made.close()
 
@@ -121,3 +129,59 @@ async def test_tasks_expire_after_the_retention_window() -> None:
     await store.create(record(), JOB)
     await asyncio.sleep(0.15)
     assert await store.get("t1") is None
+
+
+async def _redis_store(server: RedisServer, consumer: str, max_deliveries: int = 3) -> RedisStore:
+    return RedisStore(
+        Redis.from_url(server.url),
+        consumer=consumer,
+        retention_s=60.0,
+        lease_s=0.3,
+        max_deliveries=max_deliveries,
+    )
+
+
+async def test_a_dead_workers_task_is_run_again_and_its_late_answer_refused(
+    redis_server: RedisServer,
+) -> None:
+    first = await _redis_store(redis_server, "worker-a")
+    second = await _redis_store(redis_server, "worker-b")
+    try:
+        await first._redis.flushall()
+        await first.create(record(), JOB)
+        lost = await first.claim(1.0)
+        assert lost is not None
+        assert lost.record.attempt == 1
+        # worker-a stops renewing (it died); once its lease lapses worker-b takes the task.
+        await asyncio.sleep(0.4)
+        again = await second.claim(1.0)
+        assert again is not None
+        assert again.record.attempt == 2
+        assert again.job == JOB
+        assert await first.finish("t1", 1, "completed", response=ANSWER) is None
+        done = await second.finish("t1", 2, "completed", response=ANSWER)
+        assert done is not None
+        assert await statuses(second, "t1") == ["queued", "in_progress", "in_progress", "completed"]
+        await asyncio.sleep(0.4)
+        assert await first.claim(0.2) is None  # finished and acknowledged: never run a third time
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_task_that_keeps_losing_workers_fails_clearly(redis_server: RedisServer) -> None:
+    store = await _redis_store(redis_server, "worker-a", max_deliveries=2)
+    try:
+        await store._redis.flushall()
+        await store.create(record(), JOB)
+        for _ in range(2):
+            assert await store.claim(1.0) is not None
+            await asyncio.sleep(0.4)
+        assert await store.claim(0.5) is None
+        current = await store.get("t1")
+        assert current is not None
+        assert current.task.status == "failed"
+        assert current.task.error is not None
+        assert current.task.error.code == "worker_lost"
+    finally:
+        await store.close()

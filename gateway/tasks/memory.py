@@ -85,6 +85,9 @@ class MemoryStore:
             return Claim(started, entry.job)
         return None
 
+    async def renew(self, task_id: str) -> None:
+        """Nothing to renew: the embedded store's tasks die with their one process."""
+
     async def finish(
         self,
         task_id: str,

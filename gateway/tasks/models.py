@@ -78,6 +78,10 @@ class TaskStore(Protocol):
     async def claim(self, timeout_s: float) -> Claim | None:
         """The next queued task, now in progress with a new attempt; None after `timeout_s`."""
 
+    async def renew(self, task_id: str) -> None:
+        """Keep the claim on a running task: a claim not renewed for a lease is handed to
+        another worker (its own worker presumably died)."""
+
     async def finish(
         self,
         task_id: str,

@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 _CLAIM_WAIT_S = 1.0
 _CANCEL_POLL_S = 5.0
+# Well inside the store's lease (30 s), so a slow generation is never taken for a dead worker.
+_RENEW_S = 10.0
 
 
 def stored(response: web.Response) -> StoredResponse:
@@ -51,12 +53,13 @@ class Worker:
         task_id, attempt = claim.record.task.id, claim.record.attempt
         call = asyncio.ensure_future(self._call(claim.job, task_id))
         cancel = asyncio.ensure_future(self._cancelled(task_id))
+        lease = asyncio.ensure_future(self._renew(task_id))
         try:
             await asyncio.wait((call, cancel), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for pending in (call, cancel):
+            for pending in (call, cancel, lease):
                 pending.cancel()
-            await asyncio.gather(call, cancel, return_exceptions=True)
+            await asyncio.gather(call, cancel, lease, return_exceptions=True)
         if call.cancelled():
             logger.info("%s cancelled; upstream call aborted", task_id)
             return
@@ -64,6 +67,11 @@ class Worker:
         status: Status = "completed" if error is None else "failed"
         if await self._store.finish(task_id, attempt, status, response=response, error=error):
             logger.info("%s %s (upstream status %d)", task_id, status, response.status)
+
+    async def _renew(self, task_id: str) -> None:
+        while True:
+            await asyncio.sleep(_RENEW_S)
+            await self._store.renew(task_id)
 
     async def _cancelled(self, task_id: str) -> None:
         """Returns when the task is cancelled (or gone)."""

@@ -1,0 +1,309 @@
+"""The Redis task store, the only module that talks to Redis.
+
+- The queue is a stream with a consumer group: an entry stays pending until its task ends, so
+  a worker that dies leaves it to be claimed again (XAUTOCLAIM) once its lease lapses.
+- Each task has a hash (status, attempt, the record), its job, its result and an event stream
+  whose entry ids are the SSE ids; all share the task's hash tag, so every transition is one Lua
+  script on one Redis Cluster slot: status and event change together or not at all.
+- The attempt number fences stale workers: a finish counts only for the current attempt.
+- Pub/sub carries wake-ups only; the event stream is the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from gateway.tasks.models import (
+    TERMINAL,
+    Claim,
+    Job,
+    Status,
+    StoredResponse,
+    Task,
+    TaskError,
+    TaskEvent,
+    TaskRecord,
+)
+
+logger = logging.getLogger(__name__)
+
+_GROUP = b"workers"
+_EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
+_pack = msgspec.msgpack.Encoder().encode
+_task_json = msgspec.json.Encoder().encode
+_record = msgspec.msgpack.Decoder(TaskRecord).decode
+_job = msgspec.msgpack.Decoder(Job).decode
+_response = msgspec.msgpack.Decoder(StoredResponse).decode
+_task = msgspec.json.Decoder(Task).decode
+
+# KEYS: task, job, events. ARGV: record, job, event, ttl_ms.
+_CREATE = """
+redis.call('HSET', KEYS[1], 'status', 'queued', 'attempt', '0', 'record', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
+local id = redis.call('XADD', KEYS[3], '*', 'task', ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+return id
+"""
+# KEYS: task, events. ARGV: expected attempt, new attempt, record, event.
+_START = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' and status ~= 'in_progress' then return false end
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return false end
+redis.call('HSET', KEYS[1], 'status', 'in_progress', 'attempt', ARGV[2], 'record', ARGV[3])
+return redis.call('XADD', KEYS[2], '*', 'task', ARGV[4])
+"""
+# KEYS: task, job, result, events. ARGV: attempt ('' for any), status, record, event, result.
+_END = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or status == 'completed' or status == 'failed' or status == 'cancelled' then
+  return false
+end
+if ARGV[1] ~= '' then
+  if status ~= 'in_progress' or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then
+    return false
+  end
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'record', ARGV[3])
+redis.call('DEL', KEYS[2])
+if ARGV[5] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[5], 'PX', math.max(redis.call('PTTL', KEYS[1]), 1))
+end
+return redis.call('XADD', KEYS[4], '*', 'task', ARGV[4])
+"""
+
+
+class RedisStore:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        consumer: str,
+        retention_s: float,
+        prefix: str = "gw",
+        lease_s: float = 30.0,
+        max_deliveries: int = 3,
+    ) -> None:
+        # redis-py types its replies as unions over decode_responses; this store always works
+        # in bytes, so the client is used untyped rather than narrowed at every call.
+        self._redis: Any = redis
+        self._consumer = consumer.encode()
+        self._ttl_ms = int(retention_s * 1000)
+        self._prefix = prefix
+        self._lease_ms = int(lease_s * 1000)
+        self._max_deliveries = max_deliveries
+        self._queue = f"{prefix}:{{queue}}"
+        self._channel = f"{prefix}:wake"
+        self._create = redis.register_script(_CREATE)
+        self._start = redis.register_script(_START)
+        self._end = redis.register_script(_END)
+        self._receipts: dict[str, bytes] = {}  # task id -> queue entry, for the claims made here
+        self._wakers: dict[str, asyncio.Event] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._group_ready = False
+
+    def _key(self, task_id: str, kind: str) -> str:
+        return f"{self._prefix}:{{{task_id}}}:{kind}"
+
+    async def create(self, record: TaskRecord, job: Job) -> None:
+        task_id = record.task.id
+        keys = [self._key(task_id, k) for k in ("task", "job", "events")]
+        event = _task_json(record.task)
+        await self._create(keys=keys, args=[_pack(record), _pack(job), event, self._ttl_ms])
+        # Another slot in a cluster, so not in the script: a crash right here leaves a queued
+        # task that no worker sees (it expires with its retention).
+        await self._redis.xadd(self._queue, {b"task": task_id.encode()})
+        await self._redis.publish(self._channel, task_id)
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        raw = await self._redis.hget(self._key(task_id, "task"), "record")
+        return None if raw is None else _record(raw)
+
+    async def claim(self, timeout_s: float) -> Claim | None:
+        await self._ensure_group()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (left := deadline - loop.time()) > 0:
+            entry = await self._reclaim() or await self._next(left)
+            if entry is None:
+                return None
+            entry_id, fields = entry
+            claim = await self._start_task(entry_id, fields[b"task"].decode())
+            if claim is not None:
+                return claim  # else cancelled or expired while queued: take the next one
+        return None
+
+    async def _next(self, timeout_s: float) -> Any:
+        got = await self._redis.xreadgroup(
+            _GROUP, self._consumer, {self._queue: ">"}, count=1, block=max(1, int(timeout_s * 1000))
+        )
+        return got[0][1][0] if got else None
+
+    async def _reclaim(self) -> Any:
+        """A task whose worker stopped renewing its lease (killed, most likely)."""
+        _, entries, _ = await self._redis.xautoclaim(
+            self._queue, _GROUP, self._consumer, self._lease_ms, "0-0", count=1
+        )
+        if not entries:
+            return None
+        entry_id, fields = entries[0]
+        pending = await self._redis.xpending_range(
+            self._queue, _GROUP, min=entry_id, max=entry_id, count=1
+        )
+        if pending and pending[0]["times_delivered"] > self._max_deliveries:
+            task_id = fields[b"task"].decode()
+            logger.warning("%s failed: worker lost %d times", task_id, self._max_deliveries)
+            error = TaskError(
+                "The task's worker was lost too many times.", "server_error", "worker_lost"
+            )
+            await self._finish(task_id, "", "failed", None, error)
+            await self._redis.xack(self._queue, _GROUP, entry_id)
+            return None
+        return entries[0]
+
+    async def _start_task(self, entry_id: bytes, task_id: str) -> Claim | None:
+        record = await self.get(task_id)
+        job_raw = await self._redis.get(self._key(task_id, "job"))
+        if record is None or job_raw is None or record.task.status in TERMINAL:
+            await self._redis.xack(self._queue, _GROUP, entry_id)  # cancelled or expired
+            return None
+        started = msgspec.structs.replace(
+            record,
+            task=msgspec.structs.replace(record.task, status="in_progress"),
+            attempt=record.attempt + 1,
+        )
+        event = await self._start(
+            keys=[self._key(task_id, "task"), self._key(task_id, "events")],
+            args=[record.attempt, started.attempt, _pack(started), _task_json(started.task)],
+        )
+        if not event:
+            return None  # another worker got there first
+        await self._redis.publish(self._channel, task_id)
+        self._receipts[task_id] = entry_id
+        return Claim(started, _job(job_raw))
+
+    async def renew(self, task_id: str) -> None:
+        """Keep this worker's lease on a running task (XCLAIM to itself resets the idle time)."""
+        entry_id = self._receipts.get(task_id)
+        if entry_id is not None:
+            await self._redis.xclaim(
+                self._queue, _GROUP, self._consumer, 0, [entry_id], justid=True
+            )
+
+    async def finish(
+        self,
+        task_id: str,
+        attempt: int,
+        status: Status,
+        *,
+        response: StoredResponse | None = None,
+        error: TaskError | None = None,
+    ) -> Task | None:
+        task = await self._finish(task_id, str(attempt), status, response, error)
+        entry_id = self._receipts.pop(task_id, None)
+        if entry_id is not None:
+            await self._redis.xack(self._queue, _GROUP, entry_id)
+        return task
+
+    async def _finish(
+        self,
+        task_id: str,
+        attempt: str,
+        status: Status,
+        response: StoredResponse | None,
+        error: TaskError | None,
+    ) -> Task | None:
+        record = await self.get(task_id)
+        if record is None:
+            return None
+        ended = msgspec.structs.replace(
+            record, task=msgspec.structs.replace(record.task, status=status, error=error)
+        )
+        keys = [self._key(task_id, k) for k in ("task", "job", "result", "events")]
+        args: list[bytes | str] = [
+            attempt,
+            status,
+            _pack(ended),
+            _task_json(ended.task),
+            b"" if response is None else _pack(response),
+        ]
+        if not await self._end(keys=keys, args=args):
+            return None
+        await self._redis.publish(self._channel, task_id)
+        return ended.task
+
+    async def cancel(self, task_id: str) -> Task | None:
+        cancelled = await self._finish(task_id, "", "cancelled", None, None)
+        if cancelled is not None:
+            return cancelled
+        record = await self.get(task_id)
+        return None if record is None else record.task
+
+    async def result(self, task_id: str) -> StoredResponse | None:
+        raw = await self._redis.get(self._key(task_id, "result"))
+        return None if raw is None else _response(raw)
+
+    async def events(self, task_id: str, after: str | None, timeout_s: float) -> list[TaskEvent]:
+        if after is not None and not _EVENT_ID.fullmatch(after):
+            raise ValueError(f"not an event id: {after!r}")
+        await self._listen()
+        waker = self._wakers.setdefault(task_id, asyncio.Event())
+        events = await self._read_events(task_id, after)
+        if events or timeout_s <= 0:
+            return events
+        record = await self.get(task_id)
+        if record is None or record.task.status in TERMINAL:
+            return events
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await waker.wait()
+        return await self._read_events(task_id, after)
+
+    async def _read_events(self, task_id: str, after: str | None) -> list[TaskEvent]:
+        start = "-" if after is None else f"({after}"
+        entries = await self._redis.xrange(self._key(task_id, "events"), min=start)
+        return [
+            TaskEvent(entry_id.decode(), _task(fields[b"task"])) for entry_id, fields in entries
+        ]
+
+    async def _listen(self) -> None:
+        if self._listener is None:
+            pubsub = self._redis.pubsub()
+            await pubsub.subscribe(self._channel)
+            self._listener = asyncio.create_task(self._dispatch(pubsub))
+
+    async def _dispatch(self, pubsub: Any) -> None:
+        try:
+            async for message in pubsub.listen():
+                if message["type"] != "message":
+                    continue
+                waker = self._wakers.pop(message["data"].decode(), None)
+                if waker is not None:
+                    waker.set()
+        finally:
+            await pubsub.aclose()
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self._redis.xgroup_create(self._queue, _GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        await self._redis.aclose()
