@@ -11,8 +11,7 @@ from gateway.errors import not_found
 from gateway.health import READINESS, Readiness, healthz, readyz
 from gateway.metrics import METRICS, Metrics, metrics_view
 from gateway.proxy import proxy
-from gateway.tasks.memory import MemoryStore
-from gateway.tasks.service import TASKS, TaskService
+from gateway.tasks.service import TASKS, TaskService, open_store, tasks_ctx
 from gateway.tasks.views import cancel_view, events_view, result_view, task_view
 from gateway.tasks.worker import workers_ctx
 from gateway.upstream import upstream_ctx
@@ -42,10 +41,11 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[AUTH] = Auth(config.auth)
-    app[TASKS] = TaskService(MemoryStore(retention_s=config.tasks.retention_s))
+    app[TASKS] = TaskService(open_store(config))
     app[METRICS] = Metrics(config.timeouts.models)
     app[READINESS] = Readiness()
     app.cleanup_ctx.append(upstream_ctx(config))
+    app.cleanup_ctx.append(tasks_ctx)
     app.cleanup_ctx.append(workers_ctx(config))
     app.on_response_prepare.append(add_request_id)
     app.router.add_get("/healthz", healthz)

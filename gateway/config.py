@@ -87,6 +87,14 @@ class TimeoutsConfig(_Section, frozen=True):
 
 
 class TasksConfig(_Section, frozen=True):
+    # Redis for tasks (GATEWAY_REDIS_URL); unset: the embedded store (one replica, lost on restart).
+    redis_url: str | None = None
+    # Prefix of every Redis key, so several gateways can share one Redis.
+    key_prefix: str = "gw"
+    # A running task whose worker stops renewing its lease this long is run by another worker.
+    lease_s: float = 30.0
+    # After this many lost workers a task fails with `worker_lost` instead of running again.
+    max_deliveries: int = 3
     # Async tasks run by this replica at once.
     workers: int = 16
     # How long a task, its events and its result are kept after it was created.
@@ -117,6 +125,7 @@ CONFIG = web.AppKey("config", Config)
 _ENV_OVERRIDES = (
     ("GATEWAY_UPSTREAM_URL", "upstream", "url"),
     ("GATEWAY_UPSTREAM_API_KEY", "auth", "upstream_api_key"),
+    ("GATEWAY_REDIS_URL", "tasks", "redis_url"),
 )
 
 

@@ -76,11 +76,14 @@ class BodyTooLarge(GatewayError):
     default_message = "Request body is larger than this gateway accepts."
 
 
-class ShuttingDown(GatewayError):
+class StoreUnavailable(GatewayError):
+    """The task store (Redis) cannot be reached: nothing was stored, so retrying is safe."""
+
     status = 503
     type = "server_error"
-    code = "shutting_down"
+    code = "store_unavailable"
     should_retry = True
+    default_message = "The task store is unreachable; async calls cannot be accepted right now."
 
 
 class UpstreamUnreachable(GatewayError):

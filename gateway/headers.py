@@ -41,6 +41,11 @@ def strip_hop_by_hop(headers: MultiMapping[str]) -> CIMultiDict[str]:
     )
 
 
+def header_pairs(headers: MultiMapping[str]) -> list[tuple[str, str]]:
+    """Headers as plain pairs for storing; multidict's `istr` names do not serialise."""
+    return [(str(k), v) for k, v in headers.items()]
+
+
 def caller_timeout_s(headers: MultiMapping[str]) -> float:
     """The caller's `X-Request-Timeout`: it may shorten a deadline, never lengthen it."""
     raw = headers.get("X-Request-Timeout")

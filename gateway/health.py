@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.tasks.service import TASKS
+
 
 class Readiness:
     """Turns unready when SIGTERM starts the drain, so load balancers stop routing here."""
@@ -22,4 +24,6 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     if request.app[READINESS].draining:
         return web.json_response({"status": "draining"}, status=503)
+    if not await request.app[TASKS].store.ping():
+        return web.json_response({"status": "task store unreachable"}, status=503)
     return web.json_response({"status": "ready"})

@@ -13,6 +13,7 @@ from gateway.app import create_app
 from gateway.config import Config
 from gateway.health import READINESS
 from gateway.netopts import listening_socket
+from gateway.tasks.service import describe_store
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ async def serve(config: Config) -> None:
     logger.info(
         "gateway listening on %s, upstream %s", runner.addresses[0][:2], config.upstream.url
     )
+    logger.info("async tasks: %s", describe_store(config))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

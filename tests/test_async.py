@@ -6,13 +6,27 @@ import asyncio
 import base64
 import json
 import time
+import uuid
 from typing import Any
 
 import aiohttp
 import pytest
 
 from gateway.fake import png
-from tests.conftest import Fake, Gateway
+from tests.conftest import Fake, Gateway, GatewayFactory
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def gateway(
+    request: pytest.FixtureRequest, gateway_factory: GatewayFactory, redis_server: RedisServer
+) -> Gateway:
+    """Every test here runs on the embedded store and on Redis."""
+    if request.param == "memory":
+        return await gateway_factory()
+    prefix = f"test-{uuid.uuid4().hex[:8]}"  # a fresh key space per test on the shared server
+    return await gateway_factory(tasks={"redis_url": redis_server.url, "key_prefix": prefix})
+
 
 KEY = {"Authorization": "Bearer sk-tenant-a"}
 OTHER = {"Authorization": "Bearer sk-tenant-b"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 
 import msgspec
@@ -38,6 +39,7 @@ class MemoryStore:
         self._retention_s = retention_s
         self._entries: dict[str, _Entry] = {}
         self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._owner_key = secrets.token_bytes(32)  # tasks die with the process, so may the key
 
     def _entry(self, task_id: str) -> _Entry | None:
         entry = self._entries.get(task_id)
@@ -136,6 +138,12 @@ class MemoryStore:
                 async with asyncio.timeout(timeout_s):
                     await entry.changed.wait()
         return entry.events[seen:]
+
+    async def owner_key(self) -> bytes:
+        return self._owner_key
+
+    async def ping(self) -> bool:
+        return True
 
     async def close(self) -> None:
         self._entries.clear()

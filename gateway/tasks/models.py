@@ -102,4 +102,10 @@ class TaskStore(Protocol):
         """The task's events after `after` (all when None), waiting up to `timeout_s` for one.
         Raises ValueError for an event id this store never made."""
 
+    async def owner_key(self) -> bytes:
+        """The key that owner hashes are made with, the same on every replica."""
+
+    async def ping(self) -> bool:
+        """Whether the store answers (readiness)."""
+
     async def close(self) -> None: ...

@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
+import socket
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from multidict import MultiMapping
+from redis.asyncio import Redis
+from yarl import URL
 
 from gateway.auth import presented_key
+from gateway.config import Config
 from gateway.errors import NotFound, Unauthorized
+from gateway.tasks.memory import MemoryStore
 from gateway.tasks.models import TaskRecord, TaskStore
+from gateway.tasks.store import RedisStore
 
 
 class TaskService:
     def __init__(self, store: TaskStore) -> None:
         self.store = store
-        # Owners are keyed hashes, so a store dump reveals no credential. The embedded store's
-        # tasks die with the process, so a per-process key is enough there.
-        self._owner_key = secrets.token_bytes(32)
+        # Owners are keyed hashes, so the store never holds a credential; the key comes from
+        # the store (shared by every replica) when the app starts.
+        self._owner_key = b""
+
+    async def start(self) -> None:
+        self._owner_key = await self.store.owner_key()
 
     def owner(self, headers: MultiMapping[str]) -> str:
         key = presented_key(headers)
@@ -37,6 +48,37 @@ class TaskService:
 
 
 TASKS = web.AppKey("tasks", TaskService)
+
+
+async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
+    service = app[TASKS]
+    await service.start()
+    yield
+    await service.store.close()
+
+
+def open_store(config: Config) -> TaskStore:
+    tasks = config.tasks
+    if tasks.redis_url is None:
+        return MemoryStore(retention_s=tasks.retention_s)
+    client = Redis.from_url(tasks.redis_url, socket_connect_timeout=2.0)
+    return RedisStore(
+        client,
+        # Unique per process: a restarted worker must not inherit its predecessor's claims.
+        consumer=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}",
+        retention_s=tasks.retention_s,
+        prefix=tasks.key_prefix,
+        lease_s=tasks.lease_s,
+        max_deliveries=tasks.max_deliveries,
+    )
+
+
+def describe_store(config: Config) -> str:
+    """For the start-up log: where tasks live, without credentials."""
+    if config.tasks.redis_url is None:
+        return "embedded store (one replica only; tasks do not survive a restart)"
+    url = URL(config.tasks.redis_url)
+    return f"Redis at {url.host}:{url.port}{url.path}"
 
 
 def new_task_id() -> str:

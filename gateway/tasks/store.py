@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
-from typing import Any
+import secrets
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.errors import StoreUnavailable
 from gateway.tasks.models import (
     TERMINAL,
     Claim,
@@ -81,6 +87,32 @@ return redis.call('XADD', KEYS[4], '*', 'task', ARGV[4])
 """
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _store_call(
+    method: Callable[_P, Coroutine[Any, Any, _R]],
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """Every public store method: Redis being unreachable is one clear 503 for callers, and a
+    cancellation is never lost. redis-py can swallow a CancelledError that lands mid-command
+    (redis/redis-py#2028, #2551); a worker or SSE stream would then outlive its shutdown."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
+        try:
+            result = await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailable() from exc
+        if task is not None and task.cancelling() > cancels:
+            raise asyncio.CancelledError()
+        return result
+
+    return wrapper
+
+
 class RedisStore:
     def __init__(
         self,
@@ -113,6 +145,7 @@ class RedisStore:
     def _key(self, task_id: str, kind: str) -> str:
         return f"{self._prefix}:{{{task_id}}}:{kind}"
 
+    @_store_call
     async def create(self, record: TaskRecord, job: Job) -> None:
         task_id = record.task.id
         keys = [self._key(task_id, k) for k in ("task", "job", "events")]
@@ -123,10 +156,12 @@ class RedisStore:
         await self._redis.xadd(self._queue, {b"task": task_id.encode()})
         await self._redis.publish(self._channel, task_id)
 
+    @_store_call
     async def get(self, task_id: str) -> TaskRecord | None:
         raw = await self._redis.hget(self._key(task_id, "task"), "record")
         return None if raw is None else _record(raw)
 
+    @_store_call
     async def claim(self, timeout_s: float) -> Claim | None:
         await self._ensure_group()
         loop = asyncio.get_running_loop()
@@ -190,6 +225,7 @@ class RedisStore:
         self._receipts[task_id] = entry_id
         return Claim(started, _job(job_raw))
 
+    @_store_call
     async def renew(self, task_id: str) -> None:
         """Keep this worker's lease on a running task (XCLAIM to itself resets the idle time)."""
         entry_id = self._receipts.get(task_id)
@@ -198,6 +234,7 @@ class RedisStore:
                 self._queue, _GROUP, self._consumer, 0, [entry_id], justid=True
             )
 
+    @_store_call
     async def finish(
         self,
         task_id: str,
@@ -240,6 +277,7 @@ class RedisStore:
         await self._redis.publish(self._channel, task_id)
         return ended.task
 
+    @_store_call
     async def cancel(self, task_id: str) -> Task | None:
         cancelled = await self._finish(task_id, "", "cancelled", None, None)
         if cancelled is not None:
@@ -247,10 +285,12 @@ class RedisStore:
         record = await self.get(task_id)
         return None if record is None else record.task
 
+    @_store_call
     async def result(self, task_id: str) -> StoredResponse | None:
         raw = await self._redis.get(self._key(task_id, "result"))
         return None if raw is None else _response(raw)
 
+    @_store_call
     async def events(self, task_id: str, after: str | None, timeout_s: float) -> list[TaskEvent]:
         if after is not None and not _EVENT_ID.fullmatch(after):
             raise ValueError(f"not an event id: {after!r}")
@@ -300,6 +340,20 @@ class RedisStore:
             if "BUSYGROUP" not in str(exc):
                 raise
         self._group_ready = True
+
+    @_store_call
+    async def owner_key(self) -> bytes:
+        # Made once by whichever replica starts first; every replica then hashes alike.
+        key = f"{self._prefix}:owner-key"
+        await self._redis.set(key, secrets.token_bytes(32), nx=True)
+        value: bytes = await self._redis.get(key)
+        return value
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except RedisError:
+            return False
 
     async def close(self) -> None:
         if self._listener is not None:

@@ -14,7 +14,7 @@ from gateway.accesslog import Call
 from gateway.auth import AUTH
 from gateway.config import CONFIG, Config
 from gateway.errors import BadRequest, BodyTooLarge, TaskCancelled, renders_errors
-from gateway.headers import caller_timeout_s, strip_hop_by_hop
+from gateway.headers import caller_timeout_s, header_pairs, strip_hop_by_hop
 from gateway.sniff import model_from_body, model_from_path
 from gateway.tasks.models import TERMINAL, Job, StoredResponse, Task, TaskRecord, TaskStore
 from gateway.tasks.prefer import Preferences
@@ -107,7 +107,7 @@ async def submit(request: web.Request, call: Call, prefs: Preferences) -> web.St
     job = Job(
         method=request.method,
         path_qs=request.raw_path,
-        headers=list(headers.items()),
+        headers=header_pairs(headers),
         body=body,
         deadline_s=min(config.timeouts.for_model(call.model), limit_s),
     )

@@ -16,8 +16,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.config import Config
-from gateway.errors import GatewayError, ResultTooLarge, UpstreamBroken, UpstreamTimeout
-from gateway.headers import strip_hop_by_hop
+from gateway.errors import (
+    GatewayError,
+    ResultTooLarge,
+    StoreUnavailable,
+    UpstreamBroken,
+    UpstreamTimeout,
+)
+from gateway.headers import header_pairs, strip_hop_by_hop
 from gateway.tasks.models import Claim, Job, Status, StoredResponse, TaskError, TaskStore
 from gateway.tasks.service import TASKS
 from gateway.upstream import UPSTREAM, Upstream
@@ -34,7 +40,7 @@ def stored(response: web.Response) -> StoredResponse:
     """A response the gateway made, kept so that a task replays it as the sync call would."""
     body = response.body
     assert isinstance(body, bytes)
-    return StoredResponse(status=response.status, headers=list(response.headers.items()), body=body)
+    return StoredResponse(status=response.status, headers=header_pairs(response.headers), body=body)
 
 
 class Worker:
@@ -45,9 +51,14 @@ class Worker:
 
     async def run(self) -> None:
         while True:
-            claim = await self._store.claim(_CLAIM_WAIT_S)
-            if claim is not None:
-                await self._run(claim)
+            try:
+                claim = await self._store.claim(_CLAIM_WAIT_S)
+                if claim is not None:
+                    await self._run(claim)
+            except StoreUnavailable:
+                # Queued and running tasks stay in the store; pick up where we are when it is back.
+                logger.warning("task store unreachable; retrying in %.0f s", _CLAIM_WAIT_S)
+                await asyncio.sleep(_CLAIM_WAIT_S)
 
     async def _run(self, claim: Claim) -> None:
         task_id, attempt = claim.record.task.id, claim.record.attempt
@@ -106,7 +117,7 @@ class Worker:
             failure = exc
         else:
             answer = StoredResponse(
-                status=up.status, headers=list(strip_hop_by_hop(up.headers).items()), body=body
+                status=up.status, headers=header_pairs(strip_hop_by_hop(up.headers)), body=body
             )
             if up.status < 400:
                 return answer, None
