@@ -13,7 +13,7 @@ from gateway.metrics import METRICS, Metrics, metrics_view
 from gateway.proxy import proxy
 from gateway.tasks.service import TASKS, TaskService, open_store, tasks_ctx
 from gateway.tasks.views import cancel_view, events_view, result_view, task_view
-from gateway.tasks.worker import workers_ctx
+from gateway.tasks.worker import WORKERS, Workers
 from gateway.upstream import upstream_ctx
 
 # Named routes give metrics and logs a bounded `route` label; anything else under /v1 or
@@ -41,12 +41,9 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[AUTH] = Auth(config.auth)
-    app[TASKS] = TaskService(open_store(config))
     app[METRICS] = Metrics(config.timeouts.models)
     app[READINESS] = Readiness()
-    app.cleanup_ctx.append(upstream_ctx(config))
-    app.cleanup_ctx.append(tasks_ctx)
-    app.cleanup_ctx.append(workers_ctx(config))
+    _add_tasks(app, config)
     app.on_response_prepare.append(add_request_id)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -59,3 +56,26 @@ def create_app(config: Config) -> web.Application:
         app.router.add_route("*", path, proxy)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
+
+
+def create_worker_app(config: Config) -> web.Application:
+    """`gateway worker`: the task workers alone, run by an AppRunner with no site."""
+    app = web.Application()
+    app[CONFIG] = config
+    _add_tasks(app, config)
+    return app
+
+
+def _add_tasks(app: web.Application, config: Config) -> None:
+    app[TASKS] = TaskService(open_store(config))
+    app[WORKERS] = Workers(config)
+    app.cleanup_ctx.append(upstream_ctx(config))
+    app.cleanup_ctx.append(tasks_ctx)
+    app.cleanup_ctx.append(app[WORKERS].ctx)
+    # Runs when the drain starts, before in-flight requests are awaited.
+    app.on_shutdown.append(shutdown_tasks)
+
+
+async def shutdown_tasks(app: web.Application) -> None:
+    app[WORKERS].stop()
+    app[TASKS].closing.set()

@@ -1,4 +1,4 @@
-"""The `gateway` command: serve | fake-upstream | hash-key. Logging is set up here only."""
+"""The `gateway` command: serve | worker | fake-upstream | hash-key. Logging is set up here only."""
 
 from __future__ import annotations
 
@@ -23,15 +23,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the HTTP gateway")
-    serve.add_argument(
-        "--config",
-        type=Path,
-        help="TOML file (default: $GATEWAY_CONFIG or "
-        "config/gateway.toml when present, else built-in defaults)",
+    config_help = (
+        "TOML file (default: $GATEWAY_CONFIG or "
+        "config/gateway.toml when present, else built-in defaults)"
     )
+    serve = sub.add_parser("serve", help="run the HTTP gateway (and task workers)")
+    serve.add_argument("--config", type=Path, help=config_help)
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+
+    worker = sub.add_parser("worker", help="run task workers alone, against Redis (no HTTP)")
+    worker.add_argument("--config", type=Path, help=config_help)
 
     fake = sub.add_parser("fake-upstream", help="run the APIYI stand-in for development and tests")
     fake.add_argument("--host", default="127.0.0.1")
@@ -83,10 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run(serve_fake(settings, args.host, args.port))
         return 0
 
-    from gateway.server import serve
+    from gateway.server import serve, work
 
     try:
         config = load_config(args.config)
+        if args.command == "worker":
+            _run(work(config))
+            return 0
     except ConfigError as exc:
         print(f"gateway: bad configuration: {exc}", file=sys.stderr)
         return 2

@@ -97,10 +97,25 @@ class TasksConfig(_Section, frozen=True):
     max_deliveries: int = 3
     # Async tasks run by this replica at once.
     workers: int = 16
+    # Tasks running at once over all replicas, per model and per upstream credential (0: no
+    # limit). APIYI limits concurrency per model and key; excess tasks wait queued instead of
+    # collecting 429s.
+    model_concurrency: dict[str, int] = msgspec.field(default_factory=dict)
+    default_model_concurrency: int = 0
+    credential_concurrency: int = 0
     # How long a task, its events and its result are kept after it was created.
     retention_s: float = 86400.0
     # Largest upstream answer kept as a task result; a larger one fails the task clearly.
     result_max_bytes: int = 32 * 2**20
+
+    def limits(self, model: str | None, credential: str) -> list[tuple[str, int]]:
+        """The concurrency slots a task of `model` sent with `credential` (a keyed hash) needs."""
+        per_model = self.model_concurrency.get(model or "", self.default_model_concurrency)
+        slots = [
+            (f"model:{model}", per_model),
+            (f"credential:{credential}", self.credential_concurrency),
+        ]
+        return [(slot, limit) for slot, limit in slots if limit > 0]
 
 
 class AuthConfig(_Section, frozen=True):

@@ -9,8 +9,8 @@ import signal
 from aiohttp import web
 
 from gateway.accesslog import AccessLogger, access_logger
-from gateway.app import create_app
-from gateway.config import Config
+from gateway.app import create_app, create_worker_app
+from gateway.config import Config, ConfigError
 from gateway.health import READINESS
 from gateway.netopts import listening_socket
 from gateway.tasks.service import describe_store
@@ -47,13 +47,30 @@ async def serve(config: Config) -> None:
         "gateway listening on %s, upstream %s", runner.addresses[0][:2], config.upstream.url
     )
     logger.info("async tasks: %s", describe_store(config))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await _until_signalled()
     logger.info("draining: in-flight calls get up to %.0f s", config.server.drain_timeout_s)
     app[READINESS].draining = True
     # Closes the listening socket first, then waits for in-flight handlers up to the drain timeout.
     await runner.cleanup()
     logger.info("stopped")
+
+
+async def work(config: Config) -> None:
+    """`gateway worker`: task workers without HTTP, sharing the Redis of the serving replicas."""
+    if config.tasks.redis_url is None:
+        raise ConfigError("gateway worker needs Redis (GATEWAY_REDIS_URL or tasks.redis_url)")
+    runner = web.AppRunner(create_worker_app(config), handle_signals=False)
+    await runner.setup()
+    logger.info("%d task workers on %s", config.tasks.workers, describe_store(config))
+    await _until_signalled()
+    logger.info("draining: running tasks get up to %.0f s", config.server.drain_timeout_s)
+    await runner.cleanup()
+    logger.info("stopped")
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

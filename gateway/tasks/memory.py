@@ -10,6 +10,7 @@ import time
 import msgspec
 
 from gateway.tasks.models import (
+    DEFER_PAUSE_S,
     TERMINAL,
     Claim,
     Job,
@@ -39,6 +40,7 @@ class MemoryStore:
         self._retention_s = retention_s
         self._entries: dict[str, _Entry] = {}
         self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._holders: dict[str, set[str]] = {}  # concurrency slot -> running task ids
         self._owner_key = secrets.token_bytes(32)  # tasks die with the process, so may the key
 
     def _entry(self, task_id: str) -> _Entry | None:
@@ -77,6 +79,10 @@ class MemoryStore:
             entry = self._entry(task_id)
             if entry is None or entry.job is None or entry.record.task.status != "queued":
                 continue  # cancelled or expired while queued
+            if not self._acquire(task_id, entry.job.limits):
+                self._queue.put_nowait(task_id)  # stays queued, behind the others
+                await asyncio.sleep(min(DEFER_PAUSE_S, max(deadline - time.monotonic(), 0)))
+                continue
             record = entry.record
             started = msgspec.structs.replace(
                 record,
@@ -87,8 +93,22 @@ class MemoryStore:
             return Claim(started, entry.job)
         return None
 
+    def _acquire(self, task_id: str, limits: list[tuple[str, int]]) -> bool:
+        if any(len(self._holders.get(slot, ())) >= limit for slot, limit in limits):
+            return False
+        for slot, _ in limits:
+            self._holders.setdefault(slot, set()).add(task_id)
+        return True
+
     async def renew(self, task_id: str) -> None:
         """Nothing to renew: the embedded store's tasks die with their one process."""
+
+    async def release(self, task_id: str, *, handover: bool) -> None:
+        # No other worker could take a handed-over task: they all die with this process.
+        for slot, holders in list(self._holders.items()):
+            holders.discard(task_id)
+            if not holders:
+                del self._holders[slot]
 
     async def finish(
         self,

@@ -13,6 +13,9 @@ import msgspec
 
 Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[Status] = frozenset(("completed", "failed", "cancelled"))
+# A worker that found a task's concurrency slot full waits this long before its next try, so a
+# queue of blocked tasks does not spin.
+DEFER_PAUSE_S = 0.2
 
 
 class TaskError(msgspec.Struct, frozen=True):
@@ -44,6 +47,9 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     headers: list[tuple[str, str]]
     body: bytes
     deadline_s: float
+    # Concurrency slots the task must hold while it runs: (slot, limit), e.g. its model's and
+    # its upstream credential's (APIYI limits both). A task whose slot is full stays queued.
+    limits: list[tuple[str, int]] = []
 
 
 class StoredResponse(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,11 +82,16 @@ class TaskStore(Protocol):
     async def get(self, task_id: str) -> TaskRecord | None: ...
 
     async def claim(self, timeout_s: float) -> Claim | None:
-        """The next queued task, now in progress with a new attempt; None after `timeout_s`."""
+        """The next queued task whose concurrency slots are free, now in progress with a new
+        attempt and holding its slots; None after `timeout_s`."""
 
     async def renew(self, task_id: str) -> None:
         """Keep the claim on a running task: a claim not renewed for a lease is handed to
         another worker (its own worker presumably died)."""
+
+    async def release(self, task_id: str, *, handover: bool) -> None:
+        """Give up this worker's claim and slots once the run is over. With `handover` (the
+        worker is shutting down mid-run) the task goes to another worker at once."""
 
     async def finish(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
@@ -28,14 +29,24 @@ class TaskService:
         # Owners are keyed hashes, so the store never holds a credential; the key comes from
         # the store (shared by every replica) when the app starts.
         self._owner_key = b""
+        self.closing = asyncio.Event()  # set on shutdown: open event streams end
 
     async def start(self) -> None:
         self._owner_key = await self.store.owner_key()
 
     def owner(self, headers: MultiMapping[str]) -> str:
+        """The caller's credential as a keyed hash: who may see a task."""
         key = presented_key(headers)
         if key is None:
             raise Unauthorized("Async tasks belong to a credential: send an API key.")
+        return self._digest(key)
+
+    def upstream_credential(self, headers: MultiMapping[str]) -> str:
+        """The key a job sends upstream (the caller's, or the gateway's own when it injects
+        one), as a keyed hash: the unit APIYI's concurrency limits count in."""
+        return self._digest(presented_key(headers) or "")
+
+    def _digest(self, key: str) -> str:
         return hmac.new(self._owner_key, key.encode(), hashlib.sha256).hexdigest()
 
     async def visible(self, request: web.Request) -> TaskRecord:

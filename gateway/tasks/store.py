@@ -28,6 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreUnavailable
 from gateway.tasks.models import (
+    DEFER_PAUSE_S,
     TERMINAL,
     Claim,
     Job,
@@ -85,6 +86,41 @@ if ARGV[5] ~= '' then
 end
 return redis.call('XADD', KEYS[4], '*', 'task', ARGV[4])
 """
+# A concurrency slot is a sorted set of the tasks holding it, scored by lease expiry, so a dead
+# worker's hold lapses by itself. All slots share one hash tag: acquiring several is atomic.
+# KEYS: slots. ARGV: task id, lease_ms, then each slot's limit.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if not redis.call('ZSCORE', key, ARGV[1])
+      and redis.call('ZCARD', key) >= tonumber(ARGV[2 + i]) then
+    return 0
+  end
+end
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + ARGV[2], ARGV[1])
+  redis.call('PEXPIRE', key, ARGV[2])
+end
+return 1
+"""
+# KEYS: slots. ARGV: task id, lease_ms.
+_RENEW_SLOTS = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', now + ARGV[2], ARGV[1])
+  redis.call('PEXPIRE', key, ARGV[2])
+end
+"""
+
+
+class _Held(msgspec.Struct):
+    """What this worker holds for a task it runs: its queue entry and its slot keys."""
+
+    entry_id: bytes
+    slots: list[str]
 
 
 _P = ParamSpec("_P")
@@ -137,13 +173,18 @@ class RedisStore:
         self._create = redis.register_script(_CREATE)
         self._start = redis.register_script(_START)
         self._end = redis.register_script(_END)
-        self._receipts: dict[str, bytes] = {}  # task id -> queue entry, for the claims made here
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._renew_slots = redis.register_script(_RENEW_SLOTS)
+        self._held: dict[str, _Held] = {}  # the tasks this worker runs
         self._wakers: dict[str, asyncio.Event] = {}
         self._listener: asyncio.Task[None] | None = None
         self._group_ready = False
 
     def _key(self, task_id: str, kind: str) -> str:
         return f"{self._prefix}:{{{task_id}}}:{kind}"
+
+    def _slot(self, name: str) -> str:
+        return f"{self._prefix}:{{slots}}:{name}"
 
     @_store_call
     async def create(self, record: TaskRecord, job: Job) -> None:
@@ -173,7 +214,7 @@ class RedisStore:
             entry_id, fields = entry
             claim = await self._start_task(entry_id, fields[b"task"].decode())
             if claim is not None:
-                return claim  # else cancelled or expired while queued: take the next one
+                return claim  # else cancelled, expired or deferred: take the next one
         return None
 
     async def _next(self, timeout_s: float) -> Any:
@@ -210,6 +251,12 @@ class RedisStore:
         if record is None or job_raw is None or record.task.status in TERMINAL:
             await self._redis.xack(self._queue, _GROUP, entry_id)  # cancelled or expired
             return None
+        job = _job(job_raw)
+        slots = [self._slot(name) for name, _ in job.limits]
+        limits = [limit for _, limit in job.limits]
+        if slots and not await self._acquire(keys=slots, args=[task_id, self._lease_ms, *limits]):
+            await self._defer(entry_id, task_id)
+            return None
         started = msgspec.structs.replace(
             record,
             task=msgspec.structs.replace(record.task, status="in_progress"),
@@ -219,19 +266,53 @@ class RedisStore:
             keys=[self._key(task_id, "task"), self._key(task_id, "events")],
             args=[record.attempt, started.attempt, _pack(started), _task_json(started.task)],
         )
+        self._held[task_id] = _Held(entry_id, slots)
         if not event:
-            return None  # another worker got there first
+            await self.release(task_id, handover=False)  # another worker got there first
+            return None
         await self._redis.publish(self._channel, task_id)
-        self._receipts[task_id] = entry_id
-        return Claim(started, _job(job_raw))
+        return Claim(started, job)
+
+    async def _defer(self, entry_id: bytes, task_id: str) -> None:
+        """A slot the task needs is full: it goes back to the queue's tail, still queued."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self._queue, {b"task": task_id.encode()})
+            pipe.xack(self._queue, _GROUP, entry_id)
+            pipe.xdel(self._queue, entry_id)
+            await pipe.execute()
+        await asyncio.sleep(DEFER_PAUSE_S)
 
     @_store_call
     async def renew(self, task_id: str) -> None:
         """Keep this worker's lease on a running task (XCLAIM to itself resets the idle time)."""
-        entry_id = self._receipts.get(task_id)
-        if entry_id is not None:
+        held = self._held.get(task_id)
+        if held is not None:
             await self._redis.xclaim(
-                self._queue, _GROUP, self._consumer, 0, [entry_id], justid=True
+                self._queue, _GROUP, self._consumer, 0, [held.entry_id], justid=True
+            )
+            if held.slots:
+                await self._renew_slots(keys=held.slots, args=[task_id, self._lease_ms])
+
+    @_store_call
+    async def release(self, task_id: str, *, handover: bool) -> None:
+        held = self._held.pop(task_id, None)
+        if held is None:
+            return
+        if held.slots:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for slot in held.slots:
+                    pipe.zrem(slot, task_id)
+                await pipe.execute()
+        if handover:
+            # An entry idle for a whole lease is what XAUTOCLAIM hands to the next worker.
+            await self._redis.xclaim(
+                self._queue,
+                _GROUP,
+                self._consumer,
+                0,
+                [held.entry_id],
+                idle=self._lease_ms,
+                justid=True,
             )
 
     @_store_call
@@ -245,9 +326,9 @@ class RedisStore:
         error: TaskError | None = None,
     ) -> Task | None:
         task = await self._finish(task_id, str(attempt), status, response, error)
-        entry_id = self._receipts.pop(task_id, None)
-        if entry_id is not None:
-            await self._redis.xack(self._queue, _GROUP, entry_id)
+        held = self._held.get(task_id)
+        if held is not None:
+            await self._redis.xack(self._queue, _GROUP, held.entry_id)
         return task
 
     async def _finish(

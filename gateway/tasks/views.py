@@ -11,6 +11,7 @@ from aiohttp_sse import sse_response
 from multidict import CIMultiDict
 
 from gateway.accesslog import Call
+from gateway.aio import unless
 from gateway.auth import AUTH
 from gateway.config import CONFIG, Config
 from gateway.errors import BadRequest, BodyTooLarge, TaskCancelled, renders_errors
@@ -110,6 +111,7 @@ async def submit(request: web.Request, call: Call, prefs: Preferences) -> web.St
         headers=header_pairs(headers),
         body=body,
         deadline_s=min(config.timeouts.for_model(call.model), limit_s),
+        limits=config.tasks.limits(call.model, tasks.upstream_credential(headers)),
     )
     await tasks.store.create(TaskRecord(task=task, owner=owner), job)
     if prefs.wait_s:
@@ -152,23 +154,27 @@ async def result_view(request: web.Request) -> web.StreamResponse:
 
 @renders_errors
 async def events_view(request: web.Request) -> web.StreamResponse:
-    """One event per status change; `Last-Event-ID` resumes; the stream ends after the last."""
-    store = request.app[TASKS].store
-    task_id = (await request.app[TASKS].visible(request)).task.id
+    """One event per status change; `Last-Event-ID` resumes; the stream ends after the last,
+    or when this replica shuts down (the client resumes elsewhere with its Last-Event-ID)."""
+    tasks = request.app[TASKS]
+    task_id = (await tasks.visible(request)).task.id
     after = request.headers.get("Last-Event-ID") or None
     try:
-        await store.events(task_id, after, 0)
+        await tasks.store.events(task_id, after, 0)
     except ValueError:
         raise BadRequest("Last-Event-ID is not an event of this task.") from None
     async with sse_response(request, ping_interval=_HEARTBEAT_S) as sse:
         while True:
-            events = await store.events(task_id, after, _HEARTBEAT_S)
+            events = await unless(tasks.closing, tasks.store.events(task_id, after, _HEARTBEAT_S))
+            if events is None:
+                break
             for event in events:
                 await sse.send(_encode(event.task).decode(), id=event.id, event=event.task.status)
                 after = event.id
-            record = await store.get(task_id)
-            if record is None or (record.task.status in TERMINAL and not events):
-                break
             if events and events[-1].task.status in TERMINAL:
                 break
+            if not events:
+                record = await tasks.store.get(task_id)
+                if record is None or record.task.status in TERMINAL:
+                    break  # resumed after the last event, or expired while watched
     return sse

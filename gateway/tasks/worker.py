@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.aio import unless
 from gateway.config import Config
 from gateway.errors import (
     GatewayError,
@@ -48,20 +49,49 @@ class Worker:
         self._store = store
         self._upstream = upstream
         self._config = config
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Claim nothing more; tasks already running go on."""
+        self._stopping.set()
 
     async def run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
-                claim = await self._store.claim(_CLAIM_WAIT_S)
+                # A claim cut short by the stop leaves at most one task claimed but not run;
+                # its lease hands it on.
+                claim = await unless(self._stopping, self._store.claim(_CLAIM_WAIT_S))
                 if claim is not None:
                     await self._run(claim)
             except StoreUnavailable:
                 # Queued and running tasks stay in the store; pick up where we are when it is back.
                 logger.warning("task store unreachable; retrying in %.0f s", _CLAIM_WAIT_S)
                 await asyncio.sleep(_CLAIM_WAIT_S)
+            except Exception:
+                # A bug must not silently take a worker away; the task's lease hands it on.
+                logger.exception("task worker failed")
+                await asyncio.sleep(_CLAIM_WAIT_S)
 
     async def _run(self, claim: Claim) -> None:
         task_id, attempt = claim.record.task.id, claim.record.attempt
+        handover = False
+        try:
+            outcome = await self._outcome(claim)
+            if outcome is None:
+                logger.info("%s cancelled; upstream call aborted", task_id)
+            else:
+                await self._finish(task_id, attempt, *outcome)
+        except asyncio.CancelledError:
+            handover = True  # shutting down mid-run: another worker takes the task now
+            logger.info("%s handed over: this worker is stopping", task_id)
+            raise
+        finally:
+            with contextlib.suppress(StoreUnavailable):  # else the lease lapses by itself
+                await self._store.release(task_id, handover=handover)
+
+    async def _outcome(self, claim: Claim) -> tuple[StoredResponse, TaskError | None] | None:
+        """The upstream call's answer, or None if the task was cancelled while it ran."""
+        task_id = claim.record.task.id
         call = asyncio.ensure_future(self._call(claim.job, task_id))
         cancel = asyncio.ensure_future(self._cancelled(task_id))
         lease = asyncio.ensure_future(self._renew(task_id))
@@ -71,13 +101,26 @@ class Worker:
             for pending in (call, cancel, lease):
                 pending.cancel()
             await asyncio.gather(call, cancel, lease, return_exceptions=True)
-        if call.cancelled():
-            logger.info("%s cancelled; upstream call aborted", task_id)
-            return
-        response, error = call.result()
+        return None if call.cancelled() else call.result()
+
+    async def _finish(
+        self, task_id: str, attempt: int, response: StoredResponse, error: TaskError | None
+    ) -> None:
+        """Keep the answer, waiting out a store outage for up to a lease: the upstream was
+        paid for it, and after the lease another worker would pay again."""
         status: Status = "completed" if error is None else "failed"
-        if await self._store.finish(task_id, attempt, status, response=response, error=error):
-            logger.info("%s %s (upstream status %d)", task_id, status, response.status)
+        give_up = asyncio.get_running_loop().time() + self._config.tasks.lease_s
+        while True:
+            try:
+                if await self._store.finish(
+                    task_id, attempt, status, response=response, error=error
+                ):
+                    logger.info("%s %s (upstream status %d)", task_id, status, response.status)
+                return
+            except StoreUnavailable:
+                if asyncio.get_running_loop().time() > give_up:
+                    raise
+                await asyncio.sleep(_CLAIM_WAIT_S)
 
     async def _renew(self, task_id: str) -> None:
         while True:
@@ -139,17 +182,35 @@ async def _read(up: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(body)
 
 
-def workers_ctx(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
-    """Run `tasks.workers` workers for the app's life; on shutdown they stop where they are."""
+class Workers:
+    """The task workers of one process: `tasks.workers` loops sharing one Worker."""
 
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        worker = Worker(app[TASKS].store, app[UPSTREAM], config)
-        loops = [asyncio.create_task(worker.run()) for _ in range(config.tasks.workers)]
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._worker: Worker | None = None
+        self._loops: list[asyncio.Task[None]] = []
+        self._drain_until = 0.0
+
+    def stop(self) -> None:
+        """SIGTERM: claim nothing more; running tasks get the drain timeout to finish."""
+        if self._worker is not None and self._drain_until == 0.0:
+            self._worker.stop()
+            self._drain_until = (
+                asyncio.get_running_loop().time() + self._config.server.drain_timeout_s
+            )
+
+    async def ctx(self, app: web.Application) -> AsyncIterator[None]:
+        self._worker = Worker(app[TASKS].store, app[UPSTREAM], self._config)
+        self._loops = [
+            asyncio.create_task(self._worker.run()) for _ in range(self._config.tasks.workers)
+        ]
         yield
-        for loop in loops:
-            loop.cancel()
-        for loop in loops:
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop
+        self.stop()
+        left = self._drain_until - asyncio.get_running_loop().time()
+        _, late = await asyncio.wait(self._loops, timeout=max(left, 0)) if self._loops else ((), ())
+        for loop in late:
+            loop.cancel()  # each hands its task over to another worker
+        await asyncio.gather(*self._loops, return_exceptions=True)
 
-    return ctx
+
+WORKERS = web.AppKey("workers", Workers)
