@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,6 +18,7 @@ from gateway.config import Config
 from gateway.fake import STATS, FakeSettings, FakeStats, start_fake
 from gateway.metrics import METRICS, Metrics
 from gateway.server import start
+from tests.procs import GatewayProcess, free_port
 from tests.redis_server import RedisServer
 
 
@@ -103,6 +105,34 @@ async def gateway_factory(fake: Fake) -> AsyncIterator[GatewayFactory]:
 @pytest.fixture
 async def gateway(gateway_factory: GatewayFactory) -> Gateway:
     return await gateway_factory()
+
+
+Spawn = Callable[..., Awaitable[tuple[GatewayProcess, str]]]
+
+
+@pytest.fixture
+async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
+    """`spawn(toml, env, command="serve")`: a real gateway process and its URL."""
+    procs: list[GatewayProcess] = []
+
+    async def start(
+        config: str = "", env: dict[str, str] | None = None, command: str = "serve"
+    ) -> tuple[GatewayProcess, str]:
+        port = free_port()
+        file = tmp_path / f"gw-{port}.toml"
+        file.write_text(config)
+        args = [command, "--config", str(file)]
+        if command == "serve":
+            args += ["--host", "127.0.0.1", "--port", str(port)]
+        proc = GatewayProcess(args, tmp_path / f"gw-{port}.log", env)
+        procs.append(proc)
+        if command == "serve":
+            await proc.wait_listening(port)
+        return proc, f"http://127.0.0.1:{port}"
+
+    yield start
+    for proc in procs:
+        proc.close()
 
 
 @pytest.fixture

@@ -47,5 +47,10 @@ class RedisServer:
         raise AssertionError("redis-server did not start")
 
     def stop(self) -> None:
+        """A clean shutdown: Redis writes its AOF out first."""
         self.proc.terminate()
         self.proc.wait(10)
+
+    def start(self) -> None:
+        """Start again on the same port and directory: what AOF kept comes back."""
+        self.proc = self._spawn()

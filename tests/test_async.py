@@ -18,14 +18,17 @@ from tests.redis_server import RedisServer
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def gateway(
-    request: pytest.FixtureRequest, gateway_factory: GatewayFactory, redis_server: RedisServer
-) -> Gateway:
-    """Every test here runs on the embedded store and on Redis."""
+def store(request: pytest.FixtureRequest, redis_server: RedisServer) -> dict[str, Any]:
+    """The [tasks] config of the store under test: every test here runs on both."""
     if request.param == "memory":
-        return await gateway_factory()
+        return {}
     prefix = f"test-{uuid.uuid4().hex[:8]}"  # a fresh key space per test on the shared server
-    return await gateway_factory(tasks={"redis_url": redis_server.url, "key_prefix": prefix})
+    return {"redis_url": redis_server.url, "key_prefix": prefix}
+
+
+@pytest.fixture
+async def gateway(gateway_factory: GatewayFactory, store: dict[str, Any]) -> Gateway:
+    return await gateway_factory(tasks=store)
 
 
 KEY = {"Authorization": "Bearer sk-tenant-a"}
@@ -36,18 +39,24 @@ GENERATE = {"model": "gpt-image-1", "prompt": "a lighthouse"}
 async def _submit(
     http: aiohttp.ClientSession, gateway: Gateway, prefer: str = "respond-async", **headers: str
 ) -> tuple[int, dict[str, str], Any]:
+    return await _submit_as(http, gateway, GENERATE, {**KEY, "Prefer": prefer, **headers})
+
+
+async def _submit_as(
+    http: aiohttp.ClientSession, gateway: Gateway, body: dict[str, Any], headers: dict[str, str]
+) -> tuple[int, dict[str, str], Any]:
     async with http.post(
-        f"{gateway.url}/v1/images/generations",
-        json=GENERATE,
-        headers={**KEY, "Prefer": prefer, **headers},
+        f"{gateway.url}/v1/images/generations", json=body, headers=headers
     ) as resp:
         return resp.status, dict(resp.headers), await resp.json()
 
 
-async def _until_ended(http: aiohttp.ClientSession, url: str, within_s: float = 10) -> Any:
+async def _until_ended(
+    http: aiohttp.ClientSession, url: str, within_s: float = 10, key: dict[str, str] = KEY
+) -> Any:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        async with http.get(url, headers=KEY) as resp:
+        async with http.get(url, headers=key) as resp:
             task = await resp.json()
         if task["status"] in ("completed", "failed", "cancelled"):
             return task
@@ -188,7 +197,74 @@ async def test_bad_input_is_refused_and_nothing_runs(
         headers={**KEY, "Prefer": "respond-async, wait=soon"},
     ) as resp:
         assert resp.status == 400
+    async with http.post(
+        f"{gateway.url}/v1/images/edits",
+        data=b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-image-1',
+        headers={
+            **KEY,
+            "Prefer": "respond-async",
+            "Content-Type": "multipart/form-data; boundary=xyz",
+        },
+    ) as resp:
+        assert resp.status == 400
+        assert "multipart" in (await resp.json())["error"]["message"]
     async with http.get(f"{gateway.url}/v1/tasks/task_bogus", headers=KEY) as resp:
         assert resp.status == 404
     await asyncio.sleep(0.2)
     assert fake.stats.requests == 0
+
+
+async def test_a_bogus_last_event_id_is_refused(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    _, headers, _ = await _submit(http, gateway)
+    for bogus in ("99999999999999-0", "99999", "-1", "not-an-id", "../../etc/passwd"):
+        async with http.get(
+            gateway.url + headers["Location"] + "/events",
+            headers={**KEY, "Last-Event-ID": bogus},
+        ) as resp:
+            assert resp.status == 400, bogus
+            assert (await resp.json())["error"]["type"] == "invalid_request_error"
+
+
+async def _run_all(
+    http: aiohttp.ClientSession, gateway: Gateway, jobs: list[tuple[str, dict[str, str]]]
+) -> list[float]:
+    """Submit (model, credential) tasks at once; the time each one ended, in submit order."""
+    submitted = [
+        await _submit_as(
+            http,
+            gateway,
+            {**GENERATE, "model": model},
+            {**key, "Prefer": "respond-async", "X-Fake-Latency": "0.4"},
+        )
+        for model, key in jobs
+    ]
+
+    async def ended_at(location: str, key: dict[str, str]) -> float:
+        assert (await _until_ended(http, gateway.url + location, key=key))["status"] == "completed"
+        return time.monotonic()
+
+    return await asyncio.gather(
+        *(ended_at(h["Location"], key) for (_, h, _), (_, key) in zip(submitted, jobs, strict=True))
+    )
+
+
+async def test_a_models_limit_keeps_extra_tasks_queued_and_other_models_go_on(
+    gateway_factory: GatewayFactory, store: dict[str, Any], fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    gateway = await gateway_factory(tasks={**store, "model_concurrency": {"gpt-image-1": 1}})
+    ends = await _run_all(http, gateway, [("gpt-image-1", KEY)] * 3 + [("dall-e-3", KEY)])
+    assert fake.stats.requests == 4
+    assert fake.stats.peak_running == 2  # one gpt-image-1 at a time, dall-e-3 beside it
+    assert ends[3] < max(ends[:3])  # dall-e-3 did not wait behind the queued gpt-image-1s
+
+
+async def test_a_credentials_limit_does_not_hold_back_another_credential(
+    gateway_factory: GatewayFactory, store: dict[str, Any], fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    gateway = await gateway_factory(tasks={**store, "credential_concurrency": 1})
+    ends = await _run_all(http, gateway, [("gpt-image-1", KEY)] * 3 + [("gpt-image-1", OTHER)])
+    assert fake.stats.requests == 4
+    assert fake.stats.peak_running == 2
+    assert ends[3] < max(ends[:3])

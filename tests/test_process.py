@@ -7,41 +7,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from gateway.auth import key_digest
-from tests.conftest import Fake
+from tests.conftest import Fake, Spawn
 from tests.procs import GatewayProcess, free_port
-
-Spawn = Callable[..., Awaitable[tuple[GatewayProcess, str]]]
-
-
-@pytest.fixture
-async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
-    procs: list[GatewayProcess] = []
-
-    async def start(
-        config: str = "", env: dict[str, str] | None = None
-    ) -> tuple[GatewayProcess, str]:
-        port = free_port()
-        file = tmp_path / f"gw-{port}.toml"
-        file.write_text(config)
-        proc = GatewayProcess(
-            ["serve", "--config", str(file), "--host", "127.0.0.1", "--port", str(port)],
-            tmp_path / f"gw-{port}.log",
-            env,
-        )
-        procs.append(proc)
-        await proc.wait_listening(port)
-        return proc, f"http://127.0.0.1:{port}"
-
-    yield start
-    for proc in procs:
-        proc.close()
 
 
 async def test_serves_on_defaults_with_no_config_file(tmp_path: Path) -> None:

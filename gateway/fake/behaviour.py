@@ -32,12 +32,14 @@ class FakeSettings:
 class FakeStats:
     requests: int = 0
     cancelled: int = 0
+    running: int = 0
+    peak_running: int = 0  # most requests held at once: what concurrency limits must bound
     by_path: collections.Counter[str] = field(default_factory=collections.Counter)
     peers: set[str] = field(default_factory=set)
     last: dict[str, Any] = field(default_factory=dict)
 
     def reset(self) -> None:
-        self.requests = self.cancelled = 0
+        self.requests = self.cancelled = self.running = self.peak_running = 0
         self.by_path.clear()
         self.peers.clear()
         self.last = {}
@@ -202,6 +204,8 @@ async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
         "body_sha256": hashlib.sha256(body).hexdigest(),
         "body_bytes": len(body),
     }
+    stats.running += 1
+    stats.peak_running = max(stats.peak_running, stats.running)
     try:
         fault = request.headers.get("X-Fake-Fault", "").lower()
         if fault == "429":
@@ -212,3 +216,5 @@ async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
     except asyncio.CancelledError:
         stats.cancelled += 1
         raise
+    finally:
+        stats.running -= 1

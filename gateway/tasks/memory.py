@@ -152,7 +152,11 @@ class MemoryStore:
         entry = self._entry(task_id)
         if entry is None:
             return []
-        seen = int(after) if after else 0
+        seen = int(after) if after and after.isdecimal() and len(after) < 10 else -1
+        if after is None:
+            seen = 0
+        elif not 0 <= seen <= len(entry.events):
+            raise ValueError(f"not an event id: {after!r}")
         if seen >= len(entry.events) and entry.record.task.status not in TERMINAL:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_s):

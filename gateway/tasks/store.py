@@ -60,10 +60,12 @@ local id = redis.call('XADD', KEYS[3], '*', 'task', ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
 return id
 """
-# KEYS: task, events. ARGV: expected attempt, new attempt, record, event.
+# KEYS: task, events. ARGV: expected attempt, new attempt, record, event, takeover ('1': the
+# entry was reclaimed from a lost worker, so an in-progress task may be taken over; otherwise
+# only a queued one starts, and a duplicate queue entry can never run a task twice).
 _START = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'queued' and status ~= 'in_progress' then return false end
+if status ~= 'queued' and not (status == 'in_progress' and ARGV[5] == '1') then return false end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return false end
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'attempt', ARGV[2], 'record', ARGV[3])
 return redis.call('XADD', KEYS[2], '*', 'task', ARGV[4])
@@ -114,6 +116,11 @@ for _, key in ipairs(KEYS) do
   redis.call('PEXPIRE', key, ARGV[2])
 end
 """
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq)
 
 
 class _Held(msgspec.Struct):
@@ -208,11 +215,19 @@ class RedisStore:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while (left := deadline - loop.time()) > 0:
-            entry = await self._reclaim() or await self._next(left)
+            try:
+                reclaimed = await self._reclaim()
+                entry = reclaimed or await self._next(left)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self._group_ready = False  # Redis lost its data: make the group again
+                return None
             if entry is None:
                 return None
             entry_id, fields = entry
-            claim = await self._start_task(entry_id, fields[b"task"].decode())
+            takeover = reclaimed is not None or fields.get(b"takeover") == b"1"
+            claim = await self._start_task(entry_id, fields[b"task"].decode(), takeover)
             if claim is not None:
                 return claim  # else cancelled, expired or deferred: take the next one
         return None
@@ -245,7 +260,7 @@ class RedisStore:
             return None
         return entries[0]
 
-    async def _start_task(self, entry_id: bytes, task_id: str) -> Claim | None:
+    async def _start_task(self, entry_id: bytes, task_id: str, takeover: bool) -> Claim | None:
         record = await self.get(task_id)
         job_raw = await self._redis.get(self._key(task_id, "job"))
         if record is None or job_raw is None or record.task.status in TERMINAL:
@@ -255,7 +270,7 @@ class RedisStore:
         slots = [self._slot(name) for name, _ in job.limits]
         limits = [limit for _, limit in job.limits]
         if slots and not await self._acquire(keys=slots, args=[task_id, self._lease_ms, *limits]):
-            await self._defer(entry_id, task_id)
+            await self._defer(entry_id, task_id, takeover)
             return None
         started = msgspec.structs.replace(
             record,
@@ -264,19 +279,28 @@ class RedisStore:
         )
         event = await self._start(
             keys=[self._key(task_id, "task"), self._key(task_id, "events")],
-            args=[record.attempt, started.attempt, _pack(started), _task_json(started.task)],
+            args=[
+                record.attempt,
+                started.attempt,
+                _pack(started),
+                _task_json(started.task),
+                "1" if takeover else "0",
+            ],
         )
         self._held[task_id] = _Held(entry_id, slots)
         if not event:
-            await self.release(task_id, handover=False)  # another worker got there first
+            # Another worker got there first, or a duplicate entry of a running task.
+            await self.release(task_id, handover=False)
+            await self._redis.xack(self._queue, _GROUP, entry_id)
             return None
         await self._redis.publish(self._channel, task_id)
         return Claim(started, job)
 
-    async def _defer(self, entry_id: bytes, task_id: str) -> None:
+    async def _defer(self, entry_id: bytes, task_id: str, takeover: bool) -> None:
         """A slot the task needs is full: it goes back to the queue's tail, still queued."""
+        fields = {b"task": task_id.encode(), b"takeover": b"1" if takeover else b"0"}
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self._queue, {b"task": task_id.encode()})
+            pipe.xadd(self._queue, fields)
             pipe.xack(self._queue, _GROUP, entry_id)
             pipe.xdel(self._queue, entry_id)
             await pipe.execute()
@@ -389,14 +413,18 @@ class RedisStore:
         return await self._read_events(task_id, after)
 
     async def _read_events(self, task_id: str, after: str | None) -> list[TaskEvent]:
-        start = "-" if after is None else f"({after}"
-        entries = await self._redis.xrange(self._key(task_id, "events"), min=start)
+        key = self._key(task_id, "events")
+        entries = await self._redis.xrange(key, min="-" if after is None else f"({after}")
+        if not entries and after is not None:
+            last = await self._redis.xrevrange(key, count=1)
+            if not last or _stream_id(after) > _stream_id(last[0][0].decode()):
+                raise ValueError(f"not an event id: {after!r}")
         return [
             TaskEvent(entry_id.decode(), _task(fields[b"task"])) for entry_id, fields in entries
         ]
 
     async def _listen(self) -> None:
-        if self._listener is None:
+        if self._listener is None or self._listener.done():  # none yet, or lost with Redis
             pubsub = self._redis.pubsub()
             await pubsub.subscribe(self._channel)
             self._listener = asyncio.create_task(self._dispatch(pubsub))
@@ -409,8 +437,15 @@ class RedisStore:
                 waker = self._wakers.pop(message["data"].decode(), None)
                 if waker is not None:
                     waker.set()
+        except RedisError:
+            logger.warning("task wake-ups lost with Redis; resubscribing on next use")
         finally:
-            await pubsub.aclose()
+            # Whoever waits for a wake-up re-reads now instead of missing one.
+            for waker in self._wakers.values():
+                waker.set()
+            self._wakers.clear()
+            with contextlib.suppress(RedisError):
+                await pubsub.aclose()
 
     async def _ensure_group(self) -> None:
         if self._group_ready:

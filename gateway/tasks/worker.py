@@ -33,8 +33,6 @@ logger = logging.getLogger(__name__)
 
 _CLAIM_WAIT_S = 1.0
 _CANCEL_POLL_S = 5.0
-# Well inside the store's lease (30 s), so a slow generation is never taken for a dead worker.
-_RENEW_S = 10.0
 
 
 def stored(response: web.Response) -> StoredResponse:
@@ -124,20 +122,26 @@ class Worker:
 
     async def _renew(self, task_id: str) -> None:
         while True:
-            await asyncio.sleep(_RENEW_S)
-            await self._store.renew(task_id)
+            # Three tries per lease, so one slow round trip never loses a healthy task.
+            await asyncio.sleep(self._config.tasks.lease_s / 3)
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.renew(task_id)
 
     async def _cancelled(self, task_id: str) -> None:
-        """Returns when the task is cancelled (or gone)."""
+        """Returns when the task is cancelled (or gone); a store outage is waited out, not
+        taken for a cancel."""
         after: str | None = None
         while True:
-            events = await self._store.events(task_id, after, _CANCEL_POLL_S)
-            if any(e.task.status == "cancelled" for e in events):
-                return
-            if events:
-                after = events[-1].id
-            elif await self._store.get(task_id) is None:
-                return
+            try:
+                events = await self._store.events(task_id, after, _CANCEL_POLL_S)
+                if any(e.task.status == "cancelled" for e in events):
+                    return
+                if events:
+                    after = events[-1].id
+                elif await self._store.get(task_id) is None:
+                    return
+            except StoreUnavailable:
+                await asyncio.sleep(_CLAIM_WAIT_S)
 
     async def _call(self, job: Job, task_id: str) -> tuple[StoredResponse, TaskError | None]:
         try:

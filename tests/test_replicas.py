@@ -1,0 +1,238 @@
+"""Async tasks across real gateway processes sharing a real Redis: cross-replica events,
+kill -9, SIGTERM hand-over, a Redis restart and a Redis outage."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.fake import png
+from tests.conftest import Fake, Spawn
+from tests.redis_server import RedisServer
+
+KEY = {"Authorization": "Bearer sk-tenant-a"}
+IMAGE_BYTES = 50_000
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, to stop and restart."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+def _config(fake: Fake, redis: RedisServer, prefix: str, **tasks: object) -> str:
+    lines = [
+        "[server]",
+        "drain_timeout_s = 0.5",
+        "[upstream]",
+        f"url = '{fake.url}/v1'",
+        "[tasks]",
+        f"redis_url = '{redis.url}'",
+        f"key_prefix = '{prefix}'",
+        *(f"{name} = {value}" for name, value in tasks.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _prefix() -> str:
+    return f"rep-{uuid.uuid4().hex[:8]}"
+
+
+async def _submit(http: aiohttp.ClientSession, url: str, latency_s: float) -> str:
+    async with http.post(
+        f"{url}/v1/images/generations",
+        json={"model": "gpt-image-1", "prompt": "a lighthouse"},
+        headers={
+            **KEY,
+            "Prefer": "respond-async",
+            "X-Fake-Latency": str(latency_s),
+            "X-Fake-Image-Bytes": str(IMAGE_BYTES),
+        },
+    ) as resp:
+        assert resp.status == 202, await resp.text()
+        task_id: str = (await resp.json())["id"]
+        return task_id
+
+
+async def _task(http: aiohttp.ClientSession, url: str, task_id: str) -> Any:
+    async with http.get(f"{url}/v1/tasks/{task_id}", headers=KEY) as resp:
+        if resp.status == 503:  # Redis is restarting: a clear, retryable answer
+            assert resp.headers["x-should-retry"] == "true"
+            return {"status": "unknown"}
+        assert resp.status == 200
+        return await resp.json()
+
+
+async def _until_all_ended(
+    http: aiohttp.ClientSession, url: str, task_ids: list[str], within_s: float
+) -> list[Any]:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        tasks = [await _task(http, url, task_id) for task_id in task_ids]
+        if all(t["status"] in ("completed", "failed", "cancelled") for t in tasks):
+            return tasks
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not all ended: {[t['status'] for t in tasks]}")
+
+
+async def _events(
+    http: aiohttp.ClientSession, url: str, task_id: str, last_id: str | None = None
+) -> list[dict[str, str]]:
+    """The whole event stream (it ends by itself after the terminal event)."""
+    headers = {**KEY, **({"Last-Event-ID": last_id} if last_id else {})}
+    async with http.get(f"{url}/v1/tasks/{task_id}/events", headers=headers) as resp:
+        assert resp.status == 200
+        raw = (await resp.read()).decode()
+    return _parse(raw)
+
+
+def _parse(raw: str) -> list[dict[str, str]]:
+    blocks = raw.replace("\r\n", "\n").split("\n\n")
+    parsed = (dict(line.split(": ", 1) for line in b.splitlines() if ": " in line) for b in blocks)
+    return [fields for fields in parsed if "event" in fields]
+
+
+async def _assert_completed_once(http: aiohttp.ClientSession, url: str, task_id: str) -> None:
+    """Exactly one terminal event, `completed`, and the image a sync call would have got."""
+    events = await _events(http, url, task_id)
+    terminal = [e["event"] for e in events if e["event"] in ("completed", "failed", "cancelled")]
+    assert terminal == ["completed"], [e["event"] for e in events]
+    assert len({e["id"] for e in events}) == len(events)
+    async with http.get(f"{url}/v1/tasks/{task_id}/result", headers=KEY) as resp:
+        assert resp.status == 200
+        image = base64.b64decode((await resp.json())["data"][0]["b64_json"])
+    assert image == png(IMAGE_BYTES)  # byte for byte what the upstream made
+
+
+async def test_a_client_on_one_replica_follows_a_task_run_by_another(
+    spawn: Spawn, fake: Fake, redis_server: RedisServer
+) -> None:
+    prefix = _prefix()
+    _, runner = await spawn(_config(fake, redis_server, prefix, workers=4))
+    _, watcher = await spawn(_config(fake, redis_server, prefix, workers=0))  # runs nothing
+    async with aiohttp.ClientSession() as http:
+        task_id = await _submit(http, watcher, latency_s=0.5)
+        events = await _events(http, watcher, task_id)
+        assert [e["event"] for e in events] == ["queued", "in_progress", "completed"]
+        # A client that lost its stream after the first event resumes on the other replica.
+        resumed = await _events(http, runner, task_id, last_id=events[0]["id"])
+        assert [e["id"] for e in resumed] == [e["id"] for e in events[1:]]
+        await _assert_completed_once(http, runner, task_id)
+    assert fake.stats.requests == 1
+
+
+async def test_tasks_of_a_replica_killed_mid_run_complete_on_another_exactly_once(
+    spawn: Spawn, fake: Fake, redis_server: RedisServer
+) -> None:
+    prefix = _prefix()
+    victim, victim_url = await spawn(_config(fake, redis_server, prefix, workers=16, lease_s=2))
+    async with aiohttp.ClientSession() as http:
+        task_ids = [await _submit(http, victim_url, latency_s=1.5) for _ in range(8)]
+        while fake.stats.running < 8:  # all running on the victim
+            await asyncio.sleep(0.02)
+        _, survivor = await spawn(_config(fake, redis_server, prefix, workers=16, lease_s=2))
+        victim.proc.send_signal(signal.SIGKILL)
+        assert await victim.wait_exit(within_s=5) == -signal.SIGKILL
+        tasks = await _until_all_ended(http, survivor, task_ids, within_s=30)
+        assert [t["status"] for t in tasks] == ["completed"] * 8
+        for task_id in task_ids:
+            await _assert_completed_once(http, survivor, task_id)
+    assert fake.stats.requests == 16  # each generation was cut once, then run to the end once
+
+
+async def test_sigterm_hands_running_tasks_over_and_ends_event_streams_cleanly(
+    spawn: Spawn, fake: Fake, redis_server: RedisServer
+) -> None:
+    prefix = _prefix()
+    # The default 30 s lease: finishing well inside it proves the hand-over, not a lapse.
+    leaving, leaving_url = await spawn(_config(fake, redis_server, prefix, workers=4))
+    async with aiohttp.ClientSession() as http:
+        task_ids = [await _submit(http, leaving_url, latency_s=6) for _ in range(3)]
+        while fake.stats.running < 3:
+            await asyncio.sleep(0.02)
+        async with http.get(f"{leaving_url}/v1/tasks/{task_ids[0]}/events", headers=KEY) as sse:
+            first = await sse.content.readuntil(b"\r\n\r\n")  # queued
+            _, staying = await spawn(_config(fake, redis_server, prefix, workers=4))
+            leaving.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            rest = await sse.content.read()  # must end by itself, cleanly, without an error
+        assert time.monotonic() - signalled < 2
+        seen = _parse((first + rest).decode())
+        assert seen[-1]["event"] == "in_progress"
+        assert await leaving.wait_exit(within_s=5) == 0
+        tasks = await _until_all_ended(http, staying, task_ids, within_s=15)
+        assert time.monotonic() - signalled < 15  # a 6 s generation, run again at once
+        assert [t["status"] for t in tasks] == ["completed"] * 3
+        resumed = await _events(http, staying, task_ids[0], last_id=seen[-1]["id"])
+        assert {e["id"] for e in resumed}.isdisjoint(e["id"] for e in seen)
+        assert resumed[-1]["event"] == "completed"
+    assert "handed over" in leaving.output()
+
+
+async def test_tasks_complete_across_a_redis_restart(
+    spawn: Spawn, fake: Fake, own_redis: RedisServer
+) -> None:
+    _, url = await spawn(_config(fake, own_redis, "gw", workers=4))
+    async with aiohttp.ClientSession() as http:
+        running = [await _submit(http, url, latency_s=1.5) for _ in range(2)]
+        while fake.stats.running < 2:
+            await asyncio.sleep(0.02)
+        own_redis.stop()  # with AOF, as in production
+        await asyncio.sleep(0.5)
+        own_redis.start()
+        tasks = await _until_all_ended(http, url, running, within_s=20)
+        assert [t["status"] for t in tasks] == ["completed"] * 2
+        for task_id in running:
+            await _assert_completed_once(http, url, task_id)
+    assert fake.stats.requests == 2
+
+
+async def test_a_redis_outage_fails_async_fast_keeps_sync_working_then_recovers(
+    spawn: Spawn, fake: Fake, own_redis: RedisServer
+) -> None:
+    _, url = await spawn(_config(fake, own_redis, "gw", workers=4))
+    async with aiohttp.ClientSession() as http:
+        own_redis.stop()
+        async with http.get(f"{url}/readyz") as resp:
+            assert resp.status == 503
+        started = time.monotonic()
+        async with http.post(
+            f"{url}/v1/images/generations",
+            json={"model": "gpt-image-1", "prompt": "x"},
+            headers={**KEY, "Prefer": "respond-async"},
+        ) as resp:
+            assert resp.status == 503
+            assert resp.headers["x-should-retry"] == "true"
+            assert (await resp.json())["error"]["code"] == "store_unavailable"
+        assert time.monotonic() - started < 1
+        async with http.post(
+            f"{url}/v1/images/generations",
+            json={"model": "gpt-image-1", "prompt": "x"},
+            headers=KEY,
+        ) as resp:
+            assert resp.status == 200  # the sync pass-through needs no Redis
+            assert json.loads(await resp.read())["data"]
+        own_redis.start()
+        deadline = time.monotonic() + 10
+        while True:
+            async with http.get(f"{url}/readyz") as resp:
+                if resp.status == 200:
+                    break
+            assert time.monotonic() < deadline, "never ready again"
+            await asyncio.sleep(0.2)
+        task_id = await _submit(http, url, latency_s=0.2)
+        await _until_all_ended(http, url, [task_id], within_s=10)
+        await _assert_completed_once(http, url, task_id)
