@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from redis.asyncio import Redis
 
 from gateway.fake import png
 from tests.conftest import Fake, Spawn
@@ -151,6 +152,8 @@ async def test_tasks_of_a_replica_killed_mid_run_complete_on_another_exactly_onc
         for task_id in task_ids:
             await _assert_completed_once(http, survivor, task_id)
     assert fake.stats.requests == 16  # each generation was cut once, then run to the end once
+    async with Redis.from_url(redis_server.url) as redis:
+        assert await redis.xlen(f"{prefix}:{{queue}}") == 0  # nothing left queued or pending
 
 
 async def test_sigterm_hands_running_tasks_over_and_ends_event_streams_cleanly(

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from multidict import MultiMapping
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from yarl import URL
 
 from gateway.auth import presented_key
@@ -21,6 +21,8 @@ from gateway.errors import NotFound, Unauthorized
 from gateway.tasks.memory import MemoryStore
 from gateway.tasks.models import TaskRecord, TaskStore
 from gateway.tasks.store import RedisStore
+
+_SPARE_CONNECTIONS = 64
 
 
 class TaskService:
@@ -72,7 +74,17 @@ def open_store(config: Config) -> TaskStore:
     tasks = config.tasks
     if tasks.redis_url is None:
         return MemoryStore(retention_s=tasks.retention_s)
-    client = Redis.from_url(tasks.redis_url, socket_connect_timeout=2.0)
+    # Each worker blocks on the queue with a connection of its own; requests share the rest.
+    # Past that, a command waits briefly for a free connection rather than failing.
+    pool = BlockingConnectionPool.from_url(
+        tasks.redis_url,
+        max_connections=tasks.workers + _SPARE_CONNECTIONS,
+        timeout=5.0,
+        socket_connect_timeout=2.0,
+        # A hung Redis must not hang callers; longer than a claim's blocking read (5 s).
+        socket_timeout=15.0,
+    )
+    client = Redis.from_pool(pool)  # owns the pool: closing the client closes it
     return RedisStore(
         client,
         # Unique per process: a restarted worker must not inherit its predecessor's claims.

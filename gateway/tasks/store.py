@@ -183,6 +183,7 @@ class RedisStore:
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew_slots = redis.register_script(_RENEW_SLOTS)
         self._held: dict[str, _Held] = {}  # the tasks this worker runs
+        self._next_reclaim = 0.0
         self._wakers: dict[str, asyncio.Event] = {}
         self._listener: asyncio.Task[None] | None = None
         self._group_ready = False
@@ -198,11 +199,14 @@ class RedisStore:
         task_id = record.task.id
         keys = [self._key(task_id, k) for k in ("task", "job", "events")]
         event = _task_json(record.task)
-        await self._create(keys=keys, args=[_pack(record), _pack(job), event, self._ttl_ms])
-        # Another slot in a cluster, so not in the script: a crash right here leaves a queued
-        # task that no worker sees (it expires with its retention).
-        await self._redis.xadd(self._queue, {b"task": task_id.encode()})
-        await self._redis.publish(self._channel, task_id)
+        # One round trip. The queue is another slot in a cluster, so it is not in the script:
+        # should the script fail, the entry finds no task and is dropped by the first claim.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await self._create(
+                keys=keys, args=[_pack(record), _pack(job), event, self._ttl_ms], client=pipe
+            )
+            pipe.xadd(self._queue, {b"task": task_id.encode()})
+            await pipe.execute()
 
     @_store_call
     async def get(self, task_id: str) -> TaskRecord | None:
@@ -239,12 +243,18 @@ class RedisStore:
         return got[0][1][0] if got else None
 
     async def _reclaim(self) -> Any:
-        """A task whose worker stopped renewing its lease (killed, most likely)."""
+        """A task whose worker stopped renewing its lease (killed, most likely). Looked for a
+        few times per lease by one of this replica's workers, not on every claim."""
+        now = asyncio.get_running_loop().time()
+        if now < self._next_reclaim:
+            return None
+        self._next_reclaim = now + self._lease_ms / 1000 / 4
         _, entries, _ = await self._redis.xautoclaim(
             self._queue, _GROUP, self._consumer, self._lease_ms, "0-0", count=1
         )
         if not entries:
             return None
+        self._next_reclaim = now  # there may be more: look again on the next claim
         entry_id, fields = entries[0]
         pending = await self._redis.xpending_range(
             self._queue, _GROUP, min=entry_id, max=entry_id, count=1
@@ -256,7 +266,7 @@ class RedisStore:
                 "The task's worker was lost too many times.", "server_error", "worker_lost"
             )
             await self._finish(task_id, "", "failed", None, error)
-            await self._redis.xack(self._queue, _GROUP, entry_id)
+            await self._done(entry_id)
             return None
         return entries[0]
 
@@ -264,7 +274,7 @@ class RedisStore:
         record = await self.get(task_id)
         job_raw = await self._redis.get(self._key(task_id, "job"))
         if record is None or job_raw is None or record.task.status in TERMINAL:
-            await self._redis.xack(self._queue, _GROUP, entry_id)  # cancelled or expired
+            await self._done(entry_id)  # cancelled or expired
             return None
         job = _job(job_raw)
         slots = [self._slot(name) for name, _ in job.limits]
@@ -291,20 +301,31 @@ class RedisStore:
         if not event:
             # Another worker got there first, or a duplicate entry of a running task.
             await self.release(task_id, handover=False)
-            await self._redis.xack(self._queue, _GROUP, entry_id)
+            await self._done(entry_id)
             return None
         await self._redis.publish(self._channel, task_id)
         return Claim(started, job)
 
+    async def _done(self, entry_id: bytes) -> None:
+        """The entry's task needs no worker any more: off the pending list and the stream, so the
+        queue holds only what is waiting or running."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xack(self._queue, _GROUP, entry_id)
+            pipe.xdel(self._queue, entry_id)
+            await pipe.execute()
+
     async def _defer(self, entry_id: bytes, task_id: str, takeover: bool) -> None:
         """A slot the task needs is full: it goes back to the queue's tail, still queued."""
+        await self._requeue(entry_id, task_id, takeover)
+        await asyncio.sleep(DEFER_PAUSE_S)
+
+    async def _requeue(self, entry_id: bytes, task_id: str, takeover: bool) -> None:
         fields = {b"task": task_id.encode(), b"takeover": b"1" if takeover else b"0"}
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self._queue, fields)
             pipe.xack(self._queue, _GROUP, entry_id)
             pipe.xdel(self._queue, entry_id)
             await pipe.execute()
-        await asyncio.sleep(DEFER_PAUSE_S)
 
     @_store_call
     async def renew(self, task_id: str) -> None:
@@ -328,16 +349,9 @@ class RedisStore:
                     pipe.zrem(slot, task_id)
                 await pipe.execute()
         if handover:
-            # An entry idle for a whole lease is what XAUTOCLAIM hands to the next worker.
-            await self._redis.xclaim(
-                self._queue,
-                _GROUP,
-                self._consumer,
-                0,
-                [held.entry_id],
-                idle=self._lease_ms,
-                justid=True,
-            )
+            # A fresh entry wakes a waiting worker now; the task is in progress, so the entry
+            # says it may be taken over.
+            await self._requeue(held.entry_id, task_id, takeover=True)
 
     @_store_call
     async def finish(
@@ -352,7 +366,7 @@ class RedisStore:
         task = await self._finish(task_id, str(attempt), status, response, error)
         held = self._held.get(task_id)
         if held is not None:
-            await self._redis.xack(self._queue, _GROUP, held.entry_id)
+            await self._done(held.entry_id)
         return task
 
     async def _finish(

@@ -31,7 +31,10 @@ from gateway.upstream import UPSTREAM, Upstream
 
 logger = logging.getLogger(__name__)
 
-_CLAIM_WAIT_S = 1.0
+# How long one claim blocks on an empty queue; a stop interrupts it at once.
+_CLAIM_WAIT_S = 5.0
+# After a store failure, before trying again.
+_RETRY_S = 1.0
 _CANCEL_POLL_S = 5.0
 
 
@@ -63,12 +66,12 @@ class Worker:
                     await self._run(claim)
             except StoreUnavailable:
                 # Queued and running tasks stay in the store; pick up where we are when it is back.
-                logger.warning("task store unreachable; retrying in %.0f s", _CLAIM_WAIT_S)
-                await asyncio.sleep(_CLAIM_WAIT_S)
+                logger.warning("task store unreachable; retrying in %.0f s", _RETRY_S)
+                await asyncio.sleep(_RETRY_S)
             except Exception:
                 # A bug must not silently take a worker away; the task's lease hands it on.
                 logger.exception("task worker failed")
-                await asyncio.sleep(_CLAIM_WAIT_S)
+                await asyncio.sleep(_RETRY_S)
 
     async def _run(self, claim: Claim) -> None:
         task_id, attempt = claim.record.task.id, claim.record.attempt
@@ -118,7 +121,7 @@ class Worker:
             except StoreUnavailable:
                 if asyncio.get_running_loop().time() > give_up:
                     raise
-                await asyncio.sleep(_CLAIM_WAIT_S)
+                await asyncio.sleep(_RETRY_S)
 
     async def _renew(self, task_id: str) -> None:
         while True:
@@ -141,7 +144,7 @@ class Worker:
                 elif await self._store.get(task_id) is None:
                     return
             except StoreUnavailable:
-                await asyncio.sleep(_CLAIM_WAIT_S)
+                await asyncio.sleep(_RETRY_S)
 
     async def _call(self, job: Job, task_id: str) -> tuple[StoredResponse, TaskError | None]:
         try:

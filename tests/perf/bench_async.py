@@ -1,0 +1,260 @@
+"""Async tasks benchmark: three gateway processes on one real Redis, all in one run.
+
+    python -m tests.perf.bench_async [--rate 200] [--seconds 10] [--tasks 2000]
+
+Replicas A and B run tasks; replica C runs none, so every event C streams is another
+replica's. The APIYI stand-in runs in this process and stamps when it sends each answer.
+  1. submit-to-202 latency at a fixed rate (open loop, spread over A and B), beside a Redis
+     PING and a sync pass-through call measured by the same client in the same run;
+  2. cross-replica event latency: from the stand-in sending a task's answer (to replica A or B)
+     to the `completed` event reaching an SSE client on C;
+  3. `--tasks` tasks in flight over A and B, A killed with SIGKILL half-way and started again:
+     tasks lost, tasks with other than exactly one terminal event, results that differ from what
+     the upstream made, and upstream calls made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import signal
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from redis.asyncio import Redis
+
+from gateway.fake import STATS, FakeSettings, create_fake_app, png
+from tests.procs import GatewayProcess, free_port
+from tests.redis_server import RedisServer
+
+KEY = {"Authorization": "Bearer sk-bench"}
+IMAGE_BYTES = 2_000
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summary(name: str, values_s: list[float]) -> str:
+    ms = [v * 1000 for v in values_s]
+    return (
+        f"{name:<44} n={len(ms):>5}  p50 {statistics.median(ms):7.2f} ms  "
+        f"p99 {pct(ms, 0.99):7.2f} ms  max {max(ms):7.2f} ms"
+    )
+
+
+class Cluster:
+    def __init__(self, tmp: Path, redis: RedisServer, upstream: str) -> None:
+        self._tmp, self.redis_url, self._upstream = tmp, redis.url, upstream
+        self.procs: dict[str, GatewayProcess] = {}
+        self.urls: dict[str, str] = {}
+
+    async def start(self, name: str, workers: int) -> None:
+        port = free_port()
+        config = self._tmp / f"{name}.toml"
+        config.write_text(
+            "[server]\naccess_log = false\ndrain_timeout_s = 1.0\n"
+            f"[upstream]\nurl = '{self._upstream}'\npool_size = 0\n"
+            f"[tasks]\nredis_url = '{self.redis_url}'\nworkers = {workers}\nlease_s = 5.0\n"
+        )
+        args = ["serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+        proc = GatewayProcess(args, self._tmp / f"{name}-{port}.log")
+        await proc.wait_listening(port)
+        self.procs[name], self.urls[name] = proc, f"http://127.0.0.1:{port}"
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            proc.close()
+
+
+async def submit(
+    http: aiohttp.ClientSession, url: str, latency_s: float, trace: str = ""
+) -> tuple[str, float]:
+    started = time.monotonic()
+    async with http.post(
+        f"{url}/v1/images/generations",
+        json={"model": "gpt-image-1", "prompt": "a lighthouse"},
+        headers={
+            **KEY,
+            "Prefer": "respond-async",
+            "X-Fake-Latency": str(latency_s),
+            "X-Fake-Image-Bytes": str(IMAGE_BYTES),
+            "X-Trace": trace,
+        },
+    ) as resp:
+        body = await resp.json()
+        assert resp.status == 202, body
+    return body["id"], time.monotonic() - started
+
+
+async def bench_submit(
+    http: aiohttp.ClientSession, cluster: Cluster, rate: int, seconds: int, run: bool
+) -> None:
+    redis = Redis.from_url(cluster.redis_url)
+    pings = []
+    for _ in range(500):
+        started = time.monotonic()
+        await redis.ping()
+        pings.append(time.monotonic() - started)
+    await redis.aclose()
+    syncs = []
+    for _ in range(300):
+        started = time.monotonic()
+        async with http.get(f"{cluster.urls['A']}/v1/models", headers=KEY) as resp:
+            await resp.read()
+        syncs.append(time.monotonic() - started)
+    urls = [cluster.urls["A"], cluster.urls["B"]]
+    start = time.monotonic()
+    pending = []
+    for i in range(rate * seconds):
+        await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+        pending.append(asyncio.ensure_future(submit(http, urls[i % 2], latency_s=0.5)))
+    results = await asyncio.gather(*pending)
+    took = time.monotonic() - start
+    print(f"\n1. submit-to-202 at {rate}/s for {seconds} s (achieved {len(results) / took:.0f}/s)")
+    print(summary("Redis PING (same client, for scale)", pings))
+    print(summary("sync GET /v1/models through the gateway", syncs))
+    print(summary("async submit, 202 received", [t for _, t in results]))
+    if run:
+        await wait_all(http, cluster.urls["C"], [t for t, _ in results], within_s=120)
+
+
+async def bench_events(
+    http: aiohttp.ClientSession, cluster: Cluster, sent: dict[str, float], count: int
+) -> None:
+    lags: list[float] = []
+
+    async def one(i: int) -> None:
+        trace = f"ev-{i}"
+        task_id, _ = await submit(http, cluster.urls["AB"[i % 2]], latency_s=0.2, trace=trace)
+        async with http.get(f"{cluster.urls['C']}/v1/tasks/{task_id}/events", headers=KEY) as sse:
+            async for line in sse.content:
+                if line.startswith(b"event: completed"):
+                    lags.append(time.monotonic() - sent[trace])
+                    break
+
+    for batch in range(0, count, 10):
+        await asyncio.gather(*(one(i) for i in range(batch, batch + 10)))
+    print(f"\n2. completion event on another replica ({count} tasks, 10 at a time)")
+    print(summary("upstream answer sent -> SSE event on C", lags))
+
+
+async def wait_all(
+    http: aiohttp.ClientSession, url: str, task_ids: list[str], within_s: float
+) -> dict[str, Any]:
+    deadline = time.monotonic() + within_s
+    open_ids, ended = set(task_ids), {}
+    while open_ids and time.monotonic() < deadline:
+        for task_id in list(open_ids):
+            async with http.get(f"{url}/v1/tasks/{task_id}", headers=KEY) as resp:
+                task = await resp.json() if resp.status == 200 else {"status": "?"}
+            if task["status"] in TERMINAL:
+                ended[task_id] = task
+                open_ids.discard(task_id)
+        await asyncio.sleep(0.5)
+    return ended
+
+
+async def check(http: aiohttp.ClientSession, url: str, task_id: str) -> str | None:
+    """None when the task completed exactly once with the upstream's image; else what is wrong."""
+    async with http.get(f"{url}/v1/tasks/{task_id}/events", headers=KEY) as resp:
+        raw = (await resp.read()).decode()
+    terminal = [
+        line.split(": ", 1)[1]
+        for line in raw.splitlines()
+        if line.startswith("event: ") and line.split(": ", 1)[1] in TERMINAL
+    ]
+    if terminal != ["completed"]:
+        return f"terminal events {terminal}"
+    async with http.get(f"{url}/v1/tasks/{task_id}/result", headers=KEY) as resp:
+        image = base64.b64decode((await resp.json())["data"][0]["b64_json"])
+    return None if image == png(IMAGE_BYTES) else "result differs from the upstream's"
+
+
+async def bench_kill(
+    http: aiohttp.ClientSession, cluster: Cluster, fake_app: web.Application, count: int
+) -> None:
+    stats = fake_app[STATS]
+    before = stats.requests
+    started = time.monotonic()
+    ids: list[str] = []
+    sem = asyncio.Semaphore(64)
+
+    async def one(i: int) -> None:
+        async with sem:
+            ids.append((await submit(http, cluster.urls["AB"[i % 2]], latency_s=3.0))[0])
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+    # Half-way: about half the generations have been answered.
+    while stats.requests - before - stats.running < count // 2:
+        await asyncio.sleep(0.05)
+    running_on_victim = stats.running
+    cluster.procs["A"].proc.send_signal(signal.SIGKILL)
+    cluster.procs["A"].proc.wait()
+    await cluster.start("A", workers=200)  # a replacement, as an orchestrator would start one
+    ended = await wait_all(http, cluster.urls["C"], ids, within_s=300)
+    problems = [p for p in [await check(http, cluster.urls["C"], t) for t in ended] if p]
+    print(f"\n3. {count} tasks over A and B, A killed with SIGKILL half-way")
+    print(f"   tasks submitted {len(ids)}, ended {len(ended)}, lost {len(ids) - len(ended)}")
+    print(f"   not exactly one `completed` with the upstream's image: {len(problems)}")
+    for problem in sorted(set(problems))[:5]:
+        print(f"     {problems.count(problem)} x {problem}")
+    print(
+        f"   upstream calls {stats.requests - before} for {count} tasks "
+        f"(generations in flight at the kill: {running_on_victim}, some on B); "
+        f"{time.monotonic() - started:.0f} s"
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=int, default=200)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--events", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=200, help="task workers on A and on B")
+    args = parser.parse_args()
+
+    fake_app = create_fake_app(FakeSettings(image_bytes=IMAGE_BYTES))
+    sent: dict[str, float] = {}
+
+    async def stamp(request: web.Request, _: web.StreamResponse) -> None:
+        if trace := request.headers.get("X-Trace"):
+            sent[trace] = time.monotonic()
+
+    fake_app.on_response_prepare.append(stamp)
+    runner = web.AppRunner(fake_app, access_log=None)
+    await runner.setup()
+    fake_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", fake_port, backlog=4096).start()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        redis = RedisServer(Path(tmp))
+        cluster = Cluster(Path(tmp), redis, f"http://127.0.0.1:{fake_port}/v1")
+        try:
+            await cluster.start("A", workers=args.workers)
+            await cluster.start("B", workers=args.workers)
+            await cluster.start("C", workers=0)
+            connector = aiohttp.TCPConnector(limit=0)
+            async with aiohttp.ClientSession(connector=connector) as http:
+                await bench_submit(http, cluster, args.rate, args.seconds, args.workers > 0)
+                if args.workers == 0:
+                    return  # submit latency alone, with no task running beside it
+                await bench_events(http, cluster, sent, args.events)
+                await bench_kill(http, cluster, fake_app, args.tasks)
+        finally:
+            cluster.close()
+            redis.stop()
+            await runner.cleanup()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
