@@ -62,6 +62,7 @@ def create_worker_app(config: Config) -> web.Application:
     """`gateway worker`: the task workers alone, run by an AppRunner with no site."""
     app = web.Application()
     app[CONFIG] = config
+    app[METRICS] = Metrics(config.timeouts.models)
     _add_tasks(app, config)
     return app
 

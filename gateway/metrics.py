@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from gateway.errors import StoreUnavailable
+from gateway.tasks.service import TASKS
 
 # Image calls take 10-600 s; resolve 1 s to 15 min, with a few sub-second buckets for the
 # models list and errors.
@@ -109,6 +113,34 @@ class Metrics:
             )
         )
 
+        self.tasks = _Labelled(
+            Counter("gateway_tasks", "Tasks ended, by outcome.", ["model", "status"], registry=r)
+        )
+        self.task_wait = _Labelled(
+            Histogram(
+                "gateway_task_wait_seconds",
+                "Time from submit to a worker starting the task.",
+                ["model"],
+                buckets=LATENCY_BUCKETS_S,
+                registry=r,
+            )
+        )
+        self.task_duration = _Labelled(
+            Histogram(
+                "gateway_task_duration_seconds",
+                "Time from a worker starting a task to its end.",
+                ["model", "status"],
+                buckets=LATENCY_BUCKETS_S,
+                registry=r,
+            )
+        )
+        self.task_queue_depth = Gauge(
+            "gateway_task_queue_depth",
+            "Tasks waiting for a worker (all replicas', when on Redis); read at scrape time.",
+            registry=r,
+        )
+        self.sse_clients = Gauge("gateway_sse_clients", "Open task event streams.", registry=r)
+
     def model_label(self, model: str | None) -> str:
         """Bounded label values: a caller cannot mint new series with made-up model names."""
         return model if model in self._models else "other"
@@ -118,5 +150,8 @@ METRICS = web.AppKey("metrics", Metrics)
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
+    metrics = request.app[METRICS]
+    with contextlib.suppress(StoreUnavailable):  # the scrape still shows everything else
+        metrics.task_queue_depth.set(await request.app[TASKS].store.queue_depth())
+    body = generate_latest(metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -268,3 +268,59 @@ async def test_a_credentials_limit_does_not_hold_back_another_credential(
     assert fake.stats.requests == 4
     assert fake.stats.peak_running == 2
     assert ends[3] < max(ends[:3])
+
+
+async def test_an_answer_over_the_result_limit_fails_the_task_clearly(
+    gateway_factory: GatewayFactory, store: dict[str, Any], http: aiohttp.ClientSession
+) -> None:
+    gateway = await gateway_factory(tasks={**store, "result_max_bytes": 100_000})
+    _, headers, _ = await _submit(http, gateway, **{"X-Fake-Image-Bytes": "200000"})
+    ended = await _until_ended(http, gateway.url + headers["Location"])
+    assert ended["status"] == "failed"
+    assert ended["error"]["code"] == "result_too_large"
+    async with http.get(gateway.url + headers["Location"] + "/result", headers=KEY) as resp:
+        assert resp.status == 502
+        assert resp.headers["x-should-retry"] == "false"  # it was generated, and billed
+
+
+async def test_an_oversize_async_body_is_refused_and_nothing_runs(
+    gateway_factory: GatewayFactory, store: dict[str, Any], fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    gateway = await gateway_factory(server={"max_body_bytes": 10_000}, tasks=store)
+    async with http.post(
+        f"{gateway.url}/v1/images/generations",
+        json={**GENERATE, "prompt": "x" * 20_000},
+        headers={**KEY, "Prefer": "respond-async"},
+    ) as resp:
+        assert resp.status == 413
+        assert (await resp.json())["error"]["code"] == "request_too_large"
+    await asyncio.sleep(0.2)
+    assert fake.stats.requests == 0
+
+
+async def test_task_outcomes_queue_and_streams_are_measured(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    _, done, _ = await _submit(http, gateway, **{"X-Fake-Latency": "0.2"})
+    _, failed, _ = await _submit(http, gateway, **{"X-Fake-Fault": "503"})
+    _, cancelled, _ = await _submit(http, gateway, **{"X-Fake-Latency": "30"})
+    async with http.delete(gateway.url + cancelled["Location"], headers=KEY) as resp:
+        assert resp.status == 200
+    events = asyncio.ensure_future(_read_events(http, gateway.url + done["Location"] + "/events"))
+    while gateway.sample("gateway_sse_clients") == 0 and not events.done():
+        await asyncio.sleep(0.01)
+    assert gateway.sample("gateway_sse_clients") == 1 or events.done()
+    await events
+    for location in (done["Location"], failed["Location"]):
+        await _until_ended(http, gateway.url + location)
+    assert gateway.sample("gateway_sse_clients") == 0
+
+    def outcomes(status: str) -> float:
+        return gateway.sample("gateway_tasks_total", model="gpt-image-1", status=status)
+
+    assert (outcomes("completed"), outcomes("failed"), outcomes("cancelled")) == (1, 1, 1)
+    assert gateway.sample("gateway_task_wait_seconds_count", model="gpt-image-1") >= 2
+    duration = "gateway_task_duration_seconds_sum"
+    assert gateway.sample(duration, model="gpt-image-1", status="completed") >= 0.2
+    async with http.get(f"{gateway.url}/metrics") as resp:
+        assert "gateway_task_queue_depth 0.0" in await resp.text()

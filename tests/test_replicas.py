@@ -239,3 +239,23 @@ async def test_a_redis_outage_fails_async_fast_keeps_sync_working_then_recovers(
         task_id = await _submit(http, url, latency_s=0.2)
         await _until_all_ended(http, url, [task_id], within_s=10)
         await _assert_completed_once(http, url, task_id)
+
+
+async def test_gateway_worker_runs_tasks_that_a_serving_replica_accepted(
+    spawn: Spawn, fake: Fake, redis_server: RedisServer
+) -> None:
+    prefix = _prefix()
+    _, url = await spawn(_config(fake, redis_server, prefix, workers=0))
+    worker, _ = await spawn(_config(fake, redis_server, prefix, workers=2), command="worker")
+    async with aiohttp.ClientSession() as http:
+        task_id = await _submit(http, url, latency_s=0.2)
+        await _until_all_ended(http, url, [task_id], within_s=15)
+        await _assert_completed_once(http, url, task_id)
+    worker.proc.send_signal(signal.SIGTERM)
+    assert await worker.wait_exit(within_s=5) == 0
+
+
+async def test_gateway_worker_without_redis_refuses_to_start(spawn: Spawn) -> None:
+    worker, _ = await spawn("", command="worker")
+    assert await worker.wait_exit(within_s=15) == 2
+    assert "needs Redis" in worker.output()

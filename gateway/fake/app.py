@@ -207,6 +207,7 @@ async def stats_view(request: web.Request) -> web.Response:
         {
             "requests": stats.requests,
             "cancelled": stats.cancelled,
+            "running": stats.running,
             "connections": len(stats.peers),
             "by_path": stats.by_path,
         }

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import random
 import struct
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -116,7 +117,9 @@ async def reply(request: web.Request, payload: Any) -> web.StreamResponse:
     if ctl.fault == "malformed":
         return web.Response(body=body[: len(body) // 2], content_type="application/json")
     if ctl.fault not in ("reset", "trickle"):
-        return web.Response(body=body, content_type="application/json")
+        # When the answer left, on this host's clock: benchmarks time what follows from it.
+        sent = {"X-Fake-Sent-At": f"{time.time():.6f}"}
+        return web.Response(body=body, content_type="application/json", headers=sent)
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
     response.content_length = len(body)
     await response.prepare(request)

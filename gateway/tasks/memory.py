@@ -163,6 +163,9 @@ class MemoryStore:
                     await entry.changed.wait()
         return entry.events[seen:]
 
+    async def queue_depth(self) -> int:
+        return sum(1 for e in self._entries.values() if e.record.task.status == "queued")
+
     async def owner_key(self) -> bytes:
         return self._owner_key
 

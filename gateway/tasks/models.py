@@ -37,6 +37,7 @@ class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
     task: Task
     owner: str
     attempt: int = 0
+    submitted_at: float = 0.0  # epoch seconds, finer than `created_at`: for the wait metric
 
 
 class Job(msgspec.Struct, frozen=True, kw_only=True):
@@ -112,6 +113,9 @@ class TaskStore(Protocol):
     async def events(self, task_id: str, after: str | None, timeout_s: float) -> list[TaskEvent]:
         """The task's events after `after` (all when None), waiting up to `timeout_s` for one.
         Raises ValueError for an event id this store never made."""
+
+    async def queue_depth(self) -> int:
+        """Tasks waiting for a worker (on every replica sharing the store)."""
 
     async def owner_key(self) -> bytes:
         """The key that owner hashes are made with, the same on every replica."""

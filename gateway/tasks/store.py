@@ -23,7 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreUnavailable
@@ -62,15 +62,19 @@ return id
 """
 # KEYS: task, events. ARGV: expected attempt, new attempt, record, event, takeover ('1': the
 # entry was reclaimed from a lost worker, so an in-progress task may be taken over; otherwise
-# only a queued one starts, and a duplicate queue entry can never run a task twice).
+# only a queued one starts, and a duplicate queue entry can never run a task twice), wake-up
+# channel, task id.
 _START = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and not (status == 'in_progress' and ARGV[5] == '1') then return false end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return false end
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'attempt', ARGV[2], 'record', ARGV[3])
-return redis.call('XADD', KEYS[2], '*', 'task', ARGV[4])
+local id = redis.call('XADD', KEYS[2], '*', 'task', ARGV[4])
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return id
 """
-# KEYS: task, job, result, events. ARGV: attempt ('' for any), status, record, event, result.
+# KEYS: task, job, result, events. ARGV: attempt ('' for any), status, record, event, result,
+# wake-up channel, task id.
 _END = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or status == 'completed' or status == 'failed' or status == 'cancelled' then
@@ -86,7 +90,9 @@ redis.call('DEL', KEYS[2])
 if ARGV[5] ~= '' then
   redis.call('SET', KEYS[3], ARGV[5], 'PX', math.max(redis.call('PTTL', KEYS[1]), 1))
 end
-return redis.call('XADD', KEYS[4], '*', 'task', ARGV[4])
+local id = redis.call('XADD', KEYS[4], '*', 'task', ARGV[4])
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return id
 """
 # A concurrency slot is a sorted set of the tasks holding it, scored by lease expiry, so a dead
 # worker's hold lapses by itself. All slots share one hash tag: acquiring several is atomic.
@@ -199,14 +205,23 @@ class RedisStore:
         task_id = record.task.id
         keys = [self._key(task_id, k) for k in ("task", "job", "events")]
         event = _task_json(record.task)
-        # One round trip. The queue is another slot in a cluster, so it is not in the script:
-        # should the script fail, the entry finds no task and is dropped by the first claim.
+        args: list[bytes | int] = [_pack(record), _pack(job), event, self._ttl_ms]
+        # One round trip (a Script object in a pipeline would add a SCRIPT EXISTS first). The
+        # queue is another slot in a cluster, so it is not in the script: should the script
+        # fail, the entry finds no task and the first claim drops it.
         async with self._redis.pipeline(transaction=False) as pipe:
-            await self._create(
-                keys=keys, args=[_pack(record), _pack(job), event, self._ttl_ms], client=pipe
-            )
+            pipe.evalsha(self._create.sha, len(keys), *keys, *args)
             pipe.xadd(self._queue, {b"task": task_id.encode()})
-            await pipe.execute()
+            created, queued = await pipe.execute(raise_on_error=False)
+        if isinstance(queued, Exception):
+            raise queued
+        if isinstance(created, NoScriptError):
+            # A restarted Redis forgot its scripts. The entry queued above may already have
+            # been dropped for want of a task, so queue another: a duplicate never runs twice.
+            await self._create(keys=keys, args=args)
+            await self._redis.xadd(self._queue, {b"task": task_id.encode()})
+        elif isinstance(created, Exception):
+            raise created
 
     @_store_call
     async def get(self, task_id: str) -> TaskRecord | None:
@@ -271,8 +286,11 @@ class RedisStore:
         return entries[0]
 
     async def _start_task(self, entry_id: bytes, task_id: str, takeover: bool) -> Claim | None:
-        record = await self.get(task_id)
-        job_raw = await self._redis.get(self._key(task_id, "job"))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self._key(task_id, "task"), "record")
+            pipe.get(self._key(task_id, "job"))
+            record_raw, job_raw = await pipe.execute()
+        record = None if record_raw is None else _record(record_raw)
         if record is None or job_raw is None or record.task.status in TERMINAL:
             await self._done(entry_id)  # cancelled or expired
             return None
@@ -295,6 +313,8 @@ class RedisStore:
                 _pack(started),
                 _task_json(started.task),
                 "1" if takeover else "0",
+                self._channel,
+                task_id,
             ],
         )
         self._held[task_id] = _Held(entry_id, slots)
@@ -303,7 +323,6 @@ class RedisStore:
             await self.release(task_id, handover=False)
             await self._done(entry_id)
             return None
-        await self._redis.publish(self._channel, task_id)
         return Claim(started, job)
 
     async def _done(self, entry_id: bytes) -> None:
@@ -390,10 +409,11 @@ class RedisStore:
             _pack(ended),
             _task_json(ended.task),
             b"" if response is None else _pack(response),
+            self._channel,
+            task_id,
         ]
         if not await self._end(keys=keys, args=args):
             return None
-        await self._redis.publish(self._channel, task_id)
         return ended.task
 
     @_store_call
@@ -470,6 +490,15 @@ class RedisStore:
             if "BUSYGROUP" not in str(exc):
                 raise
         self._group_ready = True
+
+    @_store_call
+    async def queue_depth(self) -> int:
+        await self._ensure_group()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(self._queue)
+            pipe.xpending(self._queue, _GROUP)
+            length, pending = await pipe.execute()
+        return max(int(length) - int(pending["pending"]), 0)  # pending: claimed, running
 
     @_store_call
     async def owner_key(self) -> bytes:

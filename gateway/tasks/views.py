@@ -7,7 +7,7 @@ import time
 
 import msgspec
 from aiohttp import web
-from aiohttp_sse import sse_response
+from aiohttp_sse import EventSourceResponse, sse_response
 from multidict import CIMultiDict
 
 from gateway.accesslog import Call
@@ -16,10 +16,11 @@ from gateway.auth import AUTH
 from gateway.config import CONFIG, Config
 from gateway.errors import BadRequest, BodyTooLarge, TaskCancelled, renders_errors
 from gateway.headers import caller_timeout_s, header_pairs, strip_hop_by_hop
+from gateway.metrics import METRICS
 from gateway.sniff import model_from_body, model_from_path
 from gateway.tasks.models import TERMINAL, Job, StoredResponse, Task, TaskRecord, TaskStore
 from gateway.tasks.prefer import Preferences
-from gateway.tasks.service import TASKS, new_task_id
+from gateway.tasks.service import TASKS, TaskService, new_task_id
 
 # The generation endpoints a caller may run as a task (contract: "Async tasks").
 ASYNC_ROUTES = frozenset(
@@ -113,7 +114,7 @@ async def submit(request: web.Request, call: Call, prefs: Preferences) -> web.St
         deadline_s=min(config.timeouts.for_model(call.model), limit_s),
         limits=config.tasks.limits(call.model, tasks.upstream_credential(headers)),
     )
-    await tasks.store.create(TaskRecord(task=task, owner=owner), job)
+    await tasks.store.create(TaskRecord(task=task, owner=owner, submitted_at=time.time()), job)
     if prefs.wait_s:
         ended = await wait_terminal(tasks.store, task.id, prefs.wait_s)
         if ended is not None and (answer := await tasks.store.result(task.id)) is not None:
@@ -139,6 +140,9 @@ async def cancel_view(request: web.Request) -> web.StreamResponse:
     tasks = request.app[TASKS]
     record = await tasks.visible(request)
     task = await tasks.store.cancel(record.task.id)
+    if task is not None and task.status == "cancelled" and record.task.status not in TERMINAL:
+        metrics = request.app[METRICS]
+        metrics.tasks(metrics.model_label(task.model), "cancelled").inc()
     return _task_response(task or record.task)
 
 
@@ -163,18 +167,30 @@ async def events_view(request: web.Request) -> web.StreamResponse:
         await tasks.store.events(task_id, after, 0)
     except ValueError:
         raise BadRequest("Last-Event-ID is not an event of this task.") from None
+    clients = request.app[METRICS].sse_clients
     async with sse_response(request, ping_interval=_HEARTBEAT_S) as sse:
-        while True:
-            events = await unless(tasks.closing, tasks.store.events(task_id, after, _HEARTBEAT_S))
-            if events is None:
-                break
-            for event in events:
-                await sse.send(_encode(event.task).decode(), id=event.id, event=event.task.status)
-                after = event.id
-            if events and events[-1].task.status in TERMINAL:
-                break
-            if not events:
-                record = await tasks.store.get(task_id)
-                if record is None or record.task.status in TERMINAL:
-                    break  # resumed after the last event, or expired while watched
+        clients.inc()
+        try:
+            await _stream(tasks, task_id, after, sse)
+        finally:
+            clients.dec()
     return sse
+
+
+async def _stream(
+    tasks: TaskService, task_id: str, after: str | None, sse: EventSourceResponse
+) -> None:
+    """Events until the terminal one, the task's expiry, or this replica's shutdown."""
+    while True:
+        events = await unless(tasks.closing, tasks.store.events(task_id, after, _HEARTBEAT_S))
+        if events is None:
+            break
+        for event in events:
+            await sse.send(_encode(event.task).decode(), id=event.id, event=event.task.status)
+            after = event.id
+        if events and events[-1].task.status in TERMINAL:
+            break
+        if not events:
+            record = await tasks.store.get(task_id)
+            if record is None or record.task.status in TERMINAL:
+                break  # resumed after the last event, or expired while watched

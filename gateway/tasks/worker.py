@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -25,6 +26,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.headers import header_pairs, strip_hop_by_hop
+from gateway.metrics import METRICS, Metrics
 from gateway.tasks.models import Claim, Job, Status, StoredResponse, TaskError, TaskStore
 from gateway.tasks.service import TASKS
 from gateway.upstream import UPSTREAM, Upstream
@@ -46,10 +48,13 @@ def stored(response: web.Response) -> StoredResponse:
 
 
 class Worker:
-    def __init__(self, store: TaskStore, upstream: Upstream, config: Config) -> None:
+    def __init__(
+        self, store: TaskStore, upstream: Upstream, config: Config, metrics: Metrics
+    ) -> None:
         self._store = store
         self._upstream = upstream
         self._config = config
+        self._metrics = metrics
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -75,13 +80,18 @@ class Worker:
 
     async def _run(self, claim: Claim) -> None:
         task_id, attempt = claim.record.task.id, claim.record.attempt
+        model = self._metrics.model_label(claim.record.task.model)
+        if attempt == 1:
+            self._metrics.task_wait(model).observe(time.time() - claim.record.submitted_at)
+        started = time.monotonic()
         handover = False
         try:
             outcome = await self._outcome(claim)
             if outcome is None:
                 logger.info("%s cancelled; upstream call aborted", task_id)
-            else:
-                await self._finish(task_id, attempt, *outcome)
+            elif status := await self._finish(task_id, attempt, *outcome):
+                self._metrics.tasks(model, status).inc()
+                self._metrics.task_duration(model, status).observe(time.monotonic() - started)
         except asyncio.CancelledError:
             handover = True  # shutting down mid-run: another worker takes the task now
             logger.info("%s handed over: this worker is stopping", task_id)
@@ -106,18 +116,20 @@ class Worker:
 
     async def _finish(
         self, task_id: str, attempt: int, response: StoredResponse, error: TaskError | None
-    ) -> None:
+    ) -> Status | None:
         """Keep the answer, waiting out a store outage for up to a lease: the upstream was
-        paid for it, and after the lease another worker would pay again."""
+        paid for it, and after the lease another worker would pay again. The task's end
+        status, or None when the task had been cancelled or taken over meanwhile."""
         status: Status = "completed" if error is None else "failed"
         give_up = asyncio.get_running_loop().time() + self._config.tasks.lease_s
         while True:
             try:
-                if await self._store.finish(
+                if not await self._store.finish(
                     task_id, attempt, status, response=response, error=error
                 ):
-                    logger.info("%s %s (upstream status %d)", task_id, status, response.status)
-                return
+                    return None
+                logger.info("%s %s (upstream status %d)", task_id, status, response.status)
+                return status
             except StoreUnavailable:
                 if asyncio.get_running_loop().time() > give_up:
                     raise
@@ -207,7 +219,7 @@ class Workers:
             )
 
     async def ctx(self, app: web.Application) -> AsyncIterator[None]:
-        self._worker = Worker(app[TASKS].store, app[UPSTREAM], self._config)
+        self._worker = Worker(app[TASKS].store, app[UPSTREAM], self._config, app[METRICS])
         self._loops = [
             asyncio.create_task(self._worker.run()) for _ in range(self._config.tasks.workers)
         ]

@@ -3,7 +3,8 @@
     python -m tests.perf.bench_async [--rate 200] [--seconds 10] [--tasks 2000]
 
 Replicas A and B run tasks; replica C runs none, so every event C streams is another
-replica's. The APIYI stand-in runs in this process and stamps when it sends each answer.
+replica's. The APIYI stand-in is a process of its own (`gateway fake-upstream`) and stamps each
+answer with the wall-clock time it left (`X-Fake-Sent-At`), which the task result keeps.
   1. submit-to-202 latency at a fixed rate (open loop, spread over A and B), beside a Redis
      PING and a sync pass-through call measured by the same client in the same run;
   2. cross-replica event latency: from the stand-in sending a task's answer (to replica A or B)
@@ -26,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 from redis.asyncio import Redis
 
-from gateway.fake import STATS, FakeSettings, create_fake_app, png
+from gateway.fake import png
 from tests.procs import GatewayProcess, free_port
 from tests.redis_server import RedisServer
 
@@ -75,9 +75,7 @@ class Cluster:
             proc.close()
 
 
-async def submit(
-    http: aiohttp.ClientSession, url: str, latency_s: float, trace: str = ""
-) -> tuple[str, float]:
+async def submit(http: aiohttp.ClientSession, url: str, latency_s: float) -> tuple[str, float]:
     started = time.monotonic()
     async with http.post(
         f"{url}/v1/images/generations",
@@ -87,7 +85,6 @@ async def submit(
             "Prefer": "respond-async",
             "X-Fake-Latency": str(latency_s),
             "X-Fake-Image-Bytes": str(IMAGE_BYTES),
-            "X-Trace": trace,
         },
     ) as resp:
         body = await resp.json()
@@ -127,19 +124,19 @@ async def bench_submit(
         await wait_all(http, cluster.urls["C"], [t for t, _ in results], within_s=120)
 
 
-async def bench_events(
-    http: aiohttp.ClientSession, cluster: Cluster, sent: dict[str, float], count: int
-) -> None:
+async def bench_events(http: aiohttp.ClientSession, cluster: Cluster, count: int) -> None:
     lags: list[float] = []
 
     async def one(i: int) -> None:
-        trace = f"ev-{i}"
-        task_id, _ = await submit(http, cluster.urls["AB"[i % 2]], latency_s=0.2, trace=trace)
-        async with http.get(f"{cluster.urls['C']}/v1/tasks/{task_id}/events", headers=KEY) as sse:
+        task_id, _ = await submit(http, cluster.urls["AB"[i % 2]], latency_s=0.2)
+        url = f"{cluster.urls['C']}/v1/tasks/{task_id}"
+        async with http.get(f"{url}/events", headers=KEY) as sse:
             async for line in sse.content:
                 if line.startswith(b"event: completed"):
-                    lags.append(time.monotonic() - sent[trace])
+                    arrived = time.time()
                     break
+        async with http.get(f"{url}/result", headers=KEY) as resp:
+            lags.append(arrived - float(resp.headers["X-Fake-Sent-At"]))
 
     for batch in range(0, count, 10):
         await asyncio.gather(*(one(i) for i in range(batch, batch + 10)))
@@ -180,10 +177,13 @@ async def check(http: aiohttp.ClientSession, url: str, task_id: str) -> str | No
 
 
 async def bench_kill(
-    http: aiohttp.ClientSession, cluster: Cluster, fake_app: web.Application, count: int
+    http: aiohttp.ClientSession, cluster: Cluster, fake_url: str, count: int
 ) -> None:
-    stats = fake_app[STATS]
-    before = stats.requests
+    async def stats() -> Any:
+        async with http.get(f"{fake_url}/_fake/stats") as resp:
+            return await resp.json()
+
+    before = (await stats())["requests"]
     started = time.monotonic()
     ids: list[str] = []
     sem = asyncio.Semaphore(64)
@@ -194,9 +194,9 @@ async def bench_kill(
 
     await asyncio.gather(*(one(i) for i in range(count)))
     # Half-way: about half the generations have been answered.
-    while stats.requests - before - stats.running < count // 2:
+    while (now := await stats())["requests"] - before - now["running"] < count // 2:
         await asyncio.sleep(0.05)
-    running_on_victim = stats.running
+    running_at_kill = now["running"]
     cluster.procs["A"].proc.send_signal(signal.SIGKILL)
     cluster.procs["A"].proc.wait()
     await cluster.start("A", workers=200)  # a replacement, as an orchestrator would start one
@@ -208,8 +208,8 @@ async def bench_kill(
     for problem in sorted(set(problems))[:5]:
         print(f"     {problems.count(problem)} x {problem}")
     print(
-        f"   upstream calls {stats.requests - before} for {count} tasks "
-        f"(generations in flight at the kill: {running_on_victim}, some on B); "
+        f"   upstream calls {(await stats())['requests'] - before} for {count} tasks "
+        f"(generations in flight at the kill: {running_at_kill}, on A and B); "
         f"{time.monotonic() - started:.0f} s"
     )
 
@@ -223,23 +223,17 @@ async def main() -> None:
     parser.add_argument("--workers", type=int, default=200, help="task workers on A and on B")
     args = parser.parse_args()
 
-    fake_app = create_fake_app(FakeSettings(image_bytes=IMAGE_BYTES))
-    sent: dict[str, float] = {}
-
-    async def stamp(request: web.Request, _: web.StreamResponse) -> None:
-        if trace := request.headers.get("X-Trace"):
-            sent[trace] = time.monotonic()
-
-    fake_app.on_response_prepare.append(stamp)
-    runner = web.AppRunner(fake_app, access_log=None)
-    await runner.setup()
     fake_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", fake_port, backlog=4096).start()
-
+    fake_url = f"http://127.0.0.1:{fake_port}"
     with tempfile.TemporaryDirectory() as tmp:
         redis = RedisServer(Path(tmp))
-        cluster = Cluster(Path(tmp), redis, f"http://127.0.0.1:{fake_port}/v1")
+        cluster = Cluster(Path(tmp), redis, f"{fake_url}/v1")
+        fake = GatewayProcess(
+            ["fake-upstream", "--port", str(fake_port), "--image-bytes", str(IMAGE_BYTES)],
+            Path(tmp) / "fake.log",
+        )
         try:
+            await fake.wait_listening(fake_port)
             await cluster.start("A", workers=args.workers)
             await cluster.start("B", workers=args.workers)
             await cluster.start("C", workers=0)
@@ -248,12 +242,12 @@ async def main() -> None:
                 await bench_submit(http, cluster, args.rate, args.seconds, args.workers > 0)
                 if args.workers == 0:
                     return  # submit latency alone, with no task running beside it
-                await bench_events(http, cluster, sent, args.events)
-                await bench_kill(http, cluster, fake_app, args.tasks)
+                await bench_events(http, cluster, args.events)
+                await bench_kill(http, cluster, fake_url, args.tasks)
         finally:
             cluster.close()
+            fake.close()
             redis.stop()
-            await runner.cleanup()
 
 
 if __name__ == "__main__":
