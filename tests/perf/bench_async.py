@@ -57,7 +57,7 @@ class Cluster:
         self.procs: dict[str, GatewayProcess] = {}
         self.urls: dict[str, str] = {}
 
-    async def start(self, name: str, workers: int) -> None:
+    async def start(self, name: str, workers: int, command: str = "serve") -> None:
         port = free_port()
         config = self._tmp / f"{name}.toml"
         config.write_text(
@@ -65,10 +65,15 @@ class Cluster:
             f"[upstream]\nurl = '{self._upstream}'\npool_size = 0\n"
             f"[tasks]\nredis_url = '{self.redis_url}'\nworkers = {workers}\nlease_s = 5.0\n"
         )
-        args = ["serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+        args = [command, "--config", str(config)]
+        if command == "serve":
+            args += ["--host", "127.0.0.1", "--port", str(port)]
         proc = GatewayProcess(args, self._tmp / f"{name}-{port}.log")
-        await proc.wait_listening(port)
         self.procs[name], self.urls[name] = proc, f"http://127.0.0.1:{port}"
+        if command == "serve":
+            await proc.wait_listening(port)
+        else:
+            await asyncio.sleep(2)  # no port to wait for; it logs when it runs
 
     def close(self) -> None:
         for proc in self.procs.values():
@@ -177,7 +182,7 @@ async def check(http: aiohttp.ClientSession, url: str, task_id: str) -> str | No
 
 
 async def bench_kill(
-    http: aiohttp.ClientSession, cluster: Cluster, fake_url: str, count: int
+    http: aiohttp.ClientSession, cluster: Cluster, fake_url: str, count: int, victim: str
 ) -> None:
     async def stats() -> Any:
         async with http.get(f"{fake_url}/_fake/stats") as resp:
@@ -197,12 +202,13 @@ async def bench_kill(
     while (now := await stats())["requests"] - before - now["running"] < count // 2:
         await asyncio.sleep(0.05)
     running_at_kill = now["running"]
-    cluster.procs["A"].proc.send_signal(signal.SIGKILL)
-    cluster.procs["A"].proc.wait()
-    await cluster.start("A", workers=200)  # a replacement, as an orchestrator would start one
+    cluster.procs[victim].proc.send_signal(signal.SIGKILL)
+    cluster.procs[victim].proc.wait()
+    # A replacement, as an orchestrator would start one.
+    await cluster.start(victim, workers=200, command="worker" if victim == "WA" else "serve")
     ended = await wait_all(http, cluster.urls["C"], ids, within_s=300)
     problems = [p for p in [await check(http, cluster.urls["C"], t) for t in ended] if p]
-    print(f"\n3. {count} tasks over A and B, A killed with SIGKILL half-way")
+    print(f"\n3. {count} tasks over two replicas, {victim} killed with SIGKILL half-way")
     print(f"   tasks submitted {len(ids)}, ended {len(ended)}, lost {len(ids) - len(ended)}")
     print(f"   not exactly one `completed` with the upstream's image: {len(problems)}")
     for problem in sorted(set(problems))[:5]:
@@ -221,6 +227,12 @@ async def main() -> None:
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--events", type=int, default=200)
     parser.add_argument("--workers", type=int, default=200, help="task workers on A and on B")
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="A and B only serve HTTP; the workers run in two `gateway worker` processes, "
+        "WA and WB (WA is the one killed)",
+    )
     args = parser.parse_args()
 
     fake_port = free_port()
@@ -234,16 +246,20 @@ async def main() -> None:
         )
         try:
             await fake.wait_listening(fake_port)
-            await cluster.start("A", workers=args.workers)
-            await cluster.start("B", workers=args.workers)
+            serving = 0 if args.split else args.workers
+            await cluster.start("A", workers=serving)
+            await cluster.start("B", workers=serving)
             await cluster.start("C", workers=0)
+            if args.split:
+                await cluster.start("WA", workers=args.workers, command="worker")
+                await cluster.start("WB", workers=args.workers, command="worker")
             connector = aiohttp.TCPConnector(limit=0)
             async with aiohttp.ClientSession(connector=connector) as http:
                 await bench_submit(http, cluster, args.rate, args.seconds, args.workers > 0)
                 if args.workers == 0:
                     return  # submit latency alone, with no task running beside it
                 await bench_events(http, cluster, args.events)
-                await bench_kill(http, cluster, fake_url, args.tasks)
+                await bench_kill(http, cluster, fake_url, args.tasks, "WA" if args.split else "A")
         finally:
             cluster.close()
             fake.close()
