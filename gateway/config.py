@@ -118,6 +118,17 @@ class TasksConfig(_Section, frozen=True):
         return [(slot, limit) for slot, limit in slots if limit > 0]
 
 
+class IdempotencyConfig(_Section, frozen=True):
+    # How long an Idempotency-Key finds its call (and its stored answer) again.
+    retention_s: float = 86400.0
+    # How long an OpenAI SDK retry (x-stainless-retry-count >= 1) finds the call it retries, and
+    # how long the answer of a sync SDK call is kept after its caller dropped.
+    sdk_window_s: float = 900.0
+    # Run sync OpenAI SDK calls (bodies up to 64 KiB, not streamed) as tasks, so that a caller
+    # that drops does not cancel a generation it paid for and its retry attaches to it.
+    sdk_calls_as_tasks: bool = True
+
+
 class AuthConfig(_Section, frozen=True):
     # SHA-256 hex digests of the client keys accepted when the gateway injects its own key.
     client_key_sha256: frozenset[str] = frozenset()
@@ -131,6 +142,7 @@ class Config(_Section, frozen=True):
     tcp_keepalive: TcpKeepaliveConfig = TcpKeepaliveConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     tasks: TasksConfig = TasksConfig()
+    idempotency: IdempotencyConfig = IdempotencyConfig()
     auth: AuthConfig = AuthConfig()
 
 
@@ -171,6 +183,11 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
 
 
 def _check(config: Config, file: Path) -> None:
+    if config.tasks.redis_url is None and config.tasks.workers < 1:
+        raise ConfigError(
+            f"{file}: tasks.workers = 0 needs Redis: nothing else would run the embedded "
+            "store's tasks"
+        )
     if not config.upstream.url.startswith(("http://", "https://")):
         raise ConfigError(f"{file}: upstream.url must be an http(s) URL")
     if config.auth.client_key_sha256 and not config.auth.upstream_api_key:

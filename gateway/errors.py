@@ -31,6 +31,8 @@ class GatewayError(Exception):
     code = "internal_error"
     # The OpenAI SDK obeys `x-should-retry` over its own status-based rule; None leaves it be.
     should_retry: bool | None = None
+    # Seconds a caller should wait before that retry (`Retry-After`), when it may retry.
+    retry_after_s: int | None = None
     default_message = "The gateway failed to handle the request."
 
     def __init__(
@@ -45,6 +47,8 @@ class GatewayError(Exception):
         headers = dict(self.headers)
         if self.should_retry is not None:
             headers["x-should-retry"] = "true" if self.should_retry else "false"
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(self.retry_after_s)
         body = _encode(_Envelope(_ErrorBody(self.message, self.type, self.code)))
         return web.Response(
             status=self.status, body=body, content_type="application/json", headers=headers
@@ -83,6 +87,7 @@ class StoreUnavailable(GatewayError):
     type = "server_error"
     code = "store_unavailable"
     should_retry = True
+    retry_after_s = 1
     default_message = "The task store is unreachable; async calls cannot be accepted right now."
 
 
@@ -118,6 +123,26 @@ class ResultTooLarge(GatewayError):
     type = "upstream_error"
     code = "result_too_large"
     should_retry = False
+
+
+class IdempotencyMismatch(GatewayError):
+    status = 422
+    type = "invalid_request_error"
+    code = "idempotency_key_reused"
+    default_message = (
+        "This Idempotency-Key was used with a different request; use a new key for a new request."
+    )
+
+
+class IdempotentCallPending(GatewayError):
+    """The first request with this key is still being stored: the retry may come again."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "idempotent_call_pending"
+    should_retry = True
+    retry_after_s = 1
+    default_message = "The first request with this Idempotency-Key is still being accepted."
 
 
 class TaskCancelled(GatewayError):

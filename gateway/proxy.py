@@ -13,6 +13,7 @@ import math
 from collections.abc import AsyncIterator
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from gateway.accesslog import CALL, Call
@@ -28,6 +29,7 @@ from gateway.errors import (
 from gateway.headers import caller_timeout_s, strip_hop_by_hop
 from gateway.metrics import METRICS, Metrics
 from gateway.sniff import ModelScanner, model_from_body, model_from_path
+from gateway.tasks.idempotency import Once, once
 from gateway.tasks.prefer import Preferences, parse_prefer
 from gateway.tasks.views import ASYNC_ROUTES, submit
 from gateway.upstream import UPSTREAM
@@ -81,9 +83,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     response: web.StreamResponse | None = None
     mode = "sync"
     try:
-        if (prefs := _async_preferences(request, call)) is not None:
-            mode = "async"
-            response = await submit(request, call, prefs)
+        if (how := await _as_task(request, call)) is not None:
+            prefs, once = how
+            mode = "async" if prefs is not None else "sync"
+            response = await submit(request, call, prefs, once)
         else:
             response = await _forward(request, call, metrics)
     except GatewayError as exc:
@@ -112,16 +115,39 @@ def _count_disconnect(metrics: Metrics, call: Call) -> None:
     logger.info("%s caller disconnected; upstream call cancelled", call.request_id)
 
 
-def _async_preferences(request: web.Request, call: Call) -> Preferences | None:
-    """The caller's preferences when it asked for a task (`Prefer: respond-async`)."""
-    if (
-        request.method != "POST"
-        or call.route not in ASYNC_ROUTES
-        or "Prefer" not in request.headers
-    ):
+async def _as_task(
+    request: web.Request, call: Call
+) -> tuple[Preferences | None, Once | None] | None:
+    """Whether the call runs as a task, and how: async when the caller prefers it, sync but
+    once when it carries an Idempotency-Key, or comes from the OpenAI SDK (whose retries must
+    attach, not pay again). Any other call is a plain pass-through and pays nothing here."""
+    if request.method != "POST" or call.route not in ASYNC_ROUTES:
         return None
-    prefs = parse_prefer(request.headers.getall("Prefer"))
-    return prefs if prefs.respond_async else None
+    prefs = parse_prefer(request.headers.getall("Prefer")) if "Prefer" in request.headers else None
+    prefs = prefs if prefs is not None and prefs.respond_async else None
+    how = once(request.headers)
+    if prefs is not None or (how is not None and how.key is not None):
+        return prefs, how
+    if how is None or not request.app[CONFIG].idempotency.sdk_calls_as_tasks:
+        return None
+    # An SDK call runs as a task only if its answer can wait whole: a small body that asks for
+    # no stream. Reading it here costs nothing more, since the pass-through reads small bodies
+    # whole too (aiohttp keeps them for the second read).
+    length = request.content_length
+    if length is None or length > _SMALL_BODY or request.content_type != "application/json":
+        return None
+    try:
+        streamed = _decode_stream_flag(await request.read()).stream
+    except msgspec.DecodeError:
+        return None  # the upstream will say what is wrong with it
+    return None if streamed else (None, how)
+
+
+class _StreamFlag(msgspec.Struct):
+    stream: bool | None = False
+
+
+_decode_stream_flag = msgspec.json.Decoder(_StreamFlag).decode
 
 
 async def _forward(request: web.Request, call: Call, metrics: Metrics) -> web.StreamResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest, redis_server: RedisServer) -> dict[str, Any]:
+    """The [tasks] config of the store under test: a test using it runs on both stores."""
+    if request.param == "memory":
+        return {}
+    prefix = f"test-{uuid.uuid4().hex[:8]}"  # a fresh key space per test on the shared server
+    return {"redis_url": redis_server.url, "key_prefix": prefix}
 
 
 @pytest.fixture

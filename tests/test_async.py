@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import time
-import uuid
 from typing import Any
 
 import aiohttp
@@ -14,16 +13,6 @@ import pytest
 
 from gateway.fake import png
 from tests.conftest import Fake, Gateway, GatewayFactory
-from tests.redis_server import RedisServer
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store(request: pytest.FixtureRequest, redis_server: RedisServer) -> dict[str, Any]:
-    """The [tasks] config of the store under test: every test here runs on both."""
-    if request.param == "memory":
-        return {}
-    prefix = f"test-{uuid.uuid4().hex[:8]}"  # a fresh key space per test on the shared server
-    return {"redis_url": redis_server.url, "key_prefix": prefix}
 
 
 @pytest.fixture

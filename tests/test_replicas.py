@@ -259,3 +259,30 @@ async def test_gateway_worker_without_redis_refuses_to_start(spawn: Spawn) -> No
     worker, _ = await spawn("", command="worker")
     assert await worker.wait_exit(within_s=15) == 2
     assert "needs Redis" in worker.output()
+
+
+async def test_the_same_key_racing_on_two_replicas_makes_one_upstream_call(
+    spawn: Spawn, fake: Fake, redis_server: RedisServer
+) -> None:
+    prefix = _prefix()
+    _, first = await spawn(_config(fake, redis_server, prefix, workers=4))
+    _, second = await spawn(_config(fake, redis_server, prefix, workers=4))
+
+    async def call(http: aiohttp.ClientSession, url: str) -> bytes:
+        async with http.post(
+            f"{url}/v1/images/generations",
+            json={"model": "gpt-image-1", "prompt": "a lighthouse"},
+            headers={
+                **KEY,
+                "Idempotency-Key": "race-1",
+                "X-Fake-Latency": "0.5",
+                "X-Fake-Image-Bytes": str(IMAGE_BYTES),
+            },
+        ) as resp:
+            assert resp.status == 200
+            return base64.b64decode((await resp.json())["data"][0]["b64_json"])
+
+    async with aiohttp.ClientSession() as http:
+        images = await asyncio.gather(*(call(http, url) for url in (first, second) * 3))
+    assert all(image == png(IMAGE_BYTES) for image in images)
+    assert fake.stats.requests == 1

@@ -41,6 +41,7 @@ class MemoryStore:
         self._entries: dict[str, _Entry] = {}
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._holders: dict[str, set[str]] = {}  # concurrency slot -> running task ids
+        self._names: dict[str, tuple[str, float]] = {}  # remembered name -> (value, expiry)
         self._owner_key = secrets.token_bytes(32)  # tasks die with the process, so may the key
 
     def _entry(self, task_id: str) -> _Entry | None:
@@ -57,12 +58,22 @@ class MemoryStore:
         entry.changed.set()
         entry.changed = asyncio.Event()
 
-    async def create(self, record: TaskRecord, job: Job) -> None:
+    async def create(self, record: TaskRecord, job: Job, retention_s: float | None = None) -> None:
         self._purge()
-        entry = _Entry(record, job, time.monotonic() + self._retention_s)
+        kept_s = self._retention_s if retention_s is None else retention_s
+        entry = _Entry(record, job, time.monotonic() + kept_s)
         self._entries[record.task.id] = entry
         self._set(entry, record)
         self._queue.put_nowait(record.task.id)
+
+    async def remember(self, name: str, value: str, ttl_s: float, *, replace: bool) -> str | None:
+        now = time.monotonic()
+        old = self._names.get(name)
+        if old is not None and old[1] <= now:
+            old = None
+        if old is None or replace:
+            self._names[name] = (value, now + ttl_s)
+        return None if old is None else old[0]
 
     async def get(self, task_id: str) -> TaskRecord | None:
         entry = self._entry(task_id)
@@ -176,11 +187,16 @@ class MemoryStore:
         self._entries.clear()
 
     def _purge(self) -> None:
-        # Every task is kept equally long, so insertion order is expiry order: stop at the first
-        # one still alive instead of scanning them all.
+        # Mostly in expiry order (a few tasks are kept shorter): stop at the first one alive
+        # instead of scanning them all; a shorter-lived one behind it goes when it is read.
         now = time.monotonic()
         while self._entries:
             task_id, entry = next(iter(self._entries.items()))
             if entry.expires_at > now:
-                return
+                break
             del self._entries[task_id]
+        while self._names:
+            name, (_, expires_at) = next(iter(self._names.items()))
+            if expires_at > now:
+                break
+            del self._names[name]

@@ -77,8 +77,13 @@ class TaskStore(Protocol):
     """Task state with atomic transitions: every status change and its event happen together,
     terminal states never change, and a worker's writes count only for its own attempt."""
 
-    async def create(self, record: TaskRecord, job: Job) -> None:
-        """Store a queued task and its job, and queue it."""
+    async def create(self, record: TaskRecord, job: Job, retention_s: float | None = None) -> None:
+        """Store a queued task and its job, and queue it; kept `retention_s` (else the store's
+        default)."""
+
+    async def remember(self, name: str, value: str, ttl_s: float, *, replace: bool) -> str | None:
+        """Keep `value` under `name` for `ttl_s`, atomically: the value already there if there
+        is one (and, unless `replace`, it stays), else None."""
 
     async def get(self, task_id: str) -> TaskRecord | None: ...
 

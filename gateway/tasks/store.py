@@ -201,11 +201,12 @@ class RedisStore:
         return f"{self._prefix}:{{slots}}:{name}"
 
     @_store_call
-    async def create(self, record: TaskRecord, job: Job) -> None:
+    async def create(self, record: TaskRecord, job: Job, retention_s: float | None = None) -> None:
         task_id = record.task.id
         keys = [self._key(task_id, k) for k in ("task", "job", "events")]
         event = _task_json(record.task)
-        args: list[bytes | int] = [_pack(record), _pack(job), event, self._ttl_ms]
+        ttl_ms = self._ttl_ms if retention_s is None else int(retention_s * 1000)
+        args: list[bytes | int] = [_pack(record), _pack(job), event, ttl_ms]
         # One round trip (a Script object in a pipeline would add a SCRIPT EXISTS first). The
         # queue is another slot in a cluster, so it is not in the script: should the script
         # fail, the entry finds no task and the first claim drops it.
@@ -222,6 +223,17 @@ class RedisStore:
             await self._redis.xadd(self._queue, {b"task": task_id.encode()})
         elif isinstance(created, Exception):
             raise created
+
+    @_store_call
+    async def remember(self, name: str, value: str, ttl_s: float, *, replace: bool) -> str | None:
+        old = await self._redis.set(
+            f"{self._prefix}:{{once:{name}}}",
+            value,
+            px=max(int(ttl_s * 1000), 1),
+            nx=not replace,
+            get=True,
+        )
+        return None if old is None else bytes(old).decode()
 
     @_store_call
     async def get(self, task_id: str) -> TaskRecord | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 
 import msgspec
@@ -14,10 +15,20 @@ from gateway.accesslog import Call
 from gateway.aio import unless
 from gateway.auth import AUTH
 from gateway.config import CONFIG, Config
-from gateway.errors import BadRequest, BodyTooLarge, TaskCancelled, renders_errors
+from gateway.errors import (
+    BadRequest,
+    BodyTooLarge,
+    IdempotencyMismatch,
+    IdempotentCallPending,
+    NotFound,
+    TaskCancelled,
+    UpstreamTimeout,
+    renders_errors,
+)
 from gateway.headers import caller_timeout_s, header_pairs, strip_hop_by_hop
 from gateway.metrics import METRICS
 from gateway.sniff import model_from_body, model_from_path
+from gateway.tasks.idempotency import Once, fingerprint
 from gateway.tasks.models import TERMINAL, Job, StoredResponse, Task, TaskRecord, TaskStore
 from gateway.tasks.prefer import Preferences
 from gateway.tasks.service import TASKS, TaskService, new_task_id
@@ -33,6 +44,10 @@ ASYNC_ROUTES = frozenset(
     )
 )
 _HEARTBEAT_S = 15.0
+# A sync task call waits as long as its caller does: the caller's own timeout decides.
+_SYNC_WAIT_S = 24 * 3600.0
+_FIND_TRIES = 100
+_FIND_PAUSE_S = 0.02
 _encode = msgspec.json.Encoder().encode
 
 
@@ -92,7 +107,11 @@ async def wait_terminal(store: TaskStore, task_id: str, within_s: float) -> Task
     return None
 
 
-async def submit(request: web.Request, call: Call, prefs: Preferences) -> web.StreamResponse:
+async def submit(
+    request: web.Request, call: Call, prefs: Preferences | None, once: Once | None
+) -> web.StreamResponse:
+    """Run the call as a task: answer 202 at once (`Prefer: respond-async`), or wait for its end
+    and answer as the sync call would have (a keyed or SDK call, which must run only once)."""
     config: Config = request.app[CONFIG]
     tasks = request.app[TASKS]
     headers = strip_hop_by_hop(request.headers)
@@ -114,10 +133,61 @@ async def submit(request: web.Request, call: Call, prefs: Preferences) -> web.St
         deadline_s=min(config.timeouts.for_model(call.model), limit_s),
         limits=config.tasks.limits(call.model, tasks.upstream_credential(headers)),
     )
-    await tasks.store.create(TaskRecord(task=task, owner=owner, submitted_at=time.time()), job)
-    if prefs.wait_s:
-        ended = await wait_terminal(tasks.store, task.id, prefs.wait_s)
-        if ended is not None and (answer := await tasks.store.result(task.id)) is not None:
+    found = None
+    if once is not None:
+        print_ = fingerprint(request.method, request.raw_path, owner, body)
+        found = await _find(tasks.store, config, once.name(owner, print_), once, print_, task.id)
+    if found is not None:
+        task = found
+    else:
+        # A sync SDK call's answer is kept only as long as its retries can come for it.
+        kept_s = config.idempotency.sdk_window_s if once and once.key is None else None
+        record = TaskRecord(task=task, owner=owner, submitted_at=time.time())
+        await tasks.store.create(record, job, kept_s)
+    if prefs is not None and prefs.respond_async:
+        response = await _accepted(tasks.store, task, prefs.wait_s)
+    else:
+        response = await _answer(tasks.store, task.id, _SYNC_WAIT_S)
+    if found is not None:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+async def _find(
+    store: TaskStore, config: Config, name: str, once: Once, print_: str, task_id: str
+) -> Task | None:
+    """The task an earlier request of this call made, if any; else this one is remembered."""
+    if once.key is not None:
+        found = await store.remember(
+            name, f"{print_} {task_id}", config.idempotency.retention_s, replace=False
+        )
+        if found is None:
+            return None
+        found_print, _, found_id = found.partition(" ")
+        if not hmac.compare_digest(found_print, print_):
+            raise IdempotencyMismatch()
+    else:
+        # The SDK's first attempt is a new generation (a user may re-roll a prompt on purpose);
+        # only its retries attach.
+        first = once.sdk_retry == 0
+        window_s = config.idempotency.sdk_window_s
+        maybe = await store.remember(name, task_id, window_s, replace=first)
+        if maybe is None or first:
+            return None
+        found_id = maybe
+    # The first request stores its task right after remembering it: give it a moment.
+    for _ in range(_FIND_TRIES):
+        if (record := await store.get(found_id)) is not None:
+            return record.task
+        await asyncio.sleep(_FIND_PAUSE_S)
+    raise IdempotentCallPending()
+
+
+async def _accepted(store: TaskStore, task: Task, wait_s: float | None) -> web.Response:
+    """202 with the task, or the ordinary answer if it ends within `wait_s`."""
+    if wait_s:
+        ended = await wait_terminal(store, task.id, wait_s)
+        if ended is not None and (answer := await store.result(task.id)) is not None:
             return replay(answer)
     response = _task_response(task, status=202)
     response.headers.update(
@@ -128,6 +198,20 @@ async def submit(request: web.Request, call: Call, prefs: Preferences) -> web.St
         }
     )
     return response
+
+
+async def _answer(store: TaskStore, task_id: str, within_s: float) -> web.Response:
+    """The task's answer as the sync call would have returned it, once it has one. A caller
+    that leaves meanwhile leaves the task running: its retry comes for the answer."""
+    ended = await wait_terminal(store, task_id, within_s)
+    if ended is None:
+        raise UpstreamTimeout()
+    if ended.status == "cancelled":
+        raise TaskCancelled()
+    answer = await store.result(task_id)
+    if answer is None:
+        raise NotFound("The call's answer is no longer kept.")
+    return replay(answer)
 
 
 @renders_errors

@@ -24,6 +24,7 @@ from gateway.errors import (
     StoreUnavailable,
     UpstreamBroken,
     UpstreamTimeout,
+    UpstreamUnreachable,
 )
 from gateway.headers import header_pairs, strip_hop_by_hop
 from gateway.metrics import METRICS, Metrics
@@ -103,7 +104,8 @@ class Worker:
     async def _outcome(self, claim: Claim) -> tuple[StoredResponse, TaskError | None] | None:
         """The upstream call's answer, or None if the task was cancelled while it ran."""
         task_id = claim.record.task.id
-        call = asyncio.ensure_future(self._call(claim.job, task_id))
+        model = self._metrics.model_label(claim.record.task.model)
+        call = asyncio.ensure_future(self._call(claim.job, task_id, model))
         cancel = asyncio.ensure_future(self._cancelled(task_id))
         lease = asyncio.ensure_future(self._renew(task_id))
         try:
@@ -158,7 +160,12 @@ class Worker:
             except StoreUnavailable:
                 await asyncio.sleep(_RETRY_S)
 
-    async def _call(self, job: Job, task_id: str) -> tuple[StoredResponse, TaskError | None]:
+    async def _call(
+        self, job: Job, task_id: str, model: str
+    ) -> tuple[StoredResponse, TaskError | None]:
+        """The upstream call, measured as the pass-through measures its own."""
+        up: aiohttp.ClientResponse | None = None
+        sent_at = time.monotonic()
         try:
             async with asyncio.timeout(job.deadline_s):
                 up = await self._upstream.send(
@@ -172,12 +179,20 @@ class Worker:
                 async with up:
                     body = await _read(up, self._config.tasks.result_max_bytes)
         except TimeoutError:
+            self._metrics.upstream_timeouts(model, "total" if up is None else "read").inc()
             failure: GatewayError = UpstreamTimeout()
         except aiohttp.ClientError:
             failure = UpstreamBroken()
+        except UpstreamUnreachable as exc:
+            if exc.timed_out:
+                self._metrics.upstream_timeouts(model, "connect").inc()
+            failure = exc
         except GatewayError as exc:
             failure = exc
         else:
+            self._metrics.upstream_duration(model, str(up.status)).observe(
+                time.monotonic() - sent_at
+            )
             answer = StoredResponse(
                 status=up.status, headers=header_pairs(strip_hop_by_hop(up.headers)), body=body
             )

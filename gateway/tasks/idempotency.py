@@ -1,0 +1,55 @@
+"""Calls that run once: `Idempotency-Key`, and the OpenAI SDK's own retries.
+
+A keyed call (async or sync) is a task found again by its key; a sync call from the OpenAI SDK
+(it sends `x-stainless-retry-count`) runs as a task too, so a retry after a dropped connection
+attaches to the generation already under way instead of paying for another. Only hashes are
+stored: a fingerprint of the request, never the prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import msgspec
+from multidict import MultiMapping
+
+from gateway.errors import BadRequest
+
+_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as Stripe and the IETF draft allow
+SDK_RETRY_HEADER = "x-stainless-retry-count"
+
+
+class Once(msgspec.Struct, frozen=True):
+    """How a call is made to run once: by the caller's key, or by the SDK's retry count."""
+
+    key: str | None = None
+    sdk_retry: int | None = None
+
+    def name(self, owner: str, fingerprint: str) -> str:
+        """The store name under which the call is found again, scoped to the credential."""
+        scope = (
+            f"key\0{owner}\0{self.key}" if self.key is not None else f"sdk\0{owner}\0{fingerprint}"
+        )
+        return hashlib.sha256(scope.encode()).hexdigest()
+
+
+def once(headers: MultiMapping[str]) -> Once | None:
+    """The caller's wish for a call that runs once, if it made one."""
+    key = headers.get("Idempotency-Key")
+    if key is not None:
+        if not _KEY.fullmatch(key):
+            raise BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters.")
+        return Once(key=key)
+    retry = headers.get(SDK_RETRY_HEADER)
+    if retry is not None and retry.isdecimal() and len(retry) < 6:
+        return Once(sdk_retry=int(retry))
+    return None
+
+
+def fingerprint(method: str, path_qs: str, owner: str, body: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in (method.encode(), path_qs.encode(), owner.encode()):
+        digest.update(len(part).to_bytes(4, "big") + part)
+    digest.update(body)
+    return digest.hexdigest()
