@@ -171,3 +171,21 @@ async def test_a_malformed_key_is_refused(
         assert resp.status == 400
         assert (await resp.json())["error"]["type"] == "invalid_request_error"
     assert fake.stats.requests == 0
+
+
+async def test_an_sdk_retry_attaches_only_to_its_own_credentials_call(
+    gateway: Gateway, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    first = asyncio.ensure_future(
+        _post(http, gateway, {**KEY, "x-stainless-retry-count": "0", "X-Fake-Latency": "0.5"})
+    )
+    while fake.stats.running == 0:
+        await asyncio.sleep(0.01)
+    retry = {"x-stainless-retry-count": "1", "X-Fake-Latency": "0.5"}
+    (_, mine, _), (_, theirs, _) = await asyncio.gather(
+        _post(http, gateway, {**KEY, **retry}), _post(http, gateway, {**OTHER, **retry})
+    )
+    assert (await first)[0] == 200
+    assert mine["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in theirs
+    assert fake.stats.requests == 2  # tenant A's one generation, and tenant B's own

@@ -87,9 +87,12 @@ def wait_port(port: int, within_s: float = 15) -> None:
 
 
 @contextlib.contextmanager
-def running(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[int]:
+def running(
+    args: list[str], port: int, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Iterator[int]:
     proc = subprocess.Popen(
         args,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, **(env or {})},
@@ -140,9 +143,12 @@ def nginx_worker(master: int) -> int:
     return int(children[0])
 
 
-def wrk(url: str, connections: int, seconds: int) -> tuple[float, float]:
+def wrk(
+    url: str, connections: int, seconds: int, script: Path | None = None
+) -> tuple[float, float]:
+    extra = ["-s", str(script)] if script is not None else []
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *extra, url],
         capture_output=True,
         text=True,
         check=True,
