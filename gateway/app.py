@@ -47,7 +47,8 @@ def create_app(config: Config) -> web.Application:
     app.on_response_prepare.append(add_request_id)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_view)
+    if not config.server.metrics_port:
+        app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/v1/tasks/{task_id}", task_view)
     app.router.add_delete("/v1/tasks/{task_id}", cancel_view)
     app.router.add_get("/v1/tasks/{task_id}/result", result_view)
@@ -59,11 +60,24 @@ def create_app(config: Config) -> web.Application:
 
 
 def create_worker_app(config: Config) -> web.Application:
-    """`gateway worker`: the task workers alone, run by an AppRunner with no site."""
+    """`gateway worker`: the task workers alone; HTTP only on the metrics port, if set."""
     app = web.Application()
     app[CONFIG] = config
     app[METRICS] = Metrics(config.timeouts.models)
+    app[READINESS] = Readiness()
     _add_tasks(app, config)
+    return app
+
+
+def create_metrics_app(main: web.Application) -> web.Application:
+    """The operators' port: /metrics, /healthz and /readyz of `main`, out of tenants' reach."""
+    app = web.Application()
+    app[METRICS] = main[METRICS]
+    app[TASKS] = main[TASKS]
+    app[READINESS] = main[READINESS]
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     return app
 
 

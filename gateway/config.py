@@ -35,6 +35,11 @@ class ServerConfig(_Section, frozen=True):
     # Idle caller connections are closed after this long without a request.
     idle_timeout_s: float = 75.0
     access_log: bool = True
+    # Access log lines as JSON objects instead of text.
+    access_log_json: bool = False
+    # Serve /metrics (with /healthz and /readyz) on this port instead of the main one, so
+    # tenants cannot read it (0: on the main port). `gateway worker` serves only this.
+    metrics_port: int = 0
 
 
 class UpstreamConfig(_Section, frozen=True):

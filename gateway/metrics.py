@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import platform
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Generic, TypeVar
 
+import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from gateway import __version__
 from gateway.errors import StoreUnavailable
-from gateway.tasks.service import TASKS
 
 # Image calls take 10-600 s; resolve 1 s to 15 min, with a few sub-second buckets for the
 # models list and errors.
@@ -140,6 +142,66 @@ class Metrics:
             registry=r,
         )
         self.sse_clients = Gauge("gateway_sse_clients", "Open task event streams.", registry=r)
+        self.task_workers = Gauge(
+            "gateway_task_workers", "Task worker loops alive in this process.", registry=r
+        )
+        self.worker_heartbeat = Gauge(
+            "gateway_task_worker_heartbeat_timestamp_seconds",
+            "When a worker of this process last asked the store for work (Unix time).",
+            registry=r,
+        )
+        self.store_duration = _Labelled(
+            Histogram(
+                "gateway_store_duration_seconds",
+                "Task store (Redis) calls, by operation.",
+                ["op"],
+                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+                registry=r,
+            )
+        )
+        self.store_errors = _Labelled(
+            Counter(
+                "gateway_store_errors",
+                "Task store (Redis) calls that failed to reach it, by operation.",
+                ["op"],
+                registry=r,
+            )
+        )
+        self.pool_in_use = Gauge(
+            "gateway_upstream_connections_in_use",
+            "Upstream connections carrying a call.",
+            registry=r,
+        )
+        self.pool_idle = Gauge(
+            "gateway_upstream_connections_idle",
+            "Upstream connections kept alive, idle.",
+            registry=r,
+        )
+        self.pool_size = Gauge(
+            "gateway_upstream_pool_size",
+            "Most upstream connections at once (0: no limit).",
+            registry=r,
+        )
+        Info("gateway_build", "The running gateway.", registry=r).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
+
+        # Gauges read from elsewhere (the task store's queue) just before each scrape.
+        self.before_scrape: list[Callable[[], Awaitable[None]]] = []
+
+    def store_call(self, op: str, seconds: float, reached: bool) -> None:
+        self.store_duration(op).observe(seconds)
+        if not reached:
+            self.store_errors(op).inc()
+
+    def watch_pool(self, connector: aiohttp.TCPConnector, size: int) -> None:
+        """Pool use, read at scrape time. aiohttp has no public count of connections in use, so
+        this reads its bookkeeping; a future aiohttp that renames it reads as 0, not a crash."""
+        self.pool_size.set(size)
+        self.pool_in_use.set_function(lambda: len(getattr(connector, "_acquired", ())))
+        self.pool_idle.set_function(
+            lambda: sum(len(conns) for conns in getattr(connector, "_conns", {}).values())
+        )
 
     def model_label(self, model: str | None) -> str:
         """Bounded label values: a caller cannot mint new series with made-up model names."""
@@ -151,7 +213,8 @@ METRICS = web.AppKey("metrics", Metrics)
 
 async def metrics_view(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
-    with contextlib.suppress(StoreUnavailable):  # the scrape still shows everything else
-        metrics.task_queue_depth.set(await request.app[TASKS].store.queue_depth())
+    for refresh in metrics.before_scrape:
+        with contextlib.suppress(StoreUnavailable):  # the scrape still shows everything else
+            await refresh()
     body = generate_latest(metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

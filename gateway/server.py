@@ -8,8 +8,8 @@ import signal
 
 from aiohttp import web
 
-from gateway.accesslog import AccessLogger, access_logger
-from gateway.app import create_app, create_worker_app
+from gateway.accesslog import AccessLogger, JsonAccessLogger, access_logger
+from gateway.app import create_app, create_metrics_app, create_worker_app
 from gateway.config import Config, ConfigError
 from gateway.health import READINESS
 from gateway.netopts import listening_socket
@@ -27,7 +27,7 @@ async def start(app: web.Application, config: Config) -> web.AppRunner:
         # Accepted sockets inherit the listening socket's keep-alive options (set in full there);
         # aiohttp's own per-connection SO_KEEPALIVE call would only repeat part of that.
         tcp_keepalive=False,
-        access_log_class=AccessLogger,
+        access_log_class=JsonAccessLogger if config.server.access_log_json else AccessLogger,
         access_log=access_logger if config.server.access_log else None,
         keepalive_timeout=config.server.idle_timeout_s,
         shutdown_timeout=config.server.drain_timeout_s,
@@ -40,6 +40,17 @@ async def start(app: web.Application, config: Config) -> web.AppRunner:
     return runner
 
 
+async def start_metrics(main: web.Application, config: Config) -> web.AppRunner | None:
+    """The operators' port (`server.metrics_port`), when one is configured."""
+    if not config.server.metrics_port:
+        return None
+    runner = web.AppRunner(create_metrics_app(main), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, config.server.host, config.server.metrics_port).start()
+    logger.info("metrics and probes on port %d", config.server.metrics_port)
+    return runner
+
+
 async def serve(config: Config) -> None:
     app = create_app(config)
     runner = await start(app, config)
@@ -47,11 +58,14 @@ async def serve(config: Config) -> None:
         "gateway listening on %s, upstream %s", runner.addresses[0][:2], config.upstream.url
     )
     logger.info("async tasks: %s", describe_store(config))
+    operators = await start_metrics(app, config)
     await _until_signalled()
     logger.info("draining: in-flight calls get up to %.0f s", config.server.drain_timeout_s)
     app[READINESS].draining = True
     # Closes the listening socket first, then waits for in-flight handlers up to the drain timeout.
     await runner.cleanup()
+    if operators is not None:
+        await operators.cleanup()
     logger.info("stopped")
 
 
@@ -59,12 +73,17 @@ async def work(config: Config) -> None:
     """`gateway worker`: task workers without HTTP, sharing the Redis of the serving replicas."""
     if config.tasks.redis_url is None:
         raise ConfigError("gateway worker needs Redis (GATEWAY_REDIS_URL or tasks.redis_url)")
-    runner = web.AppRunner(create_worker_app(config), handle_signals=False)
+    app = create_worker_app(config)
+    runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     logger.info("%d task workers on %s", config.tasks.workers, describe_store(config))
+    operators = await start_metrics(app, config)
     await _until_signalled()
     logger.info("draining: running tasks get up to %.0f s", config.server.drain_timeout_s)
+    app[READINESS].draining = True
     await runner.cleanup()
+    if operators is not None:
+        await operators.cleanup()
     logger.info("stopped")
 
 

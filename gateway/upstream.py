@@ -14,6 +14,7 @@ from yarl import URL
 
 from gateway.config import Config, TcpKeepaliveConfig
 from gateway.errors import UpstreamUnreachable
+from gateway.metrics import METRICS
 from gateway.netopts import set_keepalive
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,9 @@ def upstream_ctx(config: Config) -> Callable[[web.Application], AsyncIterator[No
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         session = open_session(config)
         app[UPSTREAM] = Upstream(session, config.upstream.url)
+        connector = session.connector
+        if isinstance(connector, aiohttp.TCPConnector):
+            app[METRICS].watch_pool(connector, config.upstream.pool_size)
         yield
         await session.close()
 

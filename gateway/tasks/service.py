@@ -18,6 +18,7 @@ from yarl import URL
 from gateway.auth import presented_key
 from gateway.config import Config
 from gateway.errors import NotFound, Unauthorized
+from gateway.metrics import METRICS
 from gateway.tasks.memory import MemoryStore
 from gateway.tasks.models import TaskRecord, TaskStore
 from gateway.tasks.store import RedisStore
@@ -64,7 +65,14 @@ TASKS = web.AppKey("tasks", TaskService)
 
 
 async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
-    service = app[TASKS]
+    service, metrics = app[TASKS], app[METRICS]
+    if isinstance(service.store, RedisStore):
+        service.store.observe = metrics.store_call
+
+    async def queue_depth() -> None:
+        metrics.task_queue_depth.set(await service.store.queue_depth())
+
+    metrics.before_scrape.append(queue_depth)
     await service.start()
     yield
     await service.store.close()

@@ -17,6 +17,7 @@ import functools
 import logging
 import re
 import secrets
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
@@ -147,14 +148,22 @@ def _store_call(
     cancellation is never lost. redis-py can swallow a CancelledError that lands mid-command
     (redis/redis-py#2028, #2551); a worker or SSE stream would then outlive its shutdown."""
 
+    op = method.__name__
+
     @functools.wraps(method)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         task = asyncio.current_task()
         cancels = task.cancelling() if task is not None else 0
+        observe = args[0].observe if args and isinstance(args[0], RedisStore) else None
+        started = time.monotonic()
         try:
             result = await method(*args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            if observe is not None:
+                observe(op, time.monotonic() - started, False)
             raise StoreUnavailable() from exc
+        if observe is not None:
+            observe(op, time.monotonic() - started, True)
         if task is not None and task.cancelling() > cancels:
             raise asyncio.CancelledError()
         return result
@@ -189,6 +198,8 @@ class RedisStore:
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew_slots = redis.register_script(_RENEW_SLOTS)
         self._held: dict[str, _Held] = {}  # the tasks this worker runs
+        # Told of every store call (operation, seconds, whether Redis was reached): metrics.
+        self.observe: Callable[[str, float, bool], None] | None = None
         self._next_reclaim = 0.0
         self._wakers: dict[str, asyncio.Event] = {}
         self._listener: asyncio.Task[None] | None = None

@@ -63,7 +63,15 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
+        self._metrics.task_workers.inc()
+        try:
+            await self._loop()
+        finally:
+            self._metrics.task_workers.dec()
+
+    async def _loop(self) -> None:
         while not self._stopping.is_set():
+            self._metrics.worker_heartbeat.set_to_current_time()
             try:
                 # A claim cut short by the stop leaves at most one task claimed but not run;
                 # its lease hands it on.

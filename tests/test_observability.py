@@ -1,0 +1,77 @@
+"""What operators see: metrics beyond the request counters, JSON access logs, the metrics port."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import Fake, GatewayFactory, Spawn
+from tests.procs import free_port
+
+KEY = {"Authorization": "Bearer sk-secret-tenant-key"}
+GENERATE = {"model": "gpt-image-1", "prompt": "a secret lighthouse"}
+
+
+async def test_store_pool_workers_and_build_are_exported(
+    gateway_factory: GatewayFactory, store: dict[str, Any], http: aiohttp.ClientSession
+) -> None:
+    gateway = await gateway_factory(tasks={**store, "workers": 3})
+    async with http.post(
+        f"{gateway.url}/v1/images/generations",
+        json=GENERATE,
+        headers={**KEY, "Prefer": "respond-async, wait=5"},
+    ) as resp:
+        assert resp.status == 200
+    async with http.get(f"{gateway.url}/metrics") as resp:
+        text = await resp.text()
+    assert 'gateway_build_info{python="' in text
+    assert gateway.sample("gateway_task_workers") == 3
+    assert gateway.sample("gateway_task_worker_heartbeat_timestamp_seconds") > 0
+    assert gateway.sample("gateway_upstream_connections_idle") >= 1  # kept alive after the call
+    assert gateway.sample("gateway_upstream_connections_in_use") == 0
+    created = gateway.sample("gateway_store_duration_seconds_count", op="create")
+    assert created == (1 if store else 0)  # the embedded store makes no round trips to time
+
+
+async def test_json_access_log_lines_carry_the_call_and_no_secrets(
+    gateway_factory: GatewayFactory,
+    fake: Fake,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gateway = await gateway_factory(server={"access_log_json": True})
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        async with http.post(
+            f"{gateway.url}/v1/images/generations",
+            json=GENERATE,
+            headers={**KEY, "X-Request-ID": "req-42"},
+        ) as resp:
+            assert resp.status == 200
+            await resp.read()
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
+    assert lines[-1]["request_id"] == "req-42"
+    assert lines[-1]["route"] == "/v1/images/generations"
+    assert lines[-1]["model"] == "gpt-image-1"
+    assert lines[-1]["status"] == 200
+    assert lines[-1]["upstream_ms"] >= 0
+    logged = caplog.text
+    assert "sk-secret-tenant-key" not in logged
+    assert "secret lighthouse" not in logged
+
+
+async def test_the_metrics_port_keeps_metrics_away_from_tenants(spawn: Spawn, fake: Fake) -> None:
+    port = free_port()
+    _, url = await spawn(f"[server]\nmetrics_port = {port}\n[upstream]\nurl = '{fake.url}/v1'\n")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/metrics") as resp:
+            assert resp.status == 404
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            assert resp.status == 200
+            assert "gateway_requests_total" in await resp.text()
+        for probe in ("/healthz", "/readyz"):
+            async with http.get(f"http://127.0.0.1:{port}{probe}") as resp:
+                assert resp.status == 200
