@@ -41,7 +41,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[AUTH] = Auth(config.auth)
-    app[METRICS] = Metrics(config.timeouts.models)
+    app[METRICS] = Metrics(config.timeouts.models, config.timeouts.default_s)
     app[READINESS] = Readiness()
     _add_tasks(app, config)
     app.on_response_prepare.append(add_request_id)
@@ -63,7 +63,7 @@ def create_worker_app(config: Config) -> web.Application:
     """`gateway worker`: the task workers alone; HTTP only on the metrics port, if set."""
     app = web.Application()
     app[CONFIG] = config
-    app[METRICS] = Metrics(config.timeouts.models)
+    app[METRICS] = Metrics(config.timeouts.models, config.timeouts.default_s)
     app[READINESS] = Readiness()
     _add_tasks(app, config)
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Generic, TypeVar
 
 import aiohttp
@@ -60,10 +60,20 @@ class _Labelled(Generic[_M]):
 
 
 class Metrics:
-    def __init__(self, models: Iterable[str]) -> None:
+    def __init__(self, deadlines: Mapping[str, float], default_deadline_s: float = 300.0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._models = frozenset(models)
+        self._models = frozenset(deadlines)
         r = self.registry
+        # The configured deadlines beside the observed latencies (the timeout-tuning board).
+        deadline = Gauge(
+            "gateway_model_deadline_seconds",
+            "Configured end-to-end deadline per model ('other': the default).",
+            ["model"],
+            registry=r,
+        )
+        for model, seconds in deadlines.items():
+            deadline.labels(model).set(seconds)
+        deadline.labels("other").set(default_deadline_s)
         self.requests = _Labelled(
             Counter(
                 "gateway_requests",

@@ -21,15 +21,27 @@ def free_port() -> int:
 class GatewayProcess:
     """`python -m gateway ARGS` with its log in a file, started and reaped by the test."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        log: Path,
+        env: dict[str, str] | None = None,
+        *,
+        program: list[str] | None = None,
+    ) -> None:
         self.log = log
         self._log_file = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", *args],
+            program or [sys.executable, "-m", "gateway", *args],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
+
+    @classmethod
+    def command(cls, argv: list[str], log: Path) -> GatewayProcess:
+        """Another program the tests need beside the gateway (Prometheus), handled alike."""
+        return cls([], log, program=argv)
 
     async def wait_listening(self, port: int, within_s: float = 15.0) -> None:
         deadline = time.monotonic() + within_s
