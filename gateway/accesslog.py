@@ -15,6 +15,7 @@ import uuid
 import msgspec
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 access_logger = logging.getLogger("gateway.access")
 
@@ -122,3 +123,22 @@ class JsonAccessLogger(AccessLogger):
                 bytes_out=response.body_length,
             )
         self.logger.info("%s", _encode_line(line).decode())
+
+
+class QuietBadRequests(logging.Filter):
+    """aiohttp logs a client's malformed request (too many headers, bad framing) as an ERROR
+    with a traceback; it is the client's fault, so it becomes one WARNING line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "bad request from a client: %s", (exc.message,)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_bad_requests() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, QuietBadRequests) for f in server_log.filters):
+        server_log.addFilter(QuietBadRequests())

@@ -8,7 +8,7 @@ import signal
 
 from aiohttp import web
 
-from gateway.accesslog import AccessLogger, JsonAccessLogger, access_logger
+from gateway.accesslog import AccessLogger, JsonAccessLogger, access_logger, quiet_bad_requests
 from gateway.app import create_app, create_metrics_app, create_worker_app
 from gateway.config import Config, ConfigError
 from gateway.health import READINESS
@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 async def start(app: web.Application, config: Config) -> web.AppRunner:
     """Serve `app` on the configured address (port 0 picks a free one: `runner.addresses`)."""
+    quiet_bad_requests()
     runner = web.AppRunner(
         app,
         # A caller that hangs up must stop its upstream call now, not when it would have ended.
