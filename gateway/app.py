@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.accesslog import add_request_id
+from gateway.admission import ADMISSION, Admission
 from gateway.auth import AUTH, Auth
 from gateway.config import CONFIG, Config
 from gateway.errors import not_found
@@ -43,6 +44,7 @@ def create_app(config: Config) -> web.Application:
     app[AUTH] = Auth(config.auth)
     app[METRICS] = Metrics(config.timeouts.models, config.timeouts.default_s)
     app[READINESS] = Readiness()
+    app[ADMISSION] = Admission(config.admission)
     _add_tasks(app, config)
     app.on_response_prepare.append(add_request_id)
     app.router.add_get("/healthz", healthz)

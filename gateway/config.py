@@ -134,6 +134,16 @@ class IdempotencyConfig(_Section, frozen=True):
     sdk_calls_as_tasks: bool = True
 
 
+class AdmissionConfig(_Section, frozen=True):
+    # Sync upstream calls at once per model on this replica (0: no limit); split APIYI's
+    # per-model concurrency among the replicas. Callers over it wait, credentials in turn, until
+    # their deadline, then get 429 with Retry-After. (Async tasks: tasks.model_concurrency.)
+    model_concurrency: dict[str, int] = msgspec.field(default_factory=dict)
+    default_concurrency: int = 0
+    # Most sync callers waiting at once on this replica; more get 429 at once.
+    max_waiting: int = 1000
+
+
 class AuthConfig(_Section, frozen=True):
     # SHA-256 hex digests of the client keys accepted when the gateway injects its own key.
     client_key_sha256: frozenset[str] = frozenset()
@@ -148,6 +158,7 @@ class Config(_Section, frozen=True):
     timeouts: TimeoutsConfig = TimeoutsConfig()
     tasks: TasksConfig = TasksConfig()
     idempotency: IdempotencyConfig = IdempotencyConfig()
+    admission: AdmissionConfig = AdmissionConfig()
     auth: AuthConfig = AuthConfig()
 
 

@@ -8,6 +8,7 @@ OpenAI-shaped errors for the failures it alone can see.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -17,7 +18,8 @@ import msgspec
 from aiohttp import web
 
 from gateway.accesslog import CALL, Call
-from gateway.auth import AUTH
+from gateway.admission import ADMISSION, Overloaded
+from gateway.auth import AUTH, presented_key
 from gateway.config import CONFIG, Config
 from gateway.errors import (
     BodyTooLarge,
@@ -163,8 +165,12 @@ async def _forward(request: web.Request, call: Call, metrics: Metrics) -> web.St
     upstream = request.app[UPSTREAM]
     data: bytes | _Body | None = None
     out: web.StreamResponse | None = None
+    admitted = False
     try:
-        async with asyncio.timeout_at(_deadline(call, config)) as scope:
+        async with (
+            contextlib.AsyncExitStack() as held,
+            asyncio.timeout_at(_deadline(call, config)) as scope,
+        ):
             if not request.body_exists:
                 pass
             elif length is not None and length <= _SMALL_BODY:
@@ -176,6 +182,11 @@ async def _forward(request: web.Request, call: Call, metrics: Metrics) -> web.St
                         scope.reschedule(when)
             else:
                 data = _Body(request, call, config, scope)
+            admission = request.app[ADMISSION]
+            if admission.limited(call.model):
+                caller = presented_key(request.headers) or ""
+                await held.enter_async_context(admission.slot(call.model, caller))
+            admitted = True
 
             sent_at = asyncio.get_running_loop().time()
             try:
@@ -218,6 +229,8 @@ async def _forward(request: web.Request, call: Call, metrics: Metrics) -> web.St
             metrics.upstream_duration(model, str(up.status)).observe(call.upstream_s)
             return out
     except TimeoutError:
+        if not admitted:
+            raise Overloaded("The deadline passed while waiting for this model.") from None
         streaming = out is not None and out.prepared
         phase = "read" if streaming else "total"
         metrics.upstream_timeouts(metrics.model_label(call.model), phase).inc()
