@@ -165,7 +165,7 @@ async def _forward(request: web.Request, call: Call, metrics: Metrics) -> web.St
     upstream = request.app[UPSTREAM]
     data: bytes | _Body | None = None
     out: web.StreamResponse | None = None
-    admitted = False
+    queued = False  # waiting for an upstream slot: a deadline passing there is a 429
     try:
         async with (
             contextlib.AsyncExitStack() as held,
@@ -184,9 +184,10 @@ async def _forward(request: web.Request, call: Call, metrics: Metrics) -> web.St
                 data = _Body(request, call, config, scope)
             admission = request.app[ADMISSION]
             if admission.limited(call.model):
+                queued = True
                 caller = presented_key(request.headers) or ""
                 await held.enter_async_context(admission.slot(call.model, caller))
-            admitted = True
+                queued = False
 
             sent_at = asyncio.get_running_loop().time()
             try:
@@ -229,7 +230,7 @@ async def _forward(request: web.Request, call: Call, metrics: Metrics) -> web.St
             metrics.upstream_duration(model, str(up.status)).observe(call.upstream_s)
             return out
     except TimeoutError:
-        if not admitted:
+        if queued:
             raise Overloaded("The deadline passed while waiting for this model.") from None
         streaming = out is not None and out.prepared
         phase = "read" if streaming else "total"

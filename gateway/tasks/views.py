@@ -44,6 +44,8 @@ ASYNC_ROUTES = frozenset(
     )
 )
 _HEARTBEAT_S = 15.0
+# A client that stops reading its event stream is dropped after this, not buffered for.
+_SEND_TIMEOUT_S = 30.0
 # A sync task call waits as long as its caller does: the caller's own timeout decides.
 _SYNC_WAIT_S = 24 * 3600.0
 _FIND_TRIES = 100
@@ -252,7 +254,9 @@ async def events_view(request: web.Request) -> web.StreamResponse:
     except ValueError:
         raise BadRequest("Last-Event-ID is not an event of this task.") from None
     clients = request.app[METRICS].sse_clients
-    async with sse_response(request, ping_interval=_HEARTBEAT_S) as sse:
+    async with sse_response(
+        request, ping_interval=_HEARTBEAT_S, send_timeout=_SEND_TIMEOUT_S
+    ) as sse:
         clients.inc()
         try:
             await _stream(tasks, task_id, after, sse)
