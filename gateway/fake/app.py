@@ -210,6 +210,7 @@ async def stats_view(request: web.Request) -> web.Response:
             "running": stats.running,
             "connections": len(stats.peers),
             "by_path": stats.by_path,
+            "max_calls_per_key": max(stats.by_key.values(), default=0),
         }
     )
 

@@ -36,12 +36,15 @@ class FakeStats:
     running: int = 0
     peak_running: int = 0  # most requests held at once: what concurrency limits must bound
     by_path: collections.Counter[str] = field(default_factory=collections.Counter)
+    # Calls per Idempotency-Key (the gateway forwards it): a key seen twice was paid twice.
+    by_key: collections.Counter[str] = field(default_factory=collections.Counter)
     peers: set[str] = field(default_factory=set)
     last: dict[str, Any] = field(default_factory=dict)
 
     def reset(self) -> None:
         self.requests = self.cancelled = self.running = self.peak_running = 0
         self.by_path.clear()
+        self.by_key.clear()
         self.peers.clear()
         self.last = {}
 
@@ -199,6 +202,8 @@ async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[BODY] = body
     stats.requests += 1
     stats.by_path[request.path] += 1
+    if key := request.headers.get("Idempotency-Key"):
+        stats.by_key[key] += 1
     stats.peers.add(str(request.transport.get_extra_info("peername") if request.transport else ""))
     stats.last = {
         "method": request.method,
