@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from gateway.fake import png_b64
 from tests.conftest import Fake, Gateway, GatewayFactory
 
 
@@ -67,3 +68,31 @@ async def _available(reader: asyncio.StreamReader) -> bytes:
         return await asyncio.wait_for(reader.read(1000), 0.01)
     except TimeoutError:
         return b""
+
+
+async def test_a_caller_that_never_reads_a_large_answer_is_dropped_at_its_deadline(
+    gateway: Gateway, fake: Fake
+) -> None:
+    png_b64(20_000_000)  # made once beforehand, so the answer starts streaming at once
+    reader, writer = await _connect(gateway)
+    body = b'{"model": "gpt-image-1", "prompt": "x"}'
+    writer.write(
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-a\r\n"
+        b"Content-Type: application/json\r\nX-Request-Timeout: 2\r\n"
+        b"X-Fake-Image-Bytes: 20000000\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await writer.drain()
+    await asyncio.sleep(3)  # never reading while the deadline passes
+    received, closed = 0, False
+    try:
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 2):
+            received += len(chunk)
+        closed = True
+    except ConnectionError:
+        closed = True
+    assert closed  # cut off, not left hanging
+    # The gateway gave up on the caller (the answer is 27 MB of base64): it did not buffer the
+    # rest for it, and the upstream call it was reading is gone too.
+    assert received < 20_000_000
+    assert fake.stats.running == 0
+    writer.close()

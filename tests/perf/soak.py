@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 
 from gateway.fake import png
 from tests.procs import GatewayProcess, free_port
@@ -41,6 +42,16 @@ KEY = {"Authorization": "Bearer sk-soak"}
 SIZES = (2_000, 30_000, 200_000)
 TERMINAL = ("completed", "failed", "cancelled")
 FAULTS = ("", "", "", "503", "429", "reset", "hang", "trickle")
+
+
+async def _read_ok(http: aiohttp.ClientSession, url: str) -> bytes:
+    """A body as a patient client gets it: a 503 just after a Redis restart is retried."""
+    for _ in range(40):
+        async with http.get(url, headers=KEY) as resp:
+            if resp.status != 503:
+                return await resp.read()
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"{url}: still 503 after 10 s")
 
 
 def rss_mb(pid: int) -> float:
@@ -82,7 +93,9 @@ class Soak:
         return f"http://127.0.0.1:{self.ports[random.choice('AB')]}"
 
     async def one(self, http: aiohttp.ClientSession) -> None:
-        kind = random.choice(("sync", "sync", "async", "keyed", "chat", "edit", "hangup"))
+        kind = random.choice(
+            ("sync", "sync", "async", "keyed", "chat", "edit", "hangup", "slowread")
+        )
         self.counts[f"requests {kind}"] += 1
         try:
             await getattr(self, f"_{kind}")(http)
@@ -168,6 +181,19 @@ class Soak:
         if resp.status != 200 or base64.b64decode(answer["data"][0]["b64_json"]) != image:
             self.violations.append(f"edit: {resp.status}")
 
+    async def _slowread(self, http: aiohttp.ClientSession) -> None:
+        """A caller on a bad link: 16 KB at a time, with pauses."""
+        async with http.post(
+            f"{self.url()}/v1/images/generations", **self._generate(SIZES[-1])
+        ) as resp:
+            body = b""
+            while chunk := await resp.content.read(16_384):
+                body += chunk
+                await asyncio.sleep(0.01)
+        image = base64.b64decode(msgspec.json.decode(body)["data"][0]["b64_json"])
+        if resp.status != 200 or image != png(SIZES[-1]):
+            self.violations.append(f"slow reader: {resp.status}")
+
     async def _hangup(self, http: aiohttp.ClientSession) -> None:
         try:
             async with http.post(
@@ -211,8 +237,7 @@ class Soak:
             stats = await resp.json()
         attempts: dict[str, int] = {}
         for task_id, size in self.tasks.items():
-            async with http.get(f"{b}/v1/tasks/{task_id}/events", headers=KEY) as resp:
-                lines = (await resp.read()).decode().splitlines()
+            lines = (await _read_ok(http, f"{b}/v1/tasks/{task_id}/events")).decode().splitlines()
             events = [line[7:] for line in lines if line.startswith("event: ")]
             attempts[task_id] = events.count("in_progress")
             ends = [e for e in events if e in TERMINAL]
@@ -220,8 +245,8 @@ class Soak:
             if len(ends) != 1:
                 self.violations.append(f"task {task_id}: terminal events {ends}")
             elif ends[0] == "completed":
-                async with http.get(f"{b}/v1/tasks/{task_id}/result", headers=KEY) as resp:
-                    image = base64.b64decode((await resp.json())["data"][0]["b64_json"])
+                answer = msgspec.json.decode(await _read_ok(http, f"{b}/v1/tasks/{task_id}/result"))
+                image = base64.b64decode(answer["data"][0]["b64_json"])
                 if image != png(size):
                     self.violations.append(f"task {task_id}: result differs from the upstream's")
         most = stats["max_calls_per_key"]
