@@ -59,15 +59,7 @@ async def serve(config: Config) -> None:
         "gateway listening on %s, upstream %s", runner.addresses[0][:2], config.upstream.url
     )
     logger.info("async tasks: %s", describe_store(config))
-    operators = await start_metrics(app, config)
-    await _until_signalled()
-    logger.info("draining: in-flight calls get up to %.0f s", config.server.drain_timeout_s)
-    app[READINESS].draining = True
-    # Closes the listening socket first, then waits for in-flight handlers up to the drain timeout.
-    await runner.cleanup()
-    if operators is not None:
-        await operators.cleanup()
-    logger.info("stopped")
+    await _run_until_signalled(app, runner, config, "in-flight calls")
 
 
 async def work(config: Config) -> None:
@@ -78,9 +70,18 @@ async def work(config: Config) -> None:
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     logger.info("%d task workers on %s", config.tasks.workers, describe_store(config))
+    await _run_until_signalled(app, runner, config, "running tasks")
+
+
+async def _run_until_signalled(
+    app: web.Application, runner: web.AppRunner, config: Config, work: str
+) -> None:
+    """Until SIGTERM or SIGINT; then turn unready and drain. The runner's cleanup closes the
+    listening socket first, then waits for in-flight work up to the drain timeout; the
+    operators' port closes last, so probes and metrics see the drain."""
     operators = await start_metrics(app, config)
     await _until_signalled()
-    logger.info("draining: running tasks get up to %.0f s", config.server.drain_timeout_s)
+    logger.info("draining: %s get up to %.0f s", work, config.server.drain_timeout_s)
     app[READINESS].draining = True
     await runner.cleanup()
     if operators is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -31,6 +32,11 @@ class Fake:
     @property
     def stats(self) -> FakeStats:
         return self.runner.app[STATS]
+
+    async def until_running(self, count: int = 1) -> None:
+        """Until `count` generations are under way at the stand-in."""
+        while self.stats.running < count:
+            await asyncio.sleep(0.01)
 
 
 @dataclasses.dataclass

@@ -36,8 +36,7 @@ async def test_one_tenants_flood_does_not_starve_another(
 ) -> None:
     slow = {"X-Fake-Latency": "0.3"}
     flood = [asyncio.ensure_future(_call(http, gateway, {**TENANT_A, **slow})) for _ in range(4)]
-    while fake.stats.running == 0:
-        await asyncio.sleep(0.01)
+    await fake.until_running()
     await asyncio.sleep(0.05)  # the rest of the flood is queued by now
     status, _, b_ended = await _call(http, gateway, {**TENANT_B, **slow})
     a_ends = sorted(ended for _, _, ended in await asyncio.gather(*flood))
@@ -53,8 +52,7 @@ async def test_a_caller_still_waiting_at_its_deadline_gets_429(
     gateway: Gateway, fake: Fake, http: aiohttp.ClientSession
 ) -> None:
     holder = asyncio.ensure_future(_call(http, gateway, {**TENANT_A, "X-Fake-Latency": "2"}))
-    while fake.stats.running == 0:
-        await asyncio.sleep(0.01)
+    await fake.until_running()
     started = time.monotonic()
     async with http.post(
         f"{gateway.url}/v1/images/generations",
@@ -78,8 +76,7 @@ async def test_the_waiting_queue_is_bounded(
     )
     slow = {"X-Fake-Latency": "0.5"}
     holder = asyncio.ensure_future(_call(http, gateway, {**TENANT_A, **slow}))
-    while fake.stats.running == 0:
-        await asyncio.sleep(0.01)
+    await fake.until_running()
     waiter = asyncio.ensure_future(_call(http, gateway, {**TENANT_A, **slow}))
     await asyncio.sleep(0.05)
     status, _, _ = await _call(http, gateway, TENANT_B)
@@ -91,8 +88,7 @@ async def test_other_models_are_not_held_back(
     gateway: Gateway, fake: Fake, http: aiohttp.ClientSession
 ) -> None:
     holder = asyncio.ensure_future(_call(http, gateway, {**TENANT_A, "X-Fake-Latency": "1"}))
-    while fake.stats.running == 0:
-        await asyncio.sleep(0.01)
+    await fake.until_running()
     started = time.monotonic()
     async with http.post(
         f"{gateway.url}/v1/images/generations",

@@ -179,8 +179,7 @@ async def test_an_sdk_retry_attaches_only_to_its_own_credentials_call(
     first = asyncio.ensure_future(
         _post(http, gateway, {**KEY, "x-stainless-retry-count": "0", "X-Fake-Latency": "0.5"})
     )
-    while fake.stats.running == 0:
-        await asyncio.sleep(0.01)
+    await fake.until_running()
     retry = {"x-stainless-retry-count": "1", "X-Fake-Latency": "0.5"}
     (_, mine, _), (_, theirs, _) = await asyncio.gather(
         _post(http, gateway, {**KEY, **retry}), _post(http, gateway, {**OTHER, **retry})

@@ -142,8 +142,7 @@ async def test_tasks_of_a_replica_killed_mid_run_complete_on_another_exactly_onc
     victim, victim_url = await spawn(_config(fake, redis_server, prefix, workers=16, lease_s=2))
     async with aiohttp.ClientSession() as http:
         task_ids = [await _submit(http, victim_url, latency_s=1.5) for _ in range(8)]
-        while fake.stats.running < 8:  # all running on the victim
-            await asyncio.sleep(0.02)
+        await fake.until_running(8)
         _, survivor = await spawn(_config(fake, redis_server, prefix, workers=16, lease_s=2))
         victim.proc.send_signal(signal.SIGKILL)
         assert await victim.wait_exit(within_s=5) == -signal.SIGKILL
@@ -164,8 +163,7 @@ async def test_sigterm_hands_running_tasks_over_and_ends_event_streams_cleanly(
     leaving, leaving_url = await spawn(_config(fake, redis_server, prefix, workers=4))
     async with aiohttp.ClientSession() as http:
         task_ids = [await _submit(http, leaving_url, latency_s=6) for _ in range(3)]
-        while fake.stats.running < 3:
-            await asyncio.sleep(0.02)
+        await fake.until_running(3)
         async with http.get(f"{leaving_url}/v1/tasks/{task_ids[0]}/events", headers=KEY) as sse:
             first = await sse.content.readuntil(b"\r\n\r\n")  # queued
             _, staying = await spawn(_config(fake, redis_server, prefix, workers=4))
@@ -191,8 +189,7 @@ async def test_tasks_complete_across_a_redis_restart(
     _, url = await spawn(_config(fake, own_redis, "gw", workers=4))
     async with aiohttp.ClientSession() as http:
         running = [await _submit(http, url, latency_s=1.5) for _ in range(2)]
-        while fake.stats.running < 2:
-            await asyncio.sleep(0.02)
+        await fake.until_running(2)
         own_redis.stop()  # with AOF, as in production
         await asyncio.sleep(0.5)
         own_redis.start()
