@@ -185,3 +185,33 @@ async def test_a_task_that_keeps_losing_workers_fails_clearly(redis_server: Redi
         assert current.task.error.code == "worker_lost"
     finally:
         await store.close()
+
+
+async def test_a_dead_workers_task_behind_many_healthy_ones_is_still_found(
+    redis_server: RedisServer,
+) -> None:
+    """XAUTOCLAIM examines ten pending entries per call: the scan must go on past them."""
+    healthy = await _redis_store(redis_server, "worker-healthy")
+    dead = await _redis_store(redis_server, "worker-dead")
+    rescuer = await _redis_store(redis_server, "worker-rescuer")
+    try:
+        await healthy._redis.flushall()
+        for n in range(25):
+            await healthy.create(record(f"t{n:02}"), JOB)
+        running = [await healthy.claim(1.0) for _ in range(20)]  # the first 20 in the queue
+        lost = [await dead.claim(1.0) for _ in range(5)]  # the last 5, behind them
+        assert all(running)
+        assert all(lost)
+        found: set[str] = set()
+        deadline = asyncio.get_running_loop().time() + 5
+        while len(found) < 5 and asyncio.get_running_loop().time() < deadline:
+            for claim in running:
+                assert claim is not None
+                await healthy.renew(claim.record.task.id)  # alive: never taken
+            again = await rescuer.claim(0.1)
+            if again is not None:
+                found.add(again.record.task.id)
+        assert found == {c.record.task.id for c in lost if c is not None}
+    finally:
+        for store in (healthy, dead, rescuer):
+            await store.close()

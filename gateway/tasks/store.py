@@ -201,6 +201,7 @@ class RedisStore:
         # Told of every store call (operation, seconds, whether Redis was reached): metrics.
         self.observe: Callable[[str, float, bool], None] | None = None
         self._next_reclaim = 0.0
+        self._reclaim_from: bytes | str = "0-0"
         self._wakers: dict[str, asyncio.Event] = {}
         self._listener: asyncio.Task[None] | None = None
         self._group_ready = False
@@ -286,13 +287,17 @@ class RedisStore:
         now = asyncio.get_running_loop().time()
         if now < self._next_reclaim:
             return None
-        self._next_reclaim = now + self._lease_ms / 1000 / 4
-        _, entries, _ = await self._redis.xautoclaim(
-            self._queue, _GROUP, self._consumer, self._lease_ms, "0-0", count=1
+        # XAUTOCLAIM looks at a few pending entries per call (COUNT x 10) and says where to go
+        # on: the scan must follow that cursor, or a lost task behind ten healthy ones is never
+        # found. A scan that reached the end starts over after a pause.
+        cursor, entries, _ = await self._redis.xautoclaim(
+            self._queue, _GROUP, self._consumer, self._lease_ms, self._reclaim_from, count=1
         )
+        self._reclaim_from = cursor
+        if cursor in (b"0-0", "0-0"):
+            self._next_reclaim = now + self._lease_ms / 1000 / 4
         if not entries:
             return None
-        self._next_reclaim = now  # there may be more: look again on the next claim
         entry_id, fields = entries[0]
         pending = await self._redis.xpending_range(
             self._queue, _GROUP, min=entry_id, max=entry_id, count=1

@@ -42,12 +42,13 @@ KEY = {"Authorization": "Bearer sk-soak"}
 SIZES = (2_000, 30_000, 200_000)
 TERMINAL = ("completed", "failed", "cancelled")
 FAULTS = ("", "", "", "503", "429", "reset", "hang", "trickle")
+_HANG_S = 60.0
 
 
 async def _read_ok(http: aiohttp.ClientSession, url: str) -> bytes:
     """A body as a patient client gets it: a 503 just after a Redis restart is retried."""
     for _ in range(40):
-        async with http.get(url, headers=KEY) as resp:
+        async with http.get(url, headers=KEY, timeout=aiohttp.ClientTimeout(total=30)) as resp:
             if resp.status != 503:
                 return await resp.read()
         await asyncio.sleep(0.25)
@@ -98,8 +99,15 @@ class Soak:
         )
         self.counts[f"requests {kind}"] += 1
         try:
-            await getattr(self, f"_{kind}")(http)
-        except (aiohttp.ClientConnectionError, TimeoutError):
+            # No call may hang: the longest legitimate one (a slow reader) takes seconds.
+            async with asyncio.timeout(_HANG_S):
+                try:
+                    await getattr(self, f"_{kind}")(http)
+                except TimeoutError:
+                    self.counts["requests cut by chaos or by the caller"] += 1
+        except TimeoutError:
+            self.violations.append(f"a {kind} call hung for {_HANG_S:.0f} s")
+        except aiohttp.ClientConnectionError:
             self.counts["requests cut by chaos or by the caller"] += 1
         except aiohttp.ClientPayloadError:
             # A reset mid-answer (or a kill mid-stream) must reach the caller as a cut body.
