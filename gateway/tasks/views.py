@@ -137,8 +137,10 @@ async def submit(
     )
     found = None
     if once is not None:
-        print_ = fingerprint(request.method, request.raw_path, owner, body)
-        found = await _find(tasks.store, config, once.name(owner, print_), once, print_, task.id)
+        request_print = fingerprint(request.method, request.raw_path, owner, body)
+        found = await _find(
+            tasks.store, config, once.name(owner, request_print), once, request_print, task.id
+        )
     if found is not None:
         task = found
     else:
@@ -156,17 +158,17 @@ async def submit(
 
 
 async def _find(
-    store: TaskStore, config: Config, name: str, once: Once, print_: str, task_id: str
+    store: TaskStore, config: Config, name: str, once: Once, request_print: str, task_id: str
 ) -> Task | None:
     """The task an earlier request of this call made, if any; else this one is remembered."""
     if once.key is not None:
         found = await store.remember(
-            name, f"{print_} {task_id}", config.idempotency.retention_s, replace=False
+            name, f"{request_print} {task_id}", config.idempotency.retention_s, replace=False
         )
         if found is None:
             return None
         found_print, _, found_id = found.partition(" ")
-        if not hmac.compare_digest(found_print, print_):
+        if not hmac.compare_digest(found_print, request_print):
             raise IdempotencyMismatch()
     else:
         # The SDK's first attempt is a new generation (a user may re-roll a prompt on purpose);
