@@ -412,7 +412,10 @@ class RedisStore:
     ) -> Task | None:
         task = await self._finish(task_id, str(attempt), status, response, error)
         held = self._held.get(task_id)
-        if held is not None:
+        # Only the run that ended the task acknowledges its entry: a worker fenced out by a
+        # takeover must not touch the entry the new run now holds, or a later loss of that run
+        # would leave the task with nothing to reclaim.
+        if held is not None and task is not None:
             await self._done(held.entry_id)
         return task
 
