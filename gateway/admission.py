@@ -1,14 +1,15 @@
 """Backpressure for sync calls: at most N upstream calls per model on this replica, and a
 bounded queue in front of them that serves credentials in turn, so one tenant's flood cannot
 starve another. A caller still waiting at its deadline gets 429 instead of a call APIYI would
-refuse anyway."""
+refuse anyway. Apart from models, each caller credential may hold only its share of the
+upstream pool: past it, 429 at once."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from aiohttp import web
 
@@ -25,6 +26,13 @@ class Overloaded(GatewayError):
     should_retry = True
     retry_after_s = 1
     default_message = "Too many calls to this model are running; retry shortly."
+
+
+class CallerOverloaded(Overloaded):
+    code = "caller_overloaded"
+    default_message = (
+        "This API key has as many calls in flight as the gateway allows one key; retry shortly."
+    )
 
 
 class _Model:
@@ -52,10 +60,30 @@ class _Model:
 
 
 class Admission:
-    def __init__(self, config: AdmissionConfig) -> None:
+    def __init__(self, config: AdmissionConfig, per_credential: int = 0) -> None:
         self._config = config
         self._models: dict[str, _Model] = {}
         self._waiting = 0
+        self._per_credential = per_credential
+        self._in_flight: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def credential_slot(self, credential: str) -> Iterator[None]:
+        """Hold one of the credential's upstream calls; none free: `CallerOverloaded` now."""
+        if self._per_credential <= 0:
+            yield
+            return
+        held = self._in_flight.get(credential, 0)
+        if held >= self._per_credential:
+            raise CallerOverloaded()
+        self._in_flight[credential] = held + 1
+        try:
+            yield
+        finally:
+            if (left := self._in_flight[credential] - 1) > 0:
+                self._in_flight[credential] = left
+            else:
+                del self._in_flight[credential]
 
     def limited(self, model: str | None) -> bool:
         """Whether calls to `model` queue at all: the hot path skips the rest when not."""

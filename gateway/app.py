@@ -44,7 +44,7 @@ def create_app(config: Config) -> web.Application:
     app[AUTH] = Auth(config.auth)
     app[METRICS] = Metrics(config.timeouts.models, config.timeouts.default_s)
     app[READINESS] = Readiness()
-    app[ADMISSION] = Admission(config.admission)
+    app[ADMISSION] = Admission(config.admission, config.upstream.per_credential)
     _add_tasks(app, config)
     app.on_response_prepare.append(add_request_id)
     app.router.add_get("/healthz", healthz)
@@ -65,6 +65,7 @@ def create_worker_app(config: Config) -> web.Application:
     """`gateway worker`: the task workers alone; HTTP only on the metrics port, if set."""
     app = web.Application()
     app[CONFIG] = config
+    app[AUTH] = Auth(config.auth)
     app[METRICS] = Metrics(config.timeouts.models, config.timeouts.default_s)
     app[READINESS] = Readiness()
     _add_tasks(app, config)
@@ -84,7 +85,7 @@ def create_metrics_app(main: web.Application) -> web.Application:
 
 
 def _add_tasks(app: web.Application, config: Config) -> None:
-    app[TASKS] = TaskService(open_store(config))
+    app[TASKS] = TaskService(open_store(config), app[AUTH])
     app[WORKERS] = Workers(config)
     app.cleanup_ctx.append(upstream_ctx(config))
     app.cleanup_ctx.append(tasks_ctx)

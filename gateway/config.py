@@ -30,6 +30,11 @@ class ServerConfig(_Section, frozen=True):
     port: int = 8080
     # Nano Banana accepts 100 MB uploads; leave room for multipart framing and base64 JSON.
     max_body_bytes: int = 140 * 2**20
+    # Request bodies up to this size are held in memory; larger ones wait in a temporary file
+    # until they have fully arrived (no upstream connection is taken before that).
+    body_memory_bytes: int = 2**20
+    # A caller whose body stops arriving for this long gets 408 (nginx's client_body_timeout).
+    body_read_timeout_s: float = 60.0
     # How long SIGTERM waits for in-flight calls before cutting them.
     drain_timeout_s: float = 30.0
     # Idle caller connections are closed after this long without a request.
@@ -51,6 +56,16 @@ class UpstreamConfig(_Section, frozen=True):
     pool_size: int = 1000
     # Idle pooled connections are closed before the upstream's own idle timer can race us.
     idle_timeout_s: float = 30.0
+    # Share of `pool_size` one caller credential may hold at once; a call over it gets 429
+    # (0: no cap). Keeps one tenant from taking every connection the others need.
+    credential_share: float = 0.25
+
+    @property
+    def per_credential(self) -> int:
+        """Upstream calls one credential may have in flight on this replica (0: no cap)."""
+        if self.pool_size <= 0 or self.credential_share <= 0:
+            return 0
+        return max(1, int(self.pool_size * self.credential_share))
 
 
 class TcpKeepaliveConfig(_Section, frozen=True):
@@ -204,6 +219,10 @@ def _check(config: Config, file: Path) -> None:
             f"{file}: tasks.workers = 0 needs Redis: nothing else would run the embedded "
             "store's tasks"
         )
+    if not 0 <= config.upstream.credential_share <= 1:
+        raise ConfigError(f"{file}: upstream.credential_share must be between 0 and 1")
+    if config.server.body_read_timeout_s <= 0:
+        raise ConfigError(f"{file}: server.body_read_timeout_s must be positive")
     if not config.upstream.url.startswith(("http://", "https://")):
         raise ConfigError(f"{file}: upstream.url must be an http(s) URL")
     if config.auth.client_key_sha256 and not config.auth.upstream_api_key:

@@ -1,8 +1,10 @@
 """Sync pass-through: any /v1 or /v1beta call forwarded upstream, streamed both ways.
 
-Method, path, query and body go upstream byte for byte; status, end-to-end headers and body come
-back the same way. The gateway adds only a deadline per model, kept-alive connections, and
-OpenAI-shaped errors for the failures it alone can see.
+Method, path, query and body go upstream byte for byte, once the target has passed the checks
+in `target.py` and the whole body has arrived (`uploads.py`); in key-injection mode only the
+credentials change (`auth.py`). Status, end-to-end headers and body come back the same way. The
+gateway adds only a deadline per model, kept-alive connections, and OpenAI-shaped errors for the
+failures it alone can see.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import msgspec
@@ -19,10 +21,9 @@ from aiohttp import web
 
 from gateway.accesslog import CALL, Call
 from gateway.admission import ADMISSION, Overloaded
-from gateway.auth import AUTH, presented_key
+from gateway.auth import AUTH
 from gateway.config import CONFIG, Config
 from gateway.errors import (
-    BodyTooLarge,
     GatewayError,
     UpstreamBroken,
     UpstreamTimeout,
@@ -31,46 +32,18 @@ from gateway.errors import (
 from gateway.headers import caller_timeout_s, strip_hop_by_hop
 from gateway.metrics import METRICS, Metrics
 from gateway.sniff import ModelScanner, model_from_body, model_from_path
+from gateway.target import check_method, check_target
 from gateway.tasks.idempotency import Once, once
 from gateway.tasks.prefer import Preferences, parse_prefer
 from gateway.tasks.views import ASYNC_ROUTES, submit
+from gateway.uploads import Body, RequestTimeout, SpooledBody, receive
 from gateway.upstream import UPSTREAM
 
 logger = logging.getLogger(__name__)
 
-# Bodies up to this size are read whole: cheaper than streaming, and they hold the model.
+# SDK calls with bodies up to this size may run as tasks (their answer can wait whole);
+# answers up to this size are read whole, which is cheaper than streaming them.
 _SMALL_BODY = 64 * 1024
-_CHUNK = 64 * 1024
-
-
-class _Body:
-    """A caller's large body on its way upstream: size-checked and scanned for the model, whose
-    deadline replaces the default as soon as the model is seen."""
-
-    def __init__(
-        self, request: web.Request, call: Call, config: Config, scope: asyncio.Timeout
-    ) -> None:
-        self._content = request.content
-        self._call = call
-        self._config = config
-        self._scope = scope
-        self._scanner = (
-            ModelScanner(request.headers.get("Content-Type", "")) if call.model is None else None
-        )
-        self.too_large = False
-
-    async def stream(self) -> AsyncIterator[bytes]:
-        limit = self._config.server.max_body_bytes
-        async for chunk in self._content.iter_chunked(_CHUNK):
-            self._call.bytes_in += len(chunk)
-            if self._call.bytes_in > limit:
-                self.too_large = True
-                raise BodyTooLarge()
-            if self._scanner is not None and (model := self._scanner.feed(chunk)):
-                self._scanner = None
-                self._call.model = model
-                self._scope.reschedule(_deadline(self._call, self._config))
-            yield chunk
 
 
 def _deadline(call: Call, config: Config) -> float:
@@ -84,13 +57,17 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     inflight.inc()
     response: web.StreamResponse | None = None
     mode = "sync"
+    body: Body = b""
     try:
-        if (how := await _as_task(request, call)) is not None:
+        target = _admit(request, call)
+        body = await _receive(request, call)
+        if (how := _as_task(request, call, body)) is not None:
             prefs, once = how
             mode = "async" if prefs is not None else "sync"
-            response = await submit(request, call, prefs, once)
+            whole = body.read() if isinstance(body, SpooledBody) else body
+            response = await submit(request, call, target, whole, prefs, once)
         else:
-            response = await _forward(request, call, metrics)
+            response = await _forward(request, call, target, body, metrics)
     except GatewayError as exc:
         response = exc.response()
     except asyncio.CancelledError:
@@ -101,6 +78,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         logger.exception("%s unexpected failure", call.request_id)
         response = GatewayError("The gateway failed to handle the request.").response()
     finally:
+        if isinstance(body, SpooledBody):
+            body.close()
         inflight.dec()
         model = metrics.model_label(call.model)
         # 499: the caller went away before any answer (nginx's convention).
@@ -112,13 +91,53 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def _admit(request: web.Request, call: Call) -> str:
+    """What the gateway checks before it reads a byte of the body: the method, the target,
+    the caller's key and deadline. The target that may go upstream."""
+    check_method(request.method)
+    target = check_target(request.raw_path)
+    request.app[AUTH].caller_key(request)
+    call.caller_limit_s = caller_timeout_s(request.headers)
+    call.model = model_from_path(request.path)
+    return target
+
+
+async def _receive(request: web.Request, call: Call) -> Body:
+    """The whole body, within the call's deadline (the model's, as soon as the body names it)."""
+    config = request.app[CONFIG]
+    content_type = request.headers.get("Content-Type", "")
+    scanner = None
+    length = request.content_length
+    if call.model is None and (length is None or length > _SMALL_BODY):
+        scanner = ModelScanner(content_type)
+
+    def seen(chunk: bytes) -> None:
+        nonlocal scanner
+        if scanner is not None and (model := scanner.feed(chunk)):
+            scanner = None
+            call.model = model
+            scope.reschedule(_deadline(call, config))
+
+    try:
+        async with asyncio.timeout_at(_deadline(call, config)) as scope:
+            body = await receive(request, config.server, seen if scanner else None)
+    except TimeoutError:
+        raise RequestTimeout(
+            "The deadline passed while the request body was arriving; nothing was sent upstream."
+        ) from None
+    call.bytes_in = body.size if isinstance(body, SpooledBody) else len(body)
+    if call.model is None and isinstance(body, bytes) and body:
+        call.model = model_from_body(content_type, body)
+    return body
+
+
 def _count_disconnect(metrics: Metrics, call: Call) -> None:
     metrics.client_disconnects(call.route).inc()
     logger.info("%s caller disconnected; upstream call cancelled", call.request_id)
 
 
-async def _as_task(
-    request: web.Request, call: Call
+def _as_task(
+    request: web.Request, call: Call, body: Body
 ) -> tuple[Preferences | None, Once | None] | None:
     """Whether the call runs as a task, and how: async when the caller prefers it, sync but
     once when it carries an Idempotency-Key, or comes from the OpenAI SDK (whose retries must
@@ -133,13 +152,15 @@ async def _as_task(
     if how is None or not request.app[CONFIG].idempotency.sdk_calls_as_tasks:
         return None
     # An SDK call runs as a task only if its answer can wait whole: a small body that asks for
-    # no stream. Reading it here costs nothing more, since the pass-through reads small bodies
-    # whole too (aiohttp keeps them for the second read).
-    length = request.content_length
-    if length is None or length > _SMALL_BODY or request.content_type != "application/json":
+    # no stream.
+    if (
+        not isinstance(body, bytes)
+        or len(body) > _SMALL_BODY
+        or request.content_type != "application/json"
+    ):
         return None
     try:
-        streamed = _decode_stream_flag(await request.read()).stream
+        streamed = _decode_stream_flag(body).stream
     except msgspec.DecodeError:
         return None  # the upstream will say what is wrong with it
     return None if streamed else (None, how)
@@ -152,50 +173,45 @@ class _StreamFlag(msgspec.Struct):
 _decode_stream_flag = msgspec.json.Decoder(_StreamFlag).decode
 
 
-async def _forward(request: web.Request, call: Call, metrics: Metrics) -> web.StreamResponse:
+async def _forward(
+    request: web.Request, call: Call, target: str, body: Body, metrics: Metrics
+) -> web.StreamResponse:
     config = request.app[CONFIG]
+    auth = request.app[AUTH]
     headers = strip_hop_by_hop(request.headers)
-    request.app[AUTH].apply(headers)
+    auth.upstream_headers(headers)
     headers["X-Request-ID"] = call.request_id
-    call.caller_limit_s = caller_timeout_s(request.headers)
-    length = request.content_length
-    if length is not None and length > config.server.max_body_bytes:
-        raise BodyTooLarge()
-    call.model = model_from_path(request.path)
+    data: bytes | Callable[[], AsyncIterator[bytes]] | None
+    if isinstance(body, SpooledBody):
+        headers["Content-Length"] = str(body.size)  # known now, even if it came chunked
+        data = body.chunks
+    else:
+        data = body or None
     upstream = request.app[UPSTREAM]
-    data: bytes | _Body | None = None
+    admission = request.app[ADMISSION]
+    credential = auth.caller_key(request) or ""
     out: web.StreamResponse | None = None
     queued = False  # waiting for an upstream slot: a deadline passing there is a 429
+    loop = asyncio.get_running_loop()
     try:
         async with (
             contextlib.AsyncExitStack() as held,
-            asyncio.timeout_at(_deadline(call, config)) as scope,
+            asyncio.timeout_at(deadline := _deadline(call, config)),
         ):
-            if not request.body_exists:
-                pass
-            elif length is not None and length <= _SMALL_BODY:
-                data = await request.read()
-                call.bytes_in = len(data)
-                if call.model is None:
-                    call.model = model_from_body(request.headers.get("Content-Type", ""), data)
-                    if (when := _deadline(call, config)) != scope.when():
-                        scope.reschedule(when)
-            else:
-                data = _Body(request, call, config, scope)
-            admission = request.app[ADMISSION]
+            held.enter_context(admission.credential_slot(credential))
             if admission.limited(call.model):
                 queued = True
-                caller = presented_key(request.headers) or ""
-                await held.enter_async_context(admission.slot(call.model, caller))
+                await held.enter_async_context(admission.slot(call.model, credential))
                 queued = False
-
-            sent_at = asyncio.get_running_loop().time()
+            if loop.time() >= deadline:
+                raise RequestTimeout("The deadline passed before the call was sent upstream.")
+            sent_at = loop.time()
             try:
                 up = await upstream.send(
                     request.method,
-                    request.raw_path,
+                    auth.upstream_target(target),
                     headers,
-                    data.stream if isinstance(data, _Body) else data,
+                    data,
                     retries=config.upstream.connect_retries,
                     log_id=call.request_id,
                 )
@@ -205,27 +221,14 @@ async def _forward(request: web.Request, call: Call, metrics: Metrics) -> web.St
                 raise
             async with up:
                 if request.method != "HEAD" and (up.content_length or math.inf) <= _SMALL_BODY:
-                    out_headers = strip_hop_by_hop(up.headers)
-                    out_headers.popall("Content-Length", None)
-                    out = web.Response(
-                        status=up.status,
-                        reason=up.reason,
-                        headers=out_headers,
-                        body=await up.read(),
-                    )
+                    out = _whole(up, await up.read())
                 else:
+                    # Assigned before it starts: a failure mid-stream must abort, not answer.
                     out = web.StreamResponse(
                         status=up.status, reason=up.reason, headers=strip_hop_by_hop(up.headers)
                     )
-                    await out.prepare(request)
-                    async for chunk in up.content.iter_any():
-                        try:
-                            await out.write(chunk)
-                        except ConnectionError:
-                            _count_disconnect(metrics, call)
-                            return out
-                    await out.write_eof()
-            call.upstream_s = asyncio.get_running_loop().time() - sent_at
+                    await _stream(request, up, out, metrics, call)
+            call.upstream_s = loop.time() - sent_at
             model = metrics.model_label(call.model)
             metrics.upstream_duration(model, str(up.status)).observe(call.upstream_s)
             return out
@@ -240,13 +243,34 @@ async def _forward(request: web.Request, call: Call, metrics: Metrics) -> web.St
         _abort(request)
         return out
     except aiohttp.ClientError as exc:
-        if isinstance(data, _Body) and data.too_large:
-            raise BodyTooLarge() from None
         logger.warning("%s upstream connection broken: %s", call.request_id, type(exc).__name__)
         if out is None or not out.prepared:
             raise UpstreamBroken() from None
         _abort(request)
         return out
+
+
+def _whole(up: aiohttp.ClientResponse, body: bytes) -> web.Response:
+    headers = strip_hop_by_hop(up.headers)
+    headers.popall("Content-Length", None)
+    return web.Response(status=up.status, reason=up.reason, headers=headers, body=body)
+
+
+async def _stream(
+    request: web.Request,
+    up: aiohttp.ClientResponse,
+    out: web.StreamResponse,
+    metrics: Metrics,
+    call: Call,
+) -> None:
+    await out.prepare(request)
+    async for chunk in up.content.iter_any():
+        try:
+            await out.write(chunk)
+        except ConnectionError:
+            _count_disconnect(metrics, call)
+            return
+    await out.write_eof()
 
 
 def _abort(request: web.Request) -> None:

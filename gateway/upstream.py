@@ -13,9 +13,10 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import Config, TcpKeepaliveConfig
-from gateway.errors import UpstreamUnreachable
+from gateway.errors import GatewayError, UpstreamUnreachable
 from gateway.metrics import METRICS
 from gateway.netopts import set_keepalive
+from gateway.target import check_target
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +31,18 @@ class Upstream:
         self.session = session
         # Callers' paths start with /v1 or /v1beta, so a base ending in /v1 is cut back to the
         # root both hang off: https://api.apiyi.com/v1 -> https://api.apiyi.com
-        root = base_url.rstrip("/")
-        self._root = root[: -len("/v1")] if root.endswith("/v1") else root
+        base = URL(base_url.rstrip("/"))
+        prefix = base.raw_path[: -len("/v1")] if base.raw_path.endswith("/v1") else base.raw_path
+        self._origin = base.origin()
+        self._prefix = prefix.rstrip("/")
 
-    def url(self, raw_path: str) -> URL:
-        """The upstream URL for a caller's path and query, byte for byte as the caller sent them."""
-        return URL(self._root + raw_path, encoded=True)
+    def url(self, target: str) -> URL:
+        """The upstream URL for a caller's path and query: the configured origin, always."""
+        url = URL(f"{self._origin}{self._prefix}{check_target(target)}", encoded=True)
+        if url.origin() != self._origin or not url.raw_path.startswith(self._prefix + "/v1"):
+            # Only a bug could get here (the target is checked before); never send it.
+            raise OriginMoved()
+        return url
 
     async def send(
         self,
@@ -69,6 +76,10 @@ class Upstream:
         raise UpstreamUnreachable(
             f"The upstream could not be reached: {failure}. Nothing was sent.", timed_out=timed_out
         )
+
+
+class OriginMoved(GatewayError):
+    default_message = "The gateway refused to send this request."
 
 
 UPSTREAM = web.AppKey("upstream", Upstream)

@@ -6,16 +6,16 @@ import asyncio
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import socket
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from multidict import MultiMapping
 from redis.asyncio import BlockingConnectionPool, Redis
 from yarl import URL
 
-from gateway.auth import presented_key
+from gateway.auth import Auth
 from gateway.config import Config
 from gateway.errors import NotFound, Unauthorized
 from gateway.metrics import METRICS
@@ -27,8 +27,9 @@ _SPARE_CONNECTIONS = 64
 
 
 class TaskService:
-    def __init__(self, store: TaskStore) -> None:
+    def __init__(self, store: TaskStore, auth: Auth) -> None:
         self.store = store
+        self._auth = auth
         # Owners are keyed hashes, so the store never holds a credential; the key comes from
         # the store (shared by every replica) when the app starts.
         self._owner_key = b""
@@ -37,17 +38,17 @@ class TaskService:
     async def start(self) -> None:
         self._owner_key = await self.store.owner_key()
 
-    def owner(self, headers: MultiMapping[str]) -> str:
+    def owner(self, request: web.Request) -> str:
         """The caller's credential as a keyed hash: who may see a task."""
-        key = presented_key(headers)
+        key = self._auth.caller_key(request)
         if key is None:
             raise Unauthorized("Async tasks belong to a credential: send an API key.")
         return self._digest(key)
 
-    def upstream_credential(self, headers: MultiMapping[str]) -> str:
-        """The key a job sends upstream (the caller's, or the gateway's own when it injects
-        one), as a keyed hash: the unit APIYI's concurrency limits count in."""
-        return self._digest(presented_key(headers) or "")
+    def upstream_credential(self, request: web.Request) -> str:
+        """The key the caller's job sends upstream, as a keyed hash: the unit APIYI's
+        concurrency limits count in."""
+        return self._digest(self._auth.upstream_credential(self._auth.caller_key(request)))
 
     def _digest(self, key: str) -> str:
         return hmac.new(self._owner_key, key.encode(), hashlib.sha256).hexdigest()
@@ -55,8 +56,10 @@ class TaskService:
     async def visible(self, request: web.Request) -> TaskRecord:
         """The task named in the path, if the caller's credential made it; 404 otherwise, so
         another tenant cannot even learn that it exists."""
-        record = await self.store.get(request.match_info["task_id"])
-        if record is None or not hmac.compare_digest(record.owner, self.owner(request.headers)):
+        owner = self.owner(request)
+        task_id = request.match_info["task_id"]
+        record = await self.store.get(task_id) if TASK_ID.fullmatch(task_id) else None
+        if record is None or not hmac.compare_digest(record.owner, owner):
             raise NotFound("No such task.")
         return record
 
@@ -114,3 +117,7 @@ def describe_store(config: Config) -> str:
 
 def new_task_id() -> str:
     return "task_" + secrets.token_urlsafe(16)  # 128 random bits
+
+
+# What `new_task_id` makes: any other id is refused before it reaches a store or a log.
+TASK_ID = re.compile(r"task_[A-Za-z0-9_-]{22}")

@@ -17,7 +17,6 @@ from gateway.auth import AUTH
 from gateway.config import CONFIG, Config
 from gateway.errors import (
     BadRequest,
-    BodyTooLarge,
     IdempotencyMismatch,
     IdempotentCallPending,
     NotFound,
@@ -25,9 +24,8 @@ from gateway.errors import (
     UpstreamTimeout,
     renders_errors,
 )
-from gateway.headers import caller_timeout_s, header_pairs, strip_hop_by_hop
+from gateway.headers import header_pairs, strip_hop_by_hop
 from gateway.metrics import METRICS
-from gateway.sniff import model_from_body, model_from_path
 from gateway.tasks.idempotency import Once, fingerprint
 from gateway.tasks.models import TERMINAL, Job, StoredResponse, Task, TaskRecord, TaskStore
 from gateway.tasks.prefer import Preferences
@@ -48,6 +46,8 @@ _HEARTBEAT_S = 15.0
 _SEND_TIMEOUT_S = 30.0
 # A sync task call waits as long as its caller does: the caller's own timeout decides.
 _SYNC_WAIT_S = 24 * 3600.0
+# A caller deadline shorter than this cannot run a generation; refused at submit.
+_MIN_TASK_DEADLINE_S = 1.0
 _FIND_TRIES = 100
 _FIND_PAUSE_S = 0.02
 _encode = msgspec.json.Encoder().encode
@@ -67,13 +67,9 @@ def replay(answer: StoredResponse) -> web.Response:
     return web.Response(status=answer.status, headers=headers, body=answer.body)
 
 
-async def _read_body(request: web.Request) -> bytes:
-    """The whole body, which the task must keep: parsed enough to refuse what cannot work."""
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise BodyTooLarge() from None
-    mime, _, params = request.headers.get("Content-Type", "").partition(";")
+def _check_body(content_type: str, body: bytes) -> None:
+    """Refuse a body the task must keep but that cannot work: truncated JSON or multipart."""
+    mime, _, params = content_type.partition(";")
     mime = mime.strip().lower()
     if mime == "application/json":
         try:
@@ -93,7 +89,6 @@ async def _read_body(request: web.Request) -> bytes:
         )
         if not boundary or not body.rstrip().endswith(b"--" + boundary.encode() + b"--"):
             raise BadRequest("The multipart body is malformed or truncated.")
-    return body
 
 
 async def wait_terminal(store: TaskStore, task_id: str, within_s: float) -> Task | None:
@@ -110,34 +105,40 @@ async def wait_terminal(store: TaskStore, task_id: str, within_s: float) -> Task
 
 
 async def submit(
-    request: web.Request, call: Call, prefs: Preferences | None, once: Once | None
+    request: web.Request,
+    call: Call,
+    target: str,
+    body: bytes,
+    prefs: Preferences | None,
+    once: Once | None,
 ) -> web.StreamResponse:
     """Run the call as a task: answer 202 at once (`Prefer: respond-async`), or wait for its end
     and answer as the sync call would have (a keyed or SDK call, which must run only once)."""
     config: Config = request.app[CONFIG]
     tasks = request.app[TASKS]
+    auth = request.app[AUTH]
+    if call.caller_limit_s < _MIN_TASK_DEADLINE_S:
+        raise BadRequest(
+            f"X-Request-Timeout under {_MIN_TASK_DEADLINE_S:g} s leaves a task no time to run."
+        )
     headers = strip_hop_by_hop(request.headers)
-    request.app[AUTH].apply(headers)
+    auth.upstream_headers(headers)
     headers.popall("Prefer", None)  # addressed to the gateway, not the upstream
-    owner = tasks.owner(request.headers)
-    limit_s = caller_timeout_s(request.headers)
-    body = await _read_body(request)
-    call.bytes_in = len(body)
-    call.model = model_from_path(request.path) or model_from_body(
-        request.headers.get("Content-Type", ""), body
-    )
+    owner = tasks.owner(request)
+    _check_body(request.headers.get("Content-Type", ""), body)
+    path_qs = auth.upstream_target(target)
     task = Task(id=new_task_id(), status="queued", model=call.model, created_at=int(time.time()))
     job = Job(
         method=request.method,
-        path_qs=request.raw_path,
+        path_qs=path_qs,
         headers=header_pairs(headers),
         body=body,
-        deadline_s=min(config.timeouts.for_model(call.model), limit_s),
-        limits=config.tasks.limits(call.model, tasks.upstream_credential(headers)),
+        deadline_s=min(config.timeouts.for_model(call.model), call.caller_limit_s),
+        limits=config.tasks.limits(call.model, tasks.upstream_credential(request)),
     )
     found = None
     if once is not None:
-        request_print = fingerprint(request.method, request.raw_path, owner, body)
+        request_print = fingerprint(request.method, path_qs, owner, body)
         found = await _find(
             tasks.store, config, once.name(owner, request_print), once, request_print, task.id
         )

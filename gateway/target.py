@@ -1,0 +1,74 @@
+"""Which request targets may leave for the upstream.
+
+The upstream origin comes from configuration only (see `Upstream.url`); what a caller chooses
+is the path and query, and only in origin form under /v1/ or /v1beta/. A segment that an
+upstream or a proxy in front of it could read as a step up the tree (`..`, `%2e%2e`, `..%2f`,
+`..;`), a backslash, or a control character never leaves: the injected key must not reach a
+route outside the API.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+from gateway.errors import BadRequest, GatewayError
+
+ALLOWED_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+_PREFIXES = ("/v1/", "/v1beta/")
+# A segment made only of these needs no closer look: no dot, no escape, no backslash.
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_\-:~+@!$&'()*,;=]*")
+_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f\\/]")
+# Percent-decoding more than this often is a riddle, not a path.
+_MAX_DECODES = 3
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def __init__(self, method: str) -> None:
+        super().__init__(
+            f"{_printable(method)} is not forwarded; use one of "
+            + ", ".join(sorted(ALLOWED_METHODS))
+            + ".",
+            headers={"Allow": ", ".join(sorted(ALLOWED_METHODS))},
+        )
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() and len(text) <= 32 else "this method"
+
+
+def check_method(method: str) -> None:
+    if method not in ALLOWED_METHODS:
+        raise MethodNotAllowed(method)
+
+
+def check_target(target: str) -> str:
+    """`target` (path and query) if it may be sent upstream; BadRequest otherwise."""
+    if not target.startswith(_PREFIXES):
+        # Absolute form (`POST https://elsewhere/v1/...`) is for proxies; this is not one.
+        raise BadRequest("The request target must be a path under /v1/ or /v1beta/.")
+    path, _, query = target.partition("?")
+    if "#" in target or _UNSAFE_CHARS.search(query.replace("/", "")):
+        raise BadRequest("The request target holds characters that are not forwarded.")
+    for segment in path.split("/"):
+        if not _PLAIN_SEGMENT.fullmatch(segment):
+            _check_segment(segment)
+    return target
+
+
+def _check_segment(segment: str) -> None:
+    decoded = segment
+    for _ in range(_MAX_DECODES):
+        if _UNSAFE_CHARS.search(decoded) or decoded.split(";", 1)[0] in (".", ".."):
+            raise BadRequest(
+                "The request path holds a dot segment, an encoded slash or backslash, or a "
+                "control character; such paths are not forwarded."
+            )
+        if "%" not in decoded:
+            return
+        decoded = unquote(decoded, errors="replace")
+    raise BadRequest("The request path is percent-encoded too many times.")

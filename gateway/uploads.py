@@ -1,0 +1,109 @@
+"""A caller's body, received whole before any upstream connection is taken.
+
+A caller that trickles its body holds only its own socket and a little memory here, never one
+of the pooled upstream connections every other caller needs (nginx's request buffering does
+the same). Bodies past `server.body_memory_bytes` wait in an unlinked temporary file, so a
+100 MB upload costs little RAM; a body that stalls for `server.body_read_timeout_s` is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from typing import IO
+
+from aiohttp import web
+
+from gateway.config import ServerConfig
+from gateway.errors import BodyTooLarge, GatewayError
+
+_READ_CHUNK = 256 * 1024
+
+
+class RequestTimeout(GatewayError):
+    """The deadline or the body's idle limit passed before anything went upstream: nothing
+    was sent and nothing billed, so retrying is safe."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    should_retry = True
+    default_message = (
+        "The request did not arrive in time; nothing was sent upstream and nothing was billed."
+    )
+
+
+class SpooledBody:
+    """A body too large to keep in memory, in a temporary file that disappears with it."""
+
+    def __init__(self, file: IO[bytes], size: int) -> None:
+        self._file = file
+        self.size = size
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body from its start; called again for each connect attempt."""
+        self._file.seek(0)
+        while chunk := self._file.read(_READ_CHUNK):
+            yield chunk
+
+    def read(self) -> bytes:
+        self._file.seek(0)
+        return self._file.read()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+Body = bytes | SpooledBody
+
+
+async def receive(
+    request: web.Request, server: ServerConfig, seen: Callable[[bytes], None] | None = None
+) -> Body:
+    """The whole body; `seen` is shown each chunk as it arrives."""
+    length = request.content_length
+    if length is not None and length > server.max_body_bytes:
+        raise BodyTooLarge()
+    if not request.body_exists:
+        return b""
+    content = request.content
+    loop = asyncio.get_running_loop()
+    held = bytearray()
+    spool: IO[bytes] | None = None
+    size = 0
+    try:
+        async with asyncio.timeout(None) as idle:
+            while True:
+                idle.reschedule(loop.time() + server.body_read_timeout_s)
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > server.max_body_bytes:
+                    raise BodyTooLarge()
+                if seen is not None:
+                    seen(chunk)
+                if spool is None and size > server.body_memory_bytes:
+                    spool = tempfile.TemporaryFile()  # noqa: SIM115 (owned by the SpooledBody)
+                    spool.write(held)
+                    held.clear()
+                if spool is not None:
+                    spool.write(chunk)
+                else:
+                    held += chunk
+    except TimeoutError:
+        if spool is not None:
+            spool.close()
+        raise RequestTimeout(
+            f"No part of the request body arrived for {server.body_read_timeout_s:g} s; "
+            "nothing was sent upstream."
+        ) from None
+    except BaseException:
+        if spool is not None:
+            spool.close()
+        raise
+    if spool is None:
+        return bytes(held)
+    spool.flush()
+    return SpooledBody(spool, size)
