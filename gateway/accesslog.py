@@ -1,7 +1,8 @@
-"""Request ids and the one access-log line per request.
+"""Request ids, the one access-log line per request, and log lines no caller can forge.
 
 The line carries method, route, model, status, durations and byte counts; never a prompt, an
-image, a header value or a key.
+image, a header value or a key. Every value a caller chose (a path, a model) is escaped, so it
+can neither end a line nor pose as another field.
 """
 
 from __future__ import annotations
@@ -21,6 +22,32 @@ access_logger = logging.getLogger("gateway.access")
 
 # Caller-chosen ids are echoed and logged, so only a plain token is accepted (no log injection).
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# What a log line shows of a caller's value as it is; anything else is escaped and quoted.
+_PLAIN_FIELD = re.compile(r"[A-Za-z0-9._:/{}@+-]{1,200}")
+# Characters that end or hide a line somewhere (terminals, `str.splitlines`, log shippers), and
+# lone surrogates, which no UTF-8 log file can hold.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every line-breaking or unencodable character written as an escape."""
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def log_field(value: str) -> str:
+    """A caller's value as one field of a text log line."""
+    if _PLAIN_FIELD.fullmatch(value):
+        return value
+    escaped = escape_controls(value[:200].replace("\\", "\\\\").replace('"', '\\"'))
+    return f'"{escaped}"'
+
+
+class OneLineFormatter(logging.Formatter):
+    """Every log message stays one line, whatever a caller put into it; tracebacks are ours."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
 
 
 class Call:
@@ -64,8 +91,8 @@ class AccessLogger(AbstractAccessLogger):
         if call is None:  # not a proxied call: probes, metrics, unknown paths
             self.logger.info(
                 "- %s %s status=%s duration_ms=%.1f",
-                request.method,
-                request.path,
+                log_field(request.method),
+                log_field(request.path),
                 response.status,
                 time * 1000,
             )
@@ -76,7 +103,7 @@ class AccessLogger(AbstractAccessLogger):
             call.request_id,
             request.method,
             call.route,
-            call.model or "-",
+            "-" if call.model is None else log_field(call.model),
             response.status,
             time * 1000,
             upstream_ms,
@@ -109,7 +136,13 @@ class JsonAccessLogger(AccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         call = request.get(CALL)
-        line = _Line(request.method, request.path, response.status, round(time * 1000, 1))
+        # JSON escapes line breaks itself; only what UTF-8 cannot hold needs escaping here.
+        line = _Line(
+            escape_controls(request.method),
+            escape_controls(request.path),
+            response.status,
+            round(time * 1000, 1),
+        )
         if call is not None:
             line = _Line(
                 request.method,
@@ -117,7 +150,7 @@ class JsonAccessLogger(AccessLogger):
                 response.status,
                 round(time * 1000, 1),
                 request_id=call.request_id,
-                model=call.model,
+                model=None if call.model is None else escape_controls(call.model),
                 upstream_ms=None if call.upstream_s is None else round(call.upstream_s * 1000, 1),
                 bytes_in=call.bytes_in,
                 bytes_out=response.body_length,
@@ -127,13 +160,15 @@ class JsonAccessLogger(AccessLogger):
 
 class QuietBadRequests(logging.Filter):
     """aiohttp logs a client's malformed request (too many headers, bad framing) as an ERROR
-    with a traceback; it is the client's fault, so it becomes one WARNING line."""
+    with a traceback; it is the client's fault, so it becomes one WARNING line. The parser's
+    message is left out: it quotes the offending header line, credentials and all."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = "bad request from a client: %s", (exc.message,)
+            record.msg = "bad request from a client: %s (%s)"
+            record.args = (type(exc).__name__, exc.code)
             record.exc_info = record.exc_text = None
         return True
 

@@ -17,6 +17,9 @@ from gateway.tasks.views import cancel_view, events_view, result_view, task_view
 from gateway.tasks.worker import WORKERS, Workers
 from gateway.upstream import upstream_ctx
 
+# The rest of a path, line breaks included: with `.*` a decoded %0a would fall through to
+# aiohttp's plain-text 404 instead of the gateway's checks.
+_ANY = r"{tail:[\s\S]*}"
 # Named routes give metrics and logs a bounded `route` label; anything else under /v1 or
 # /v1beta still goes through, labelled by the catch-all.
 PROXY_ROUTES = (
@@ -31,8 +34,8 @@ PROXY_ROUTES = (
     "/v1/videos/{video_id}/content",
     "/v1beta/models/{model}:generateContent",
     "/v1beta/models/{model}:streamGenerateContent",
-    "/v1/{tail:.*}",
-    "/v1beta/{tail:.*}",
+    f"/v1/{_ANY}",
+    f"/v1beta/{_ANY}",
 )
 
 
@@ -57,7 +60,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/v1/tasks/{task_id}/events", events_view)
     for path in PROXY_ROUTES:
         app.router.add_route("*", path, proxy)
-    app.router.add_route("*", "/{tail:.*}", not_found)
+    app.router.add_route("*", f"/{_ANY}", not_found)
     return app
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from gateway.accesslog import OneLineFormatter
 from gateway.auth import key_digest
 from gateway.config import ConfigError, load_config
 
@@ -60,11 +61,9 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     # The access log writes a record per request: skip computing the record fields our format
     # never shows (the logging HOWTO's "Optimization" section).
     logging.logThreads = False

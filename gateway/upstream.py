@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -71,11 +72,21 @@ class Upstream:
                 timed_out = True
                 failure = "connect timed out"
             except aiohttp.ClientConnectorError as exc:
-                failure = f"connect failed ({exc.os_error.strerror or type(exc.os_error).__name__})"
+                failure = f"connect failed ({_reason(exc.os_error)})"
             logger.warning("%s upstream %s (attempt %d)", log_id, failure, attempt + 1)
         raise UpstreamUnreachable(
             f"The upstream could not be reached: {failure}. Nothing was sent.", timed_out=timed_out
         )
+
+
+def _reason(error: OSError) -> str:
+    """Why a connect failed, in words that name neither the upstream's host nor its port (the
+    OS's own message does: "Connect call failed ('10.0.0.7', 443)")."""
+    if error.errno is not None and error.errno > 0:
+        return os.strerror(error.errno)
+    if isinstance(error, socket.gaierror):
+        return "name resolution failed"
+    return type(error).__name__
 
 
 class OriginMoved(GatewayError):

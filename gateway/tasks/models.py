@@ -7,6 +7,7 @@ credential included, lives in a `Job` only until the task ends.
 
 from __future__ import annotations
 
+import re
 from typing import Literal, Protocol
 
 import msgspec
@@ -16,6 +17,16 @@ TERMINAL: frozenset[Status] = frozenset(("completed", "failed", "cancelled"))
 # A worker that found a task's concurrency slot full waits this long before its next try, so a
 # queue of blocked tasks does not spin.
 DEFER_PAUSE_S = 0.2
+
+
+# An event id of either store: the embedded store's `N`, Redis's `ms-seq`.
+_EVENT_ID = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?")
+
+
+def is_event_id(text: str) -> bool:
+    """Whether `text` has an event id's shape, every part within 64 bits (Redis's id space)."""
+    match = _EVENT_ID.fullmatch(text)
+    return match is not None and all(int(part or 0) < 2**64 for part in match.groups())
 
 
 class TaskError(msgspec.Struct, frozen=True):

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import re
 import secrets
 import time
 from collections.abc import Callable, Coroutine
@@ -39,12 +38,12 @@ from gateway.tasks.models import (
     TaskError,
     TaskEvent,
     TaskRecord,
+    is_event_id,
 )
 
 logger = logging.getLogger(__name__)
 
 _GROUP = b"workers"
-_EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
 _pack = msgspec.msgpack.Encoder().encode
 _task_json = msgspec.json.Encoder().encode
 _record = msgspec.msgpack.Decoder(TaskRecord).decode
@@ -462,7 +461,7 @@ class RedisStore:
 
     @_store_call
     async def events(self, task_id: str, after: str | None, timeout_s: float) -> list[TaskEvent]:
-        if after is not None and not _EVENT_ID.fullmatch(after):
+        if after is not None and not ("-" in after and is_event_id(after)):
             raise ValueError(f"not an event id: {after!r}")
         await self._listen()
         waker = self._wakers.setdefault(task_id, asyncio.Event())

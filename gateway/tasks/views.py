@@ -27,7 +27,15 @@ from gateway.errors import (
 from gateway.headers import header_pairs, strip_hop_by_hop
 from gateway.metrics import METRICS
 from gateway.tasks.idempotency import Once, fingerprint
-from gateway.tasks.models import TERMINAL, Job, StoredResponse, Task, TaskRecord, TaskStore
+from gateway.tasks.models import (
+    TERMINAL,
+    Job,
+    StoredResponse,
+    Task,
+    TaskRecord,
+    TaskStore,
+    is_event_id,
+)
 from gateway.tasks.prefer import Preferences
 from gateway.tasks.service import TASKS, TaskService, new_task_id
 
@@ -252,6 +260,8 @@ async def events_view(request: web.Request) -> web.StreamResponse:
     tasks = request.app[TASKS]
     task_id = (await tasks.visible(request)).task.id
     after = request.headers.get("Last-Event-ID") or None
+    if after is not None and not is_event_id(after):
+        raise BadRequest("Last-Event-ID is not an event id.")
     try:
         await tasks.store.events(task_id, after, 0)
     except ValueError:
