@@ -10,6 +10,7 @@ credential in any form reaches the upstream: it only ever sees the gateway's key
 from __future__ import annotations
 
 import hashlib
+import re
 from urllib.parse import unquote_plus
 
 from aiohttp import web
@@ -21,6 +22,8 @@ from gateway.errors import Unauthorized
 # Where SDKs put a key: OpenAI's bearer token, Google's GenAI header, Azure's `api-key`, and
 # the `X-Api-Key` many gateways take. Google also accepts `?key=` (see `_query_keys`).
 _KEY_HEADERS = ("x-goog-api-key", "api-key", "x-api-key")
+# Also dropped in key-injection mode: a session cookie is a credential too.
+_CREDENTIAL_HEADERS = ("authorization", *_KEY_HEADERS, "cookie")
 _QUERY_KEY = "key"
 _CALLER_KEY = web.RequestKey("caller_key", str)
 
@@ -32,37 +35,51 @@ def key_digest(key: str) -> str:
 def _presented_keys(request: web.BaseRequest) -> list[str]:
     """Every credential the caller sent, from the request as it arrived."""
     headers = request.headers
-    keys = []
-    scheme, _, token = headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        keys.append(token.strip())
+    bearer = _first_bearer(headers.get("Authorization", ""))
+    keys = [] if bearer is None else [bearer]
     keys.extend(v for name in _KEY_HEADERS if (v := headers.get(name, "").strip()))
-    keys.extend(_query_keys(request.query_string))
+    _, mark, query = request.raw_path.partition("?")
+    if mark:
+        keys.extend(value for _, value, _ in _query_keys(query))
     return keys
 
 
-def _query_pairs(query: str) -> list[tuple[str, str]]:
-    """(decoded name, raw pair) for each pair of a raw query string."""
-    return [(unquote_plus(pair.partition("=")[0]), pair) for pair in query.split("&")]
+def _first_bearer(authorization: str) -> str | None:
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    return token if token and scheme.lower() == "bearer" else None
 
 
-def _query_keys(query: str) -> list[str]:
-    if _QUERY_KEY not in query:  # the hot path: no query, or no key in it
+# Pairs split on `&` and `;` (some servers take either), separators kept to rebuild the rest.
+_QUERY_PARTS = re.compile(r"([&;])")
+
+
+def _query_keys(query: str) -> list[tuple[int, str, str]]:
+    """(index among the parts, decoded value, raw pair) of each `key` parameter, however it
+    is spelt (`key`, `KEY`, `%6Bey`)."""
+    if "%" not in query and "key" not in query.lower():  # the hot path: no key to look at
         return []
-    return [
-        value
-        for name, pair in _query_pairs(query)
-        if name == _QUERY_KEY and (value := unquote_plus(pair.partition("=")[2]))
-    ]
+    parts = _QUERY_PARTS.split(query)
+    found = []
+    for index, part in enumerate(parts[::2]):
+        name, _, value = part.partition("=")
+        if unquote_plus(name).strip().lower() == _QUERY_KEY:
+            found.append((index * 2, unquote_plus(value), part))
+    return found
 
 
 def without_query_keys(target: str) -> str:
     """`target` with every `key` query parameter removed, the rest byte for byte."""
     path, mark, query = target.partition("?")
-    if not mark or _QUERY_KEY not in query:
+    found = _query_keys(query) if mark else []
+    if not found:
         return target
-    kept = [pair for name, pair in _query_pairs(query) if name != _QUERY_KEY]
-    return f"{path}?{'&'.join(kept)}" if kept else path
+    parts = _QUERY_PARTS.split(query)
+    for index, _, _ in reversed(found):
+        # The pair and the separator before it (or after it, for the first pair).
+        del parts[max(index - 1, 0) : index + 1 if index else 2]
+    kept = "".join(parts)
+    return f"{path}?{kept}" if kept else path
 
 
 class Auth:
@@ -80,9 +97,13 @@ class Auth:
         known: str | None = request.get(_CALLER_KEY)
         if known is not None:
             return known
-        keys = _presented_keys(request)
-        key = keys[0] if keys else None
-        if self._upstream_key is not None:
+        if self._upstream_key is None:
+            # Transparent: the first key found names the caller (the upstream checks it).
+            key = _first_bearer(request.headers.get("Authorization", ""))
+            key = key or next(iter(_presented_keys(request)), None)
+        else:
+            keys = _presented_keys(request)
+            key = keys[0] if keys else None
             if key is None or key_digest(key) not in self._digests:
                 raise Unauthorized("Invalid or missing API key for this gateway.")
             if any(other != key for other in keys):
@@ -91,13 +112,21 @@ class Auth:
             request[_CALLER_KEY] = key
         return key
 
+    def strip_credentials(self, headers: CIMultiDict[str]) -> None:
+        """In key-injection mode, drop every caller credential from `headers` (in place): what
+        is stored for a task never holds one, and the gateway's own key is added only when the
+        call is sent (`upstream_headers`)."""
+        if self._upstream_key is None:
+            return
+        for name in _CREDENTIAL_HEADERS:
+            headers.popall(name, None)
+
     def upstream_headers(self, headers: CIMultiDict[str]) -> None:
         """In key-injection mode, replace every caller credential in `headers` (end-to-end
         headers, changed in place) with the gateway's own key."""
         if self._upstream_key is None:
             return
-        for name in _KEY_HEADERS:
-            headers.popall(name, None)
+        self.strip_credentials(headers)
         headers["Authorization"] = f"Bearer {self._upstream_key}"
 
     def upstream_credential(self, caller_key: str | None) -> str:

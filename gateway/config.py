@@ -128,12 +128,17 @@ class TasksConfig(_Section, frozen=True):
     # Largest upstream answer kept as a task result; a larger one fails the task clearly.
     result_max_bytes: int = 32 * 2**20
 
-    def limits(self, model: str | None, credential: str) -> list[tuple[str, int]]:
-        """The concurrency slots a task of `model` sent with `credential` (a keyed hash) needs."""
+    def limits(
+        self, model: str | None, credential: str, caller: str, per_caller: int
+    ) -> list[tuple[str, int]]:
+        """The concurrency slots a task of `model` needs: its model's, its upstream
+        `credential`'s and its `caller`'s (keyed hashes; `per_caller` is the caller's share of
+        the upstream pool, so tasks cannot take what its sync calls may not)."""
         per_model = self.model_concurrency.get(model or "", self.default_model_concurrency)
         slots = [
             (f"model:{model}", per_model),
             (f"credential:{credential}", self.credential_concurrency),
+            (f"caller:{caller}", per_caller),
         ]
         return [(slot, limit) for slot, limit in slots if limit > 0]
 

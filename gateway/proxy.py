@@ -36,7 +36,7 @@ from gateway.target import check_method, check_target
 from gateway.tasks.idempotency import Once, once
 from gateway.tasks.prefer import Preferences, parse_prefer
 from gateway.tasks.views import ASYNC_ROUTES, submit
-from gateway.uploads import Body, RequestTimeout, SpooledBody, receive
+from gateway.uploads import Body, RequestTimeout, SpooledBody, arrived, receive
 from gateway.upstream import UPSTREAM
 
 logger = logging.getLogger(__name__)
@@ -118,13 +118,17 @@ async def _receive(request: web.Request, call: Call) -> Body:
             call.model = model
             scope.reschedule(_deadline(call, config))
 
-    try:
-        async with asyncio.timeout_at(_deadline(call, config)) as scope:
-            body = await receive(request, config.server, seen if scanner else None)
-    except TimeoutError:
-        raise RequestTimeout(
-            "The deadline passed while the request body was arriving; nothing was sent upstream."
-        ) from None
+    if arrived(request):
+        body = await receive(request, config.server)
+    else:
+        try:
+            async with asyncio.timeout_at(_deadline(call, config)) as scope:
+                body = await receive(request, config.server, seen if scanner else None)
+        except TimeoutError:
+            raise RequestTimeout(
+                "The deadline passed while the request body was arriving; nothing was sent "
+                "upstream."
+            ) from None
     call.bytes_in = body.size if isinstance(body, SpooledBody) else len(body)
     if call.model is None and isinstance(body, bytes) and body:
         call.model = model_from_body(content_type, body)

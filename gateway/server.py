@@ -7,6 +7,7 @@ import logging
 import signal
 
 from aiohttp import web
+from yarl import URL
 
 from gateway.accesslog import AccessLogger, JsonAccessLogger, access_logger, quiet_bad_requests
 from gateway.app import create_app, create_metrics_app, create_worker_app
@@ -55,9 +56,8 @@ async def start_metrics(main: web.Application, config: Config) -> web.AppRunner 
 async def serve(config: Config) -> None:
     app = create_app(config)
     runner = await start(app, config)
-    logger.info(
-        "gateway listening on %s, upstream %s", runner.addresses[0][:2], config.upstream.url
-    )
+    upstream = URL(config.upstream.url).with_user(None).with_query(None)  # no secrets in logs
+    logger.info("gateway listening on %s, upstream %s", runner.addresses[0][:2], upstream)
     logger.info("async tasks: %s", describe_store(config))
     await _run_until_signalled(app, runner, config, "in-flight calls")
 

@@ -10,6 +10,7 @@ route outside the API.
 from __future__ import annotations
 
 import re
+import unicodedata
 from urllib.parse import unquote
 
 from gateway.errors import BadRequest, GatewayError
@@ -18,6 +19,8 @@ ALLOWED_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "O
 _PREFIXES = ("/v1/", "/v1beta/")
 # A segment made only of these needs no closer look: no dot, no escape, no backslash.
 _PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_\-:~+@!$&'()*,;=]*")
+# A whole path of plain segments (most calls): one match instead of one per segment.
+_PLAIN_PATH = re.compile(r"/v1(?:beta)?(?:/[A-Za-z0-9_\-:~+@!$&'()*,;=]*)+")
 _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f\\/]")
 # Percent-decoding more than this often is a riddle, not a path.
 _MAX_DECODES = 3
@@ -52,23 +55,37 @@ def check_target(target: str) -> str:
         # Absolute form (`POST https://elsewhere/v1/...`) is for proxies; this is not one.
         raise BadRequest("The request target must be a path under /v1/ or /v1beta/.")
     path, _, query = target.partition("?")
-    if "#" in target or _UNSAFE_CHARS.search(query.replace("/", "")):
+    if query and ("#" in query or _UNSAFE_CHARS.search(query.replace("/", ""))):
         raise BadRequest("The request target holds characters that are not forwarded.")
-    for segment in path.split("/"):
-        if not _PLAIN_SEGMENT.fullmatch(segment):
-            _check_segment(segment)
+    if "#" in path:
+        raise BadRequest("The request target holds characters that are not forwarded.")
+    if not _PLAIN_PATH.fullmatch(path):
+        for segment in path.split("/"):
+            if not _PLAIN_SEGMENT.fullmatch(segment):
+                _check_segment(segment)
     return target
 
 
 def _check_segment(segment: str) -> None:
     decoded = segment
     for _ in range(_MAX_DECODES):
-        if _UNSAFE_CHARS.search(decoded) or decoded.split(";", 1)[0] in (".", ".."):
+        if _UNSAFE_CHARS.search(decoded) or _is_dots(decoded):
             raise BadRequest(
                 "The request path holds a dot segment, an encoded slash or backslash, or a "
                 "control character; such paths are not forwarded."
             )
         if "%" not in decoded:
             return
-        decoded = unquote(decoded, errors="replace")
+        try:
+            decoded = unquote(decoded, errors="strict")
+        except UnicodeDecodeError:
+            # Overlong or broken UTF-8 (`%c0%ae` is a dot to lenient decoders).
+            raise BadRequest("The request path is not percent-encoded UTF-8.") from None
     raise BadRequest("The request path is percent-encoded too many times.")
+
+
+def _is_dots(segment: str) -> bool:
+    """A segment some server would read as `.` or `..`: dots only, once look-alikes (fullwidth
+    U+FF0E) are folded, path parameters (`..;x`) cut and trailing spaces dropped (IIS)."""
+    name = unicodedata.normalize("NFKC", segment.split(";", 1)[0]).rstrip(" ")
+    return bool(name) and not name.strip(".")

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable
 from typing import IO
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from gateway.config import ServerConfig
 from gateway.errors import BodyTooLarge, GatewayError
@@ -67,7 +67,36 @@ async def receive(
         raise BodyTooLarge()
     if not request.body_exists:
         return b""
-    content = request.content
+    if arrived(request):
+        body = request.content.read_nowait()
+        if seen is not None:
+            seen(body)
+        return body
+    try:
+        held, spool, size = await _arrive(request.content, server, seen)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"No part of the request body arrived for {server.body_read_timeout_s:g} s; "
+            "nothing was sent upstream."
+        ) from None
+    if spool is None:
+        return bytes(held)
+    spool.flush()
+    return SpooledBody(spool, size)
+
+
+def arrived(request: web.Request) -> bool:
+    """Whether the whole body came with the headers (most calls do): reading it then waits
+    for nothing, so it needs no timer."""
+    length = request.content_length
+    return length is not None and request.content.total_bytes >= length
+
+
+async def _arrive(
+    content: StreamReader, server: ServerConfig, seen: Callable[[bytes], None] | None
+) -> tuple[bytearray, IO[bytes] | None, int]:
+    """Read until the body ends, each chunk within the idle limit; past the memory limit the
+    body goes on in a temporary file."""
     loop = asyncio.get_running_loop()
     held = bytearray()
     spool: IO[bytes] | None = None
@@ -78,7 +107,7 @@ async def receive(
                 idle.reschedule(loop.time() + server.body_read_timeout_s)
                 chunk = await content.readany()
                 if not chunk:
-                    break
+                    return held, spool, size
                 size += len(chunk)
                 if size > server.max_body_bytes:
                     raise BodyTooLarge()
@@ -92,18 +121,7 @@ async def receive(
                     spool.write(chunk)
                 else:
                     held += chunk
-    except TimeoutError:
-        if spool is not None:
-            spool.close()
-        raise RequestTimeout(
-            f"No part of the request body arrived for {server.body_read_timeout_s:g} s; "
-            "nothing was sent upstream."
-        ) from None
     except BaseException:
         if spool is not None:
             spool.close()
         raise
-    if spool is None:
-        return bytes(held)
-    spool.flush()
-    return SpooledBody(spool, size)

@@ -11,11 +11,12 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -95,6 +96,12 @@ TRAVERSAL = [
     b"/v1/images%5c..%5cadmin",
     b"/v1/a%00b",
     b"/v1/a%0aX-Injected:%20yes",
+    # Dots to lenient decoders: overlong UTF-8, fullwidth, trailing spaces (IIS), three dots.
+    b"/v1/%c0%ae%c0%ae/admin",
+    b"/v1/%e0%80%ae%e0%80%ae/admin",
+    b"/v1/%ef%bc%8e%ef%bc%8e/admin",
+    b"/v1/..%20/admin",
+    b"/v1/.../admin",
 ]
 
 
@@ -131,9 +138,10 @@ async def test_methods_outside_the_api_never_leave(
 async def test_no_caller_credential_in_any_form_reaches_the_upstream(
     guarded: Gateway, capture: CaptureServer
 ) -> None:
-    target = f"/v1/images/generations?key={KEY_A}&keep=1&Key=x&key%3D=y".encode()
+    # `key` however spelt: `%6Bey` and `KEY` too, and after a `;` as some servers split there.
+    query = f"key={KEY_A}&%6Bey={KEY_A}&keep=1&KEY={KEY_A}&x=1;k%65y={KEY_A}&key%3D=y"
     head = _post(
-        target,
+        f"/v1/images/generations?{query}".encode(),
         b"x-goog-api-key: " + KEY_A.encode(),
         b"api-key: " + KEY_A.encode(),
         b"X-Api-Key: " + KEY_A.encode(),
@@ -144,9 +152,9 @@ async def test_no_caller_credential_in_any_form_reaches_the_upstream(
     [sent] = capture.requests
     _assert_only_checked_requests_left(capture)
     assert KEY_A not in sent.target
-    # Other query parameters go on byte for byte (`Key` and `key=` are other names).
-    assert sent.target == "/v1/images/generations?keep=1&Key=x&key%3D=y"
-    for name in ("x-goog-api-key", "api-key", "x-api-key"):
+    # Other query parameters go on byte for byte (`key=` is another name).
+    assert sent.target == "/v1/images/generations?keep=1&x=1&key%3D=y"
+    for name in ("x-goog-api-key", "api-key", "x-api-key", "cookie"):
         assert sent.header(name) == []
     assert all(KEY_A not in value for _, value in sent.headers)
     assert sent.body == GENERATE
@@ -240,12 +248,110 @@ async def test_a_last_event_id_outside_redis_id_space_is_a_400(
         headers={**auth, "Content-Type": "application/json", "Prefer": "respond-async"},
     ) as resp:
         location = resp.headers["Location"]
-    for bad in ("99999999999999999999-0", "0-18446744073709551616", "18446744073709551616"):
-        async with http.get(
-            f"{gateway.url}{location}/events", headers={**auth, "Last-Event-ID": bad}
+    port = gateway.url.rsplit(":", 1)[1]
+    for bad in (
+        "99999999999999999999-0",
+        "0-18446744073709551616",
+        "18446744073709551616",
+        "18446744073709551615-18446744073709551615",  # the largest: no id comes after it
+        "\u0661-\u0661",  # Arabic-Indic digits are digits to `\\d`, not to Redis
+    ):
+        head = (
+            (
+                f"GET {location}/events HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {KEY_A}\r\n"
+            ).encode()
+            + b"Last-Event-ID: "
+            + bad.encode()
+        )
+        status, answer = await raw_request(f"http://127.0.0.1:{port}", head)
+        assert status == 400, (bad, answer[:300])
+        assert b'"type":"invalid_request_error"' in answer
+
+
+async def test_queued_tasks_hold_no_credential_in_the_store(
+    gateway_factory: GatewayFactory,
+    redis_server: RedisServer,
+    capture: CaptureServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    # No workers here: the task waits in Redis, where an operator with a dump could read it.
+    tasks = {"redis_url": redis_server.url, "key_prefix": f"sec-{uuid.uuid4().hex[:8]}"}
+    gateway = await gateway_factory(
+        f"{capture.url}/v1", auth=_injecting(), tasks={**tasks, "workers": 0}
+    )
+    async with http.post(
+        f"{gateway.url}/v1/images/generations?key={KEY_A}",
+        data=GENERATE,
+        headers={"Authorization": f"Bearer {KEY_A}", "api-key": KEY_A, "Prefer": "respond-async"},
+    ) as resp:
+        assert resp.status == 202
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        values = [
+            await _stored_text(client, key)
+            async for key in client.scan_iter(f"{tasks['key_prefix']}:*")
+        ]
+    finally:
+        await client.aclose()
+    assert any("images/generations" in value for value in values)  # the job is there
+    for value in values:
+        assert UPSTREAM_KEY not in value
+        assert KEY_A not in value
+    # A worker (a second replica on the same Redis) adds the gateway's key when it sends.
+    await gateway_factory(f"{capture.url}/v1", auth=_injecting(), tasks=tasks)
+    for _ in range(200):
+        if capture.requests:
+            break
+        await asyncio.sleep(0.02)
+    _assert_only_checked_requests_left(capture)
+    assert [sent.target for sent in capture.requests] == ["/v1/images/generations"]
+
+
+async def _stored_text(client: redis.asyncio.Redis, key: bytes) -> str:
+    """Everything a key holds, whatever its type, as text to search (bytes as their repr)."""
+    readers: dict[bytes, Callable[[bytes], Awaitable[Any]]] = {
+        b"string": client.get,
+        b"hash": client.hgetall,
+        b"stream": client.xrange,
+        b"zset": lambda k: client.zrange(k, 0, -1),
+    }
+    kind: Any = await client.type(key)
+    return repr(await readers[kind](key))
+
+
+async def test_a_callers_tasks_share_its_cap_on_the_pool(
+    gateway_factory: GatewayFactory, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    # One call per caller at once (4 x 0.25): its tasks cannot take the pool its sync calls
+    # may not.
+    gateway = await gateway_factory(upstream={"pool_size": 4, "credential_share": 0.25})
+    headers = {"Authorization": "Bearer sk-greedy", "Prefer": "respond-async"}
+    for _ in range(3):
+        async with http.post(
+            f"{gateway.url}/v1/images/generations",
+            data=GENERATE,
+            headers={**headers, "Content-Type": "application/json", "X-Fake-Latency": "1"},
         ) as resp:
-            assert resp.status == 400, bad
-            assert (await resp.json())["error"]["type"] == "invalid_request_error"
+            assert resp.status == 202
+    await fake.until_running(1)
+    await asyncio.sleep(0.3)
+    assert fake.stats.running == 1  # the other two wait their turn, queued
+    async with http.get(
+        f"{gateway.url}/v1/models", headers={"Authorization": "Bearer sk-other"}
+    ) as resp:
+        assert resp.status == 200
+
+
+async def test_the_start_up_log_shows_no_secret_of_the_upstream_url(
+    spawn: Spawn, fake: Fake
+) -> None:
+    host = fake.url.removeprefix("http://")
+    proc, _ = await spawn(f'[upstream]\nurl = "http://ops:PASSWORD1@{host}/v1?key=QUERYKEY1"\n')
+    await asyncio.sleep(0.2)
+    log = proc.output()
+    assert f"upstream http://{host}/v1" in log
+    assert "PASSWORD1" not in log
+    assert "QUERYKEY1" not in log
 
 
 async def test_upstream_failures_name_neither_its_host_nor_its_key(

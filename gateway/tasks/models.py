@@ -20,13 +20,14 @@ DEFER_PAUSE_S = 0.2
 
 
 # An event id of either store: the embedded store's `N`, Redis's `ms-seq`.
-_EVENT_ID = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?")
+_EVENT_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
 
 
 def is_event_id(text: str) -> bool:
-    """Whether `text` has an event id's shape, every part within 64 bits (Redis's id space)."""
+    """Whether `text` has an event id's shape, every part below Redis's largest (whose
+    successor, which a resume reads from, does not exist)."""
     match = _EVENT_ID.fullmatch(text)
-    return match is not None and all(int(part or 0) < 2**64 for part in match.groups())
+    return match is not None and all(int(part or 0) < 2**64 - 1 for part in match.groups())
 
 
 class TaskError(msgspec.Struct, frozen=True):

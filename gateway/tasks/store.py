@@ -478,7 +478,10 @@ class RedisStore:
 
     async def _read_events(self, task_id: str, after: str | None) -> list[TaskEvent]:
         key = self._key(task_id, "events")
-        entries = await self._redis.xrange(key, min="-" if after is None else f"({after}")
+        try:
+            entries = await self._redis.xrange(key, min="-" if after is None else f"({after}")
+        except ResponseError as exc:  # an id Redis will not read from is no id of this task
+            raise ValueError(f"not an event id: {after!r}") from exc
         if not entries and after is not None:
             last = await self._redis.xrevrange(key, count=1)
             if not last or _stream_id(after) > _stream_id(last[0][0].decode()):

@@ -130,8 +130,9 @@ async def submit(
             f"X-Request-Timeout under {_MIN_TASK_DEADLINE_S:g} s leaves a task no time to run."
         )
     headers = strip_hop_by_hop(request.headers)
-    auth.upstream_headers(headers)
+    auth.strip_credentials(headers)  # the worker adds the gateway's key when it sends
     headers.popall("Prefer", None)  # addressed to the gateway, not the upstream
+    headers["X-Request-ID"] = call.request_id
     owner = tasks.owner(request)
     _check_body(request.headers.get("Content-Type", ""), body)
     path_qs = auth.upstream_target(target)
@@ -142,7 +143,12 @@ async def submit(
         headers=header_pairs(headers),
         body=body,
         deadline_s=min(config.timeouts.for_model(call.model), call.caller_limit_s),
-        limits=config.tasks.limits(call.model, tasks.upstream_credential(request)),
+        limits=config.tasks.limits(
+            call.model,
+            tasks.upstream_credential(request),
+            owner,
+            config.upstream.per_credential,
+        ),
     )
     found = None
     if once is not None:

@@ -17,6 +17,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.aio import unless
+from gateway.auth import AUTH, Auth
 from gateway.config import Config
 from gateway.errors import (
     GatewayError,
@@ -50,10 +51,11 @@ def stored(response: web.Response) -> StoredResponse:
 
 class Worker:
     def __init__(
-        self, store: TaskStore, upstream: Upstream, config: Config, metrics: Metrics
+        self, store: TaskStore, upstream: Upstream, auth: Auth, config: Config, metrics: Metrics
     ) -> None:
         self._store = store
         self._upstream = upstream
+        self._auth = auth
         self._config = config
         self._metrics = metrics
         self._stopping = asyncio.Event()
@@ -176,10 +178,12 @@ class Worker:
         sent_at = time.monotonic()
         try:
             async with asyncio.timeout(job.deadline_s):
+                headers = CIMultiDict(job.headers)
+                self._auth.upstream_headers(headers)
                 up = await self._upstream.send(
                     job.method,
                     job.path_qs,
-                    CIMultiDict(job.headers),
+                    headers,
                     job.body,
                     retries=self._config.upstream.connect_retries,
                     log_id=task_id,
@@ -242,7 +246,9 @@ class Workers:
             )
 
     async def ctx(self, app: web.Application) -> AsyncIterator[None]:
-        self._worker = Worker(app[TASKS].store, app[UPSTREAM], self._config, app[METRICS])
+        self._worker = Worker(
+            app[TASKS].store, app[UPSTREAM], app[AUTH], self._config, app[METRICS]
+        )
         self._loops = [
             asyncio.create_task(self._worker.run()) for _ in range(self._config.tasks.workers)
         ]

@@ -1,11 +1,14 @@
 """Sync pass-through benchmark: the gateway side by side with nginx and a bare aiohttp proxy.
 
-    python tests/perf/bench_sync.py [--seconds 10] [--held 6000] [--skip-held]
+    python tests/perf/bench_sync.py [--seconds 10] [--held 6000] [--skip-held] [--baseline DIR]
 
 Needs `nginx` and `wrk` (Debian packages; installed with apt-get when missing). Everything runs
 on loopback on this machine, in one run, so the figures are ratios measured side by side:
   1. throughput at 64 connections and median latency at 1 connection, against an nginx
-     `return 200` upstream: direct, via nginx, via a bare aiohttp proxy, via the gateway;
+     `return 200` upstream: direct, via nginx, via a bare aiohttp proxy, via the gateway (and
+     via the gateway of another checkout, `--baseline DIR`, e.g. `git worktree add DIR REV`);
+     for the call users make (`POST /v1/images/generations`, a JSON body, a bearer key) and
+     for `GET /v1/models`;
   2. memory per held call: N generations in flight at once (the stand-in answers after 20 s),
      RSS growth divided by N, for the gateway, nginx and the bare proxy;
   3. a 20 MB answer streamed through the gateway: growth of its peak RSS.
@@ -54,6 +57,15 @@ http {{
                  proxy_read_timeout 600s; proxy_buffering off; }}
   }}
 }}
+"""
+
+
+# The call this gateway exists for, as wrk sends it.
+POST_LUA = """
+wrk.method = "POST"
+wrk.body = '{"model": "gpt-image-1", "prompt": "a lighthouse at dawn", "size": "1024x1024"}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-bench"
 """
 
 
@@ -145,7 +157,8 @@ def nginx_worker(master: int) -> int:
 
 def wrk(
     url: str, connections: int, seconds: int, script: Path | None = None
-) -> tuple[float, float]:
+) -> tuple[float, float, int]:
+    """Requests per second, median latency in ms, and the number of requests made."""
     extra = ["-s", str(script)] if script is not None else []
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *extra, url],
@@ -154,20 +167,40 @@ def wrk(
         check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    count = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
     assert p50
     scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[p50.group(2)]
-    return rps, float(p50.group(1)) * scale
+    return rps, float(p50.group(1)) * scale, count
 
 
-def bench_throughput(seconds: int, tmp: Path, ports: dict[str, int]) -> None:
+def cpu_s(pid: int) -> float:
+    """User plus system CPU seconds a process has used (from /proc: robust to a busy box)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_throughput(
+    seconds: int, tmp: Path, ports: dict[str, int], baseline: Path | None = None
+) -> None:
     origin = f"http://127.0.0.1:{ports['origin']}"
-    gw_port, quiet_port, bare_port = free_port(), free_port(), free_port()
-    with (
-        running(gateway(gw_port, origin, tmp), gw_port),
-        running(gateway(quiet_port, origin, tmp, access_log=False), quiet_port),
-        running([sys.executable, str(HERE / "bare_proxy.py"), origin, str(bare_port)], bare_port),
-    ):
+    gw_port, quiet_port, bare_port, base_port = (free_port() for _ in range(4))
+    (tmp / "post.lua").write_text(POST_LUA)
+    with contextlib.ExitStack() as stack:
+        # Started outside any checkout, so each imports the gateway it is meant to.
+        bare = [sys.executable, str(HERE / "bare_proxy.py"), origin, str(bare_port)]
+        pythons: list[tuple[int, list[str], dict[str, str] | None]] = [
+            (gw_port, gateway(gw_port, origin, tmp), None),
+            (quiet_port, gateway(quiet_port, origin, tmp, access_log=False), None),
+            (bare_port, bare, None),
+        ]
+        if baseline is not None:
+            base_env = {"PYTHONPATH": str(baseline)}
+            pythons.append((base_port, gateway(base_port, origin, tmp), base_env))
+        pids = {
+            port: stack.enter_context(running(argv, port, env, cwd=tmp))
+            for port, argv, env in pythons
+        }
         targets = {
             "direct (nginx return 200)": ports["origin"],
             "nginx reverse proxy": ports["proxy"],
@@ -175,19 +208,42 @@ def bench_throughput(seconds: int, tmp: Path, ports: dict[str, int]) -> None:
             "gateway": gw_port,
             "gateway, access log off": quiet_port,
         }
-        results: dict[str, tuple[float, float]] = {}
-        for name, port in targets.items():
-            url = f"http://127.0.0.1:{port}/v1/models"
-            wrk(url, 64, 2)  # warm up connections and caches
-            rps, _ = wrk(url, 64, seconds)
-            _, p50 = wrk(url, 1, seconds)
-            results[name] = (rps, p50)
+        if baseline is not None:
+            targets["gateway at --baseline"] = base_port
+        for label, path, script in (
+            ("POST /v1/images/generations (JSON, bearer key)", "/v1/images/generations", "post"),
+            ("GET /v1/models", "/v1/models", None),
+        ):
+            lua = tmp / "post.lua" if script else None
+            results: dict[str, tuple[float, float, float | None]] = {}
+            for name, port in targets.items():
+                url = f"http://127.0.0.1:{port}{path}"
+                wrk(url, 64, 2, lua)  # warm up connections and caches
+                before = cpu_s(pids[port]) if port in pids else 0.0
+                rps, _, count = wrk(url, 64, seconds, lua)
+                cpu_ms = (cpu_s(pids[port]) - before) / count * 1000 if port in pids else None
+                _, p50, _ = wrk(url, 1, seconds, lua)
+                results[name] = (rps, p50, cpu_ms)
+            _print_throughput(label, seconds, results)
+
+
+def _print_throughput(
+    label: str, seconds: int, results: dict[str, tuple[float, float, float | None]]
+) -> None:
+    bare_rps, _, bare_cpu = results["bare aiohttp proxy"]
     nginx_rps = results["nginx reverse proxy"][0]
     direct_p50 = results["direct (nginx return 200)"][1]
-    print(f"\n## Throughput (wrk -t1 -c64 -d{seconds}s) and latency (wrk -t1 -c1)")
-    print(f"{'target':28} {'req/s':>9} {'x nginx':>8} {'p50 ms':>8} {'added ms':>9}")
-    for name, (rps, p50) in results.items():
-        print(f"{name:28} {rps:9.0f} {rps / nginx_rps:8.3f} {p50:8.3f} {p50 - direct_p50:9.3f}")
+    print(f"\n## {label}: throughput (wrk -t1 -c64 -d{seconds}s), latency (wrk -t1 -c1)")
+    print(
+        f"{'target':28} {'req/s':>9} {'x nginx':>8} {'x bare':>7} {'p50 ms':>8} {'added ms':>9}"
+        f" {'CPU ms/call':>12} {'x bare':>7}"
+    )
+    for name, (rps, p50, cpu_ms) in results.items():
+        cpu = "" if cpu_ms is None else f" {cpu_ms:12.3f} {cpu_ms / (bare_cpu or 1):7.3f}"
+        print(
+            f"{name:28} {rps:9.0f} {rps / nginx_rps:8.3f} {rps / bare_rps:7.3f} "
+            f"{p50:8.3f} {p50 - direct_p50:9.3f}{cpu}"
+        )
 
 
 async def _held_call(port: int, body: bytes, extra: bytes = b"") -> int:
@@ -346,6 +402,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--held", type=int, default=6000)
     parser.add_argument("--skip-held", action="store_true")
+    parser.add_argument("--baseline", type=Path, help="another checkout's gateway, side by side")
     args = parser.parse_args()
     ensure_tools()
     _raise_fd_limit()
@@ -372,7 +429,9 @@ def main() -> None:
                 ports["fake"],
             ),
         ):
-            bench_throughput(args.seconds, tmp, ports)
+            bench_throughput(
+                args.seconds, tmp, ports, args.baseline.resolve() if args.baseline else None
+            )
             if not args.skip_held:
                 bench_held(args.held, tmp, ports, nginx_pid)
             bench_large(tmp, ports)
