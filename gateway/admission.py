@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -33,6 +33,33 @@ class CallerOverloaded(Overloaded):
     default_message = (
         "This API key has as many calls in flight as the gateway allows one key; retry shortly."
     )
+
+
+class CredentialSlot:
+    """A class, not a generator: it is entered on every call's hot path."""
+
+    __slots__ = ("_credential", "_in_flight", "_limit")
+
+    def __init__(self, in_flight: dict[str, int], credential: str, limit: int) -> None:
+        self._in_flight = in_flight
+        self._credential = credential
+        self._limit = limit
+
+    def __enter__(self) -> None:
+        if self._limit <= 0:
+            return
+        held = self._in_flight.get(self._credential, 0)
+        if held >= self._limit:
+            raise CallerOverloaded()
+        self._in_flight[self._credential] = held + 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._limit <= 0:
+            return
+        if (left := self._in_flight[self._credential] - 1) > 0:
+            self._in_flight[self._credential] = left
+        else:
+            del self._in_flight[self._credential]
 
 
 class _Model:
@@ -67,23 +94,10 @@ class Admission:
         self._per_credential = per_credential
         self._in_flight: dict[str, int] = {}
 
-    @contextlib.contextmanager
-    def credential_slot(self, credential: str) -> Iterator[None]:
-        """Hold one of the credential's upstream calls; none free: `CallerOverloaded` now."""
-        if self._per_credential <= 0:
-            yield
-            return
-        held = self._in_flight.get(credential, 0)
-        if held >= self._per_credential:
-            raise CallerOverloaded()
-        self._in_flight[credential] = held + 1
-        try:
-            yield
-        finally:
-            if (left := self._in_flight[credential] - 1) > 0:
-                self._in_flight[credential] = left
-            else:
-                del self._in_flight[credential]
+    def credential_slot(self, credential: str) -> CredentialSlot:
+        """One of the credential's upstream calls, held in a `with`; none free: `CallerOverloaded`
+        on entering."""
+        return CredentialSlot(self._in_flight, credential, self._per_credential)
 
     def limited(self, model: str | None) -> bool:
         """Whether calls to `model` queue at all: the hot path skips the rest when not."""

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 import msgspec
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway.accesslog import CALL, Call
 from gateway.admission import ADMISSION, Overloaded
@@ -118,9 +119,8 @@ async def _receive(request: web.Request, call: Call) -> Body:
             call.model = model
             scope.reschedule(_deadline(call, config))
 
-    if arrived(request):
-        body = await receive(request, config.server)
-    else:
+    body: Body | None = arrived(request, config.server)
+    if body is None:
         try:
             async with asyncio.timeout_at(_deadline(call, config)) as scope:
                 body = await receive(request, config.server, seen if scanner else None)
@@ -180,7 +180,6 @@ _decode_stream_flag = msgspec.json.Decoder(_StreamFlag).decode
 async def _forward(
     request: web.Request, call: Call, target: str, body: Body, metrics: Metrics
 ) -> web.StreamResponse:
-    config = request.app[CONFIG]
     auth = request.app[AUTH]
     headers = strip_hop_by_hop(request.headers)
     auth.upstream_headers(headers)
@@ -191,9 +190,23 @@ async def _forward(
         data = body.chunks
     else:
         data = body or None
-    upstream = request.app[UPSTREAM]
-    admission = request.app[ADMISSION]
     credential = auth.caller_key(request) or ""
+    with request.app[ADMISSION].credential_slot(credential):
+        return await _exchange(request, call, auth.upstream_target(target), headers, data, metrics)
+
+
+async def _exchange(
+    request: web.Request,
+    call: Call,
+    target: str,
+    headers: CIMultiDict[str],
+    data: bytes | Callable[[], AsyncIterator[bytes]] | None,
+    metrics: Metrics,
+) -> web.StreamResponse:
+    """The upstream call within the deadline, its answer streamed back; failures the caller
+    can act on, told apart by how far the call got."""
+    config = request.app[CONFIG]
+    admission = request.app[ADMISSION]
     out: web.StreamResponse | None = None
     queued = False  # waiting for an upstream slot: a deadline passing there is a 429
     loop = asyncio.get_running_loop()
@@ -202,27 +215,23 @@ async def _forward(
             contextlib.AsyncExitStack() as held,
             asyncio.timeout_at(deadline := _deadline(call, config)),
         ):
-            held.enter_context(admission.credential_slot(credential))
             if admission.limited(call.model):
                 queued = True
-                await held.enter_async_context(admission.slot(call.model, credential))
+                await held.enter_async_context(
+                    admission.slot(call.model, request.app[AUTH].caller_key(request) or "")
+                )
                 queued = False
             if loop.time() >= deadline:
                 raise RequestTimeout("The deadline passed before the call was sent upstream.")
             sent_at = loop.time()
-            try:
-                up = await upstream.send(
-                    request.method,
-                    auth.upstream_target(target),
-                    headers,
-                    data,
-                    retries=config.upstream.connect_retries,
-                    log_id=call.request_id,
-                )
-            except UpstreamUnreachable as exc:
-                if exc.timed_out:
-                    metrics.upstream_timeouts(metrics.model_label(call.model), "connect").inc()
-                raise
+            up = await request.app[UPSTREAM].send(
+                request.method,
+                target,
+                headers,
+                data,
+                retries=config.upstream.connect_retries,
+                log_id=call.request_id,
+            )
             async with up:
                 if request.method != "HEAD" and (up.content_length or math.inf) <= _SMALL_BODY:
                     out = _whole(up, await up.read())
@@ -246,6 +255,10 @@ async def _forward(
             raise UpstreamTimeout() from None
         _abort(request)
         return out
+    except UpstreamUnreachable as exc:
+        if exc.timed_out:
+            metrics.upstream_timeouts(metrics.model_label(call.model), "connect").inc()
+        raise
     except aiohttp.ClientError as exc:
         logger.warning("%s upstream connection broken: %s", call.request_id, type(exc).__name__)
         if out is None or not out.prepared:

@@ -61,17 +61,13 @@ Body = bytes | SpooledBody
 async def receive(
     request: web.Request, server: ServerConfig, seen: Callable[[bytes], None] | None = None
 ) -> Body:
-    """The whole body; `seen` is shown each chunk as it arrives."""
+    """The whole body, waiting for it (see `arrived` for one that is already here); `seen` is
+    shown each chunk as it arrives."""
     length = request.content_length
     if length is not None and length > server.max_body_bytes:
         raise BodyTooLarge()
     if not request.body_exists:
         return b""
-    if arrived(request):
-        body = request.content.read_nowait()
-        if seen is not None:
-            seen(body)
-        return body
     try:
         held, spool, size = await _arrive(request.content, server, seen)
     except TimeoutError:
@@ -85,11 +81,17 @@ async def receive(
     return SpooledBody(spool, size)
 
 
-def arrived(request: web.Request) -> bool:
-    """Whether the whole body came with the headers (most calls do): reading it then waits
-    for nothing, so it needs no timer."""
+def arrived(request: web.Request, server: ServerConfig) -> bytes | None:
+    """The whole body if it came with the headers (most calls do): taking it then waits for
+    nothing, so it needs no timer. None while there is more to wait for."""
     length = request.content_length
-    return length is not None and request.content.total_bytes >= length
+    if length is None:
+        return None if request.body_exists else b""
+    if length > server.max_body_bytes:
+        raise BodyTooLarge()
+    if request.content.total_bytes < length:
+        return None
+    return request.content.read_nowait()
 
 
 async def _arrive(

@@ -34,13 +34,16 @@ class Upstream:
         # root both hang off: https://api.apiyi.com/v1 -> https://api.apiyi.com
         base = URL(base_url.rstrip("/"))
         prefix = base.raw_path[: -len("/v1")] if base.raw_path.endswith("/v1") else base.raw_path
-        self._origin = base.origin()
+        self._origin = str(base.origin())
+        self._where = (base.scheme, base.host, base.port)
         self._prefix = prefix.rstrip("/")
 
     def url(self, target: str) -> URL:
         """The upstream URL for a caller's path and query: the configured origin, always."""
         url = URL(f"{self._origin}{self._prefix}{check_target(target)}", encoded=True)
-        if url.origin() != self._origin or not url.raw_path.startswith(self._prefix + "/v1"):
+        if (url.scheme, url.host, url.port) != self._where or not url.raw_path.startswith(
+            self._prefix + "/v1"
+        ):
             # Only a bug could get here (the target is checked before); never send it.
             raise OriginMoved()
         return url

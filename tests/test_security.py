@@ -69,6 +69,19 @@ def _post(target: bytes, *headers: bytes, body: bytes = GENERATE) -> bytes:
     )
 
 
+async def _submit(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str], path: str = ""
+) -> aiohttp.ClientResponse:
+    """An async generation call (`Prefer: respond-async`); the answer, read."""
+    async with http.post(
+        f"{url}/v1/images/generations{path}",
+        data=GENERATE,
+        headers={"Content-Type": "application/json", "Prefer": "respond-async", **headers},
+    ) as resp:
+        await resp.read()
+        return resp
+
+
 def _assert_only_checked_requests_left(capture: CaptureServer) -> None:
     for sent in capture.requests:
         check_target(sent.target)  # a path the gateway would let through, nothing else
@@ -192,17 +205,9 @@ async def test_a_revoked_key_loses_its_tasks(
 ) -> None:
     tasks = {"redis_url": redis_server.url, "key_prefix": f"sec-{uuid.uuid4().hex[:8]}"}
     before = await gateway_factory(auth=_injecting(), tasks=tasks)
-    async with http.post(
-        f"{before.url}/v1/images/generations",
-        data=GENERATE,
-        headers={
-            "Authorization": f"Bearer {KEY_A}",
-            "Content-Type": "application/json",
-            "Prefer": "respond-async",
-        },
-    ) as resp:
-        assert resp.status == 202
-        location = resp.headers["Location"]
+    resp = await _submit(http, before.url, {"Authorization": f"Bearer {KEY_A}"})
+    assert resp.status == 202
+    location = resp.headers["Location"]
     # The same store, with KEY_A taken out of the config.
     after = await gateway_factory(auth=_injecting((KEY_B,)), tasks=tasks)
     for headers in (
@@ -241,13 +246,9 @@ async def test_a_last_event_id_outside_redis_id_space_is_a_400(
     gateway_factory: GatewayFactory, store: dict[str, Any], http: aiohttp.ClientSession
 ) -> None:
     gateway = await gateway_factory(tasks=store)
-    auth = {"Authorization": f"Bearer {KEY_A}"}
-    async with http.post(
-        f"{gateway.url}/v1/images/generations",
-        data=GENERATE,
-        headers={**auth, "Content-Type": "application/json", "Prefer": "respond-async"},
-    ) as resp:
-        location = resp.headers["Location"]
+    location = (await _submit(http, gateway.url, {"Authorization": f"Bearer {KEY_A}"})).headers[
+        "Location"
+    ]
     port = gateway.url.rsplit(":", 1)[1]
     for bad in (
         "99999999999999999999-0",
@@ -279,12 +280,8 @@ async def test_queued_tasks_hold_no_credential_in_the_store(
     gateway = await gateway_factory(
         f"{capture.url}/v1", auth=_injecting(), tasks={**tasks, "workers": 0}
     )
-    async with http.post(
-        f"{gateway.url}/v1/images/generations?key={KEY_A}",
-        data=GENERATE,
-        headers={"Authorization": f"Bearer {KEY_A}", "api-key": KEY_A, "Prefer": "respond-async"},
-    ) as resp:
-        assert resp.status == 202
+    auth = {"Authorization": f"Bearer {KEY_A}", "api-key": KEY_A}
+    assert (await _submit(http, gateway.url, auth, path=f"?key={KEY_A}")).status == 202
     client = redis.asyncio.Redis.from_url(redis_server.url)
     try:
         values = [
@@ -325,14 +322,9 @@ async def test_a_callers_tasks_share_its_cap_on_the_pool(
     # One call per caller at once (4 x 0.25): its tasks cannot take the pool its sync calls
     # may not.
     gateway = await gateway_factory(upstream={"pool_size": 4, "credential_share": 0.25})
-    headers = {"Authorization": "Bearer sk-greedy", "Prefer": "respond-async"}
     for _ in range(3):
-        async with http.post(
-            f"{gateway.url}/v1/images/generations",
-            data=GENERATE,
-            headers={**headers, "Content-Type": "application/json", "X-Fake-Latency": "1"},
-        ) as resp:
-            assert resp.status == 202
+        auth = {"Authorization": "Bearer sk-greedy", "X-Fake-Latency": "1"}
+        assert (await _submit(http, gateway.url, auth)).status == 202
     await fake.until_running(1)
     await asyncio.sleep(0.3)
     assert fake.stats.running == 1  # the other two wait their turn, queued

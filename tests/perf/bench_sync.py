@@ -1,6 +1,7 @@
 """Sync pass-through benchmark: the gateway side by side with nginx and a bare aiohttp proxy.
 
     python tests/perf/bench_sync.py [--seconds 10] [--held 6000] [--skip-held] [--baseline DIR]
+                                    [--rounds 1]
 
 Needs `nginx` and `wrk` (Debian packages; installed with apt-get when missing). Everything runs
 on loopback on this machine, in one run, so the figures are ratios measured side by side:
@@ -25,6 +26,7 @@ import re
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -181,7 +183,7 @@ def cpu_s(pid: int) -> float:
 
 
 def bench_throughput(
-    seconds: int, tmp: Path, ports: dict[str, int], baseline: Path | None = None
+    seconds: int, tmp: Path, ports: dict[str, int], baseline: Path | None = None, rounds: int = 1
 ) -> None:
     origin = f"http://127.0.0.1:{ports['origin']}"
     gw_port, quiet_port, bare_port, base_port = (free_port() for _ in range(4))
@@ -215,16 +217,32 @@ def bench_throughput(
             ("GET /v1/models", "/v1/models", None),
         ):
             lua = tmp / "post.lua" if script else None
-            results: dict[str, tuple[float, float, float | None]] = {}
-            for name, port in targets.items():
-                url = f"http://127.0.0.1:{port}{path}"
-                wrk(url, 64, 2, lua)  # warm up connections and caches
-                before = cpu_s(pids[port]) if port in pids else 0.0
-                rps, _, count = wrk(url, 64, seconds, lua)
-                cpu_ms = (cpu_s(pids[port]) - before) / count * 1000 if port in pids else None
-                _, p50, _ = wrk(url, 1, seconds, lua)
-                results[name] = (rps, p50, cpu_ms)
-            _print_throughput(label, seconds, results)
+            runs: dict[str, list[tuple[float, float, float | None]]] = {n: [] for n in targets}
+            for turn in range(rounds):
+                # In turns, each round in another order: drift on a shared box hits all alike.
+                names = list(targets)[turn % len(targets) :] + list(targets)[: turn % len(targets)]
+                for name in names:
+                    port = targets[name]
+                    url = f"http://127.0.0.1:{port}{path}"
+                    wrk(url, 64, 2, lua)  # warm up connections and caches
+                    before = cpu_s(pids[port]) if port in pids else 0.0
+                    rps, _, count = wrk(url, 64, seconds, lua)
+                    cpu = (cpu_s(pids[port]) - before) / count * 1000 if port in pids else None
+                    _, p50, _ = wrk(url, 1, seconds, lua)
+                    runs[name].append((rps, p50, cpu))
+            results = {name: _median(measured) for name, measured in runs.items()}
+            _print_throughput(f"{label}, median of {rounds}", seconds, results)
+
+
+def _median(
+    runs: list[tuple[float, float, float | None]],
+) -> tuple[float, float, float | None]:
+    cpus = [cpu for _, _, cpu in runs if cpu is not None]
+    return (
+        statistics.median(r for r, _, _ in runs),
+        statistics.median(p for _, p, _ in runs),
+        statistics.median(cpus) if cpus else None,
+    )
 
 
 def _print_throughput(
@@ -403,6 +421,7 @@ def main() -> None:
     parser.add_argument("--held", type=int, default=6000)
     parser.add_argument("--skip-held", action="store_true")
     parser.add_argument("--baseline", type=Path, help="another checkout's gateway, side by side")
+    parser.add_argument("--rounds", type=int, default=1, help="throughput runs, in turns")
     args = parser.parse_args()
     ensure_tools()
     _raise_fd_limit()
@@ -429,9 +448,8 @@ def main() -> None:
                 ports["fake"],
             ),
         ):
-            bench_throughput(
-                args.seconds, tmp, ports, args.baseline.resolve() if args.baseline else None
-            )
+            baseline = args.baseline.resolve() if args.baseline else None
+            bench_throughput(args.seconds, tmp, ports, baseline, args.rounds)
             if not args.skip_held:
                 bench_held(args.held, tmp, ports, nginx_pid)
             bench_large(tmp, ports)
