@@ -152,6 +152,19 @@ class TaskCancelled(GatewayError):
     default_message = "The task was cancelled; it has no result."
 
 
+class RequestTimeout(GatewayError):
+    """The deadline or the body's idle limit passed before anything went upstream: nothing
+    was sent and nothing billed, so retrying is safe."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    should_retry = True
+    default_message = (
+        "The request did not arrive in time; nothing was sent upstream and nothing was billed."
+    )
+
+
 class UpstreamTimeout(GatewayError):
     """The deadline passed; the upstream may still finish and bill, so a blind retry pays twice."""
 

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import msgspec
@@ -26,9 +25,9 @@ from gateway.auth import AUTH
 from gateway.config import CONFIG, Config
 from gateway.errors import (
     GatewayError,
+    RequestTimeout,
     UpstreamBroken,
     UpstreamTimeout,
-    UpstreamUnreachable,
 )
 from gateway.headers import caller_timeout_s, strip_hop_by_hop
 from gateway.metrics import METRICS, Metrics
@@ -37,8 +36,8 @@ from gateway.target import check_method, check_target
 from gateway.tasks.idempotency import Once, once
 from gateway.tasks.prefer import Preferences, parse_prefer
 from gateway.tasks.views import ASYNC_ROUTES, submit
-from gateway.uploads import Body, RequestTimeout, SpooledBody, arrived, receive
-from gateway.upstream import UPSTREAM
+from gateway.uploads import Body, SpooledBody, arrived, receive
+from gateway.upstream import UPSTREAM, Payload
 
 logger = logging.getLogger(__name__)
 
@@ -184,15 +183,25 @@ async def _forward(
     headers = strip_hop_by_hop(request.headers)
     auth.upstream_headers(headers)
     headers["X-Request-ID"] = call.request_id
-    data: bytes | Callable[[], AsyncIterator[bytes]] | None
+    data: Payload
     if isinstance(body, SpooledBody):
         headers["Content-Length"] = str(body.size)  # known now, even if it came chunked
         data = body.chunks
     else:
         data = body or None
     credential = auth.caller_key(request) or ""
-    with request.app[ADMISSION].credential_slot(credential):
-        return await _exchange(request, call, auth.upstream_target(target), headers, data, metrics)
+    deadline = _deadline(call, request.app[CONFIG])
+    admission = request.app[ADMISSION]
+    async with contextlib.AsyncExitStack() as held:
+        held.enter_context(admission.credential_slot(credential))
+        if admission.limited(call.model):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await held.enter_async_context(admission.slot(call.model, credential))
+            except TimeoutError:
+                raise Overloaded("The deadline passed while waiting for this model.") from None
+        target = auth.upstream_target(target)
+        return await _exchange(request, call, target, headers, data, deadline, metrics)
 
 
 async def _exchange(
@@ -200,71 +209,39 @@ async def _exchange(
     call: Call,
     target: str,
     headers: CIMultiDict[str],
-    data: bytes | Callable[[], AsyncIterator[bytes]] | None,
+    data: Payload,
+    deadline: float,
     metrics: Metrics,
 ) -> web.StreamResponse:
-    """The upstream call within the deadline, its answer streamed back; failures the caller
-    can act on, told apart by how far the call got."""
-    config = request.app[CONFIG]
-    admission = request.app[ADMISSION]
+    """The upstream call and its answer, streamed back; an answer that already started when
+    the call failed is cut, so the caller sees a broken body, never a short one."""
     out: web.StreamResponse | None = None
-    queued = False  # waiting for an upstream slot: a deadline passing there is a 429
-    loop = asyncio.get_running_loop()
+    upstream = request.app[UPSTREAM]
     try:
-        async with (
-            contextlib.AsyncExitStack() as held,
-            asyncio.timeout_at(deadline := _deadline(call, config)),
-        ):
-            if admission.limited(call.model):
-                queued = True
-                await held.enter_async_context(
-                    admission.slot(call.model, request.app[AUTH].caller_key(request) or "")
+        async with upstream.call(
+            request.method,
+            target,
+            headers,
+            data,
+            deadline=deadline,
+            model=call.model,
+            log_id=call.request_id,
+        ) as exchange:
+            up = exchange.response
+            if request.method != "HEAD" and (up.content_length or math.inf) <= _SMALL_BODY:
+                out = _whole(up, await up.read())
+            else:
+                out = web.StreamResponse(
+                    status=up.status, reason=up.reason, headers=strip_hop_by_hop(up.headers)
                 )
-                queued = False
-            if loop.time() >= deadline:
-                raise RequestTimeout("The deadline passed before the call was sent upstream.")
-            sent_at = loop.time()
-            up = await request.app[UPSTREAM].send(
-                request.method,
-                target,
-                headers,
-                data,
-                retries=config.upstream.connect_retries,
-                log_id=call.request_id,
-            )
-            async with up:
-                if request.method != "HEAD" and (up.content_length or math.inf) <= _SMALL_BODY:
-                    out = _whole(up, await up.read())
-                else:
-                    # Assigned before it starts: a failure mid-stream must abort, not answer.
-                    out = web.StreamResponse(
-                        status=up.status, reason=up.reason, headers=strip_hop_by_hop(up.headers)
-                    )
-                    await _stream(request, up, out, metrics, call)
-            call.upstream_s = loop.time() - sent_at
-            model = metrics.model_label(call.model)
-            metrics.upstream_duration(model, str(up.status)).observe(call.upstream_s)
-            return out
-    except TimeoutError:
-        if queued:
-            raise Overloaded("The deadline passed while waiting for this model.") from None
-        streaming = out is not None and out.prepared
-        phase = "read" if streaming else "total"
-        metrics.upstream_timeouts(metrics.model_label(call.model), phase).inc()
-        if out is None or not streaming:
-            raise UpstreamTimeout() from None
-        _abort(request)
-        return out
-    except UpstreamUnreachable as exc:
-        if exc.timed_out:
-            metrics.upstream_timeouts(metrics.model_label(call.model), "connect").inc()
-        raise
-    except aiohttp.ClientError as exc:
-        logger.warning("%s upstream connection broken: %s", call.request_id, type(exc).__name__)
+                await _stream(request, up, out, metrics, call)
+    except (UpstreamTimeout, UpstreamBroken):
         if out is None or not out.prepared:
-            raise UpstreamBroken() from None
+            raise
         _abort(request)
         return out
+    call.upstream_s = exchange.seconds
+    return out
 
 
 def _whole(up: aiohttp.ClientResponse, body: bytes) -> web.Response:

@@ -16,22 +16,9 @@ from typing import IO
 from aiohttp import StreamReader, web
 
 from gateway.config import ServerConfig
-from gateway.errors import BodyTooLarge, GatewayError
+from gateway.errors import BodyTooLarge, RequestTimeout
 
 _READ_CHUNK = 256 * 1024
-
-
-class RequestTimeout(GatewayError):
-    """The deadline or the body's idle limit passed before anything went upstream: nothing
-    was sent and nothing billed, so retrying is safe."""
-
-    status = 408
-    type = "invalid_request_error"
-    code = "request_timeout"
-    should_retry = True
-    default_message = (
-        "The request did not arrive in time; nothing was sent upstream and nothing was billed."
-    )
 
 
 class SpooledBody:

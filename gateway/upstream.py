@@ -1,7 +1,14 @@
-"""The one upstream client session: a kept-alive pool, keep-alive sockets, bytes untouched."""
+"""The one upstream client session and the one way to call it.
+
+A kept-alive pool, keep-alive sockets, bytes untouched. `Upstream.call` is used by the sync
+pass-through and the task workers alike, so a deadline, a broken connection or an unreachable
+upstream means the same error and the same metric label whoever made the call.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -13,26 +20,49 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.config import Config, TcpKeepaliveConfig
-from gateway.errors import GatewayError, UpstreamUnreachable
-from gateway.metrics import METRICS
+from gateway.config import Config, TcpKeepaliveConfig, UpstreamConfig
+from gateway.errors import (
+    GatewayError,
+    RequestTimeout,
+    UpstreamBroken,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from gateway.metrics import METRICS, Metrics
 from gateway.netopts import set_keepalive
 from gateway.target import check_target
 
 logger = logging.getLogger(__name__)
 
+# A body as it is sent: whole, or made anew for each connect attempt (a spooled upload).
+Payload = bytes | Callable[[], AsyncIterator[bytes]] | None
 # Headers aiohttp would add on its own; the upstream must see exactly what the caller sent.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
-class Upstream:
-    """Where calls go and the session that carries them."""
+class Exchange:
+    """One upstream call: its answer once the headers are in, and, once it is over, how long it
+    took from sending to the last byte read."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+    __slots__ = ("response", "seconds")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+        self.seconds = 0.0
+
+
+class Upstream:
+    """Where calls go, the session that carries them, and what they are measured by."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, config: UpstreamConfig, metrics: Metrics
+    ) -> None:
         self.session = session
+        self._retries = config.connect_retries
+        self._metrics = metrics
         # Callers' paths start with /v1 or /v1beta, so a base ending in /v1 is cut back to the
         # root both hang off: https://api.apiyi.com/v1 -> https://api.apiyi.com
-        base = URL(base_url.rstrip("/"))
+        base = URL(config.url.rstrip("/"))
         prefix = base.raw_path[: -len("/v1")] if base.raw_path.endswith("/v1") else base.raw_path
         self._origin = str(base.origin())
         self._where = (base.scheme, base.host, base.port)
@@ -48,21 +78,62 @@ class Upstream:
             raise OriginMoved()
         return url
 
-    async def send(
+    @contextlib.asynccontextmanager
+    async def call(
         self,
         method: str,
-        raw_path: str,
+        target: str,
         headers: CIMultiDict[str],
-        body: bytes | Callable[[], AsyncIterator[bytes]] | None,
+        body: Payload,
         *,
-        retries: int,
+        deadline: float,
+        model: str | None,
+        log_id: str,
+    ) -> AsyncIterator[Exchange]:
+        """The call, within `deadline` (event-loop time), its answer yielded once the headers
+        are in; reading it inside the `async with` is within the deadline too. Whatever goes
+        wrong leaves as one of: `RequestTimeout` (the deadline had passed before sending),
+        `UpstreamUnreachable` (nothing sent), `UpstreamTimeout` (timeout phase `total` before
+        the answer's headers, `read` after), `UpstreamBroken`."""
+        label = self._metrics.model_label(model)
+        loop = asyncio.get_running_loop()
+        exchange: Exchange | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                if loop.time() >= deadline:
+                    raise RequestTimeout("The deadline passed before the call was sent upstream.")
+                sent_at = loop.time()
+                exchange = Exchange(await self._send(method, target, headers, body, log_id))
+                async with exchange.response:
+                    yield exchange
+                exchange.seconds = loop.time() - sent_at
+        except TimeoutError:
+            phase = "total" if exchange is None else "read"
+            self._metrics.upstream_timeouts(label, phase).inc()
+            raise UpstreamTimeout() from None
+        except UpstreamUnreachable as exc:
+            if exc.timed_out:
+                self._metrics.upstream_timeouts(label, "connect").inc()
+            raise
+        except aiohttp.ClientError as exc:
+            logger.warning("%s upstream connection broken: %s", log_id, type(exc).__name__)
+            raise UpstreamBroken() from None
+        status = str(exchange.response.status)
+        self._metrics.upstream_duration(label, status).observe(exchange.seconds)
+
+    async def _send(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: Payload,
         log_id: str,
     ) -> aiohttp.ClientResponse:
         """Send a request and return once the answer's headers are in. A connect that fails sent
         nothing (nothing billed), so it is tried again; a streamed body is made anew each try."""
-        url = self.url(raw_path)
+        url = self.url(target)
         timed_out = False
-        for attempt in range(retries + 1):
+        for attempt in range(self._retries + 1):
             try:
                 return await self.session.request(
                     method,
@@ -132,7 +203,7 @@ def open_session(config: Config) -> aiohttp.ClientSession:
 def upstream_ctx(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         session = open_session(config)
-        app[UPSTREAM] = Upstream(session, config.upstream.url)
+        app[UPSTREAM] = Upstream(session, config.upstream, app[METRICS])
         connector = session.connector
         if isinstance(connector, aiohttp.TCPConnector):
             app[METRICS].watch_pool(connector, config.upstream.pool_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from typing import Any
 
 import aiohttp
 import openai
@@ -176,3 +177,30 @@ async def test_oversize_body_is_a_413_before_anything_is_sent(
         assert resp.status == 413
         assert (await resp.json())["error"]["code"] == "request_too_large"
     assert fake.stats.requests == 0
+
+
+@pytest.mark.parametrize("prefer", [None, "respond-async, wait=5"])
+async def test_a_deadline_after_the_answers_headers_is_a_read_timeout_on_every_path(
+    gateway_factory: GatewayFactory,
+    store: dict[str, Any],
+    http: aiohttp.ClientSession,
+    prefer: str | None,
+) -> None:
+    # A small answer (read whole, not streamed) whose body trickles past the deadline: one
+    # meaning for the dashboard's `phase` label, whether a caller or a task worker was reading.
+    gateway = await gateway_factory(timeouts={"models": {"gpt-image-1": 1.0}}, tasks=store)
+    headers = {
+        "Authorization": "Bearer sk-a",
+        "X-Fake-Fault": "trickle",
+        "X-Fake-Latency": "5",
+        "X-Fake-Image-Bytes": "2000",
+        **({"Prefer": prefer} if prefer else {}),
+    }
+    async with http.post(
+        f"{gateway.url}/v1/images/generations", json=GENERATE, headers=headers
+    ) as resp:
+        assert resp.status == 504
+        assert (await resp.json())["error"]["code"] == "upstream_timeout"
+    read = gateway.sample("gateway_upstream_timeouts_total", model="gpt-image-1", phase="read")
+    total = gateway.sample("gateway_upstream_timeouts_total", model="gpt-image-1", phase="total")
+    assert (read, total) == (1, 0)

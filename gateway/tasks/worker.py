@@ -23,13 +23,10 @@ from gateway.errors import (
     GatewayError,
     ResultTooLarge,
     StoreUnavailable,
-    UpstreamBroken,
-    UpstreamTimeout,
-    UpstreamUnreachable,
 )
 from gateway.headers import header_pairs, strip_hop_by_hop
 from gateway.metrics import METRICS, Metrics
-from gateway.tasks.models import Claim, Job, Status, StoredResponse, TaskError, TaskStore
+from gateway.tasks.models import Claim, Job, Status, StoredResponse, Task, TaskError, TaskStore
 from gateway.tasks.service import TASKS
 from gateway.upstream import UPSTREAM, Upstream
 
@@ -114,8 +111,7 @@ class Worker:
     async def _outcome(self, claim: Claim) -> tuple[StoredResponse, TaskError | None] | None:
         """The upstream call's answer, or None if the task was cancelled while it ran."""
         task_id = claim.record.task.id
-        model = self._metrics.model_label(claim.record.task.model)
-        call = asyncio.ensure_future(self._call(claim.job, task_id, model))
+        call = asyncio.ensure_future(self._call(claim.job, claim.record.task))
         cancel = asyncio.ensure_future(self._cancelled(task_id))
         lease = asyncio.ensure_future(self._renew(task_id))
         try:
@@ -170,51 +166,36 @@ class Worker:
             except StoreUnavailable:
                 await asyncio.sleep(_RETRY_S)
 
-    async def _call(
-        self, job: Job, task_id: str, model: str
-    ) -> tuple[StoredResponse, TaskError | None]:
-        """The upstream call, measured as the pass-through measures its own."""
-        up: aiohttp.ClientResponse | None = None
-        sent_at = time.monotonic()
+    async def _call(self, job: Job, task: Task) -> tuple[StoredResponse, TaskError | None]:
+        """The upstream call, made and measured as the pass-through makes its own."""
+        headers = CIMultiDict(job.headers)
+        self._auth.upstream_headers(headers)
+        deadline = asyncio.get_running_loop().time() + job.deadline_s
         try:
-            async with asyncio.timeout(job.deadline_s):
-                headers = CIMultiDict(job.headers)
-                self._auth.upstream_headers(headers)
-                up = await self._upstream.send(
-                    job.method,
-                    job.path_qs,
-                    headers,
-                    job.body,
-                    retries=self._config.upstream.connect_retries,
-                    log_id=task_id,
-                )
-                async with up:
-                    body = await _read(up, self._config.tasks.result_max_bytes)
-        except TimeoutError:
-            self._metrics.upstream_timeouts(model, "total" if up is None else "read").inc()
-            failure: GatewayError = UpstreamTimeout()
-        except aiohttp.ClientError:
-            failure = UpstreamBroken()
-        except UpstreamUnreachable as exc:
-            if exc.timed_out:
-                self._metrics.upstream_timeouts(model, "connect").inc()
-            failure = exc
-        except GatewayError as exc:
-            failure = exc
-        else:
-            self._metrics.upstream_duration(model, str(up.status)).observe(
-                time.monotonic() - sent_at
+            async with self._upstream.call(
+                job.method,
+                job.path_qs,
+                headers,
+                job.body,
+                deadline=deadline,
+                model=task.model,
+                log_id=task.id,
+            ) as exchange:
+                up = exchange.response
+                body = await _read(up, self._config.tasks.result_max_bytes)
+        except GatewayError as failure:
+            logger.warning("%s failed: %s", task.id, failure.code)
+            return stored(failure.response()), TaskError(
+                failure.message, failure.type, failure.code
             )
-            answer = StoredResponse(
-                status=up.status, headers=header_pairs(strip_hop_by_hop(up.headers)), body=body
-            )
-            if up.status < 400:
-                return answer, None
-            return answer, TaskError(
-                f"The upstream answered {up.status}.", "upstream_error", str(up.status)
-            )
-        logger.warning("%s failed: %s", task_id, failure.code)
-        return stored(failure.response()), TaskError(failure.message, failure.type, failure.code)
+        answer = StoredResponse(
+            status=up.status, headers=header_pairs(strip_hop_by_hop(up.headers)), body=body
+        )
+        if up.status < 400:
+            return answer, None
+        return answer, TaskError(
+            f"The upstream answered {up.status}.", "upstream_error", str(up.status)
+        )
 
 
 async def _read(up: aiohttp.ClientResponse, limit: int) -> bytes:
