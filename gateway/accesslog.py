@@ -50,7 +50,7 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-class Call:
+class RequestContext:
     """What one proxied request did, filled in as it goes, for the log line and the metrics."""
 
     __slots__ = (
@@ -75,20 +75,20 @@ class Call:
         self.bytes_in = 0
 
 
-CALL = web.RequestKey("call", Call)
+REQUEST_CONTEXT = web.RequestKey("request_context", RequestContext)
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare hook: every proxied response, streamed or not, names its request id."""
-    call = request.get(CALL)
-    if call is not None:
-        response.headers["X-Request-ID"] = call.request_id
+    ctx = request.get(REQUEST_CONTEXT)
+    if ctx is not None:
+        response.headers["X-Request-ID"] = ctx.request_id
 
 
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        call = request.get(CALL)
-        if call is None:  # not a proxied call: probes, metrics, unknown paths
+        ctx = request.get(REQUEST_CONTEXT)
+        if ctx is None:  # not a proxied call: probes, metrics, unknown paths
             self.logger.info(
                 "- %s %s status=%s duration_ms=%.1f",
                 log_field(request.method),
@@ -97,17 +97,17 @@ class AccessLogger(AbstractAccessLogger):
                 time * 1000,
             )
             return
-        upstream_ms = "-" if call.upstream_s is None else f"{call.upstream_s * 1000:.1f}"
+        upstream_ms = "-" if ctx.upstream_s is None else f"{ctx.upstream_s * 1000:.1f}"
         self.logger.info(
             "%s %s %s model=%s status=%s duration_ms=%.1f upstream_ms=%s bytes_in=%s bytes_out=%s",
-            call.request_id,
+            ctx.request_id,
             request.method,
-            call.route,
-            "-" if call.model is None else log_field(call.model),
+            ctx.route,
+            "-" if ctx.model is None else log_field(ctx.model),
             response.status,
             time * 1000,
             upstream_ms,
-            call.bytes_in,
+            ctx.bytes_in,
             response.body_length,
         )
 
@@ -135,7 +135,7 @@ class JsonAccessLogger(AccessLogger):
     """The same fields as one JSON object per line, for log shippers (`server.access_log_json`)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        call = request.get(CALL)
+        ctx = request.get(REQUEST_CONTEXT)
         # JSON escapes line breaks itself; only what UTF-8 cannot hold needs escaping here.
         line = _Line(
             escape_controls(request.method),
@@ -143,16 +143,16 @@ class JsonAccessLogger(AccessLogger):
             response.status,
             round(time * 1000, 1),
         )
-        if call is not None:
+        if ctx is not None:
             line = _Line(
                 request.method,
-                call.route,
+                ctx.route,
                 response.status,
                 round(time * 1000, 1),
-                request_id=call.request_id,
-                model=None if call.model is None else escape_controls(call.model),
-                upstream_ms=None if call.upstream_s is None else round(call.upstream_s * 1000, 1),
-                bytes_in=call.bytes_in,
+                request_id=ctx.request_id,
+                model=None if ctx.model is None else escape_controls(ctx.model),
+                upstream_ms=None if ctx.upstream_s is None else round(ctx.upstream_s * 1000, 1),
+                bytes_in=ctx.bytes_in,
                 bytes_out=response.body_length,
             )
         self.logger.info("%s", _encode_line(line).decode())

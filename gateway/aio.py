@@ -9,7 +9,7 @@ from typing import TypeVar
 _T = TypeVar("_T")
 
 
-async def unless(stop: asyncio.Event, awaitable: Awaitable[_T]) -> _T | None:
+async def until_set(stop: asyncio.Event, awaitable: Awaitable[_T]) -> _T | None:
     """`awaitable`'s result, or None as soon as `stop` is set (the awaitable is cancelled)."""
     work = asyncio.ensure_future(awaitable)
     stopped = asyncio.ensure_future(stop.wait())

@@ -14,7 +14,7 @@ from gateway.metrics import METRICS, Metrics, metrics_view
 from gateway.proxy import proxy
 from gateway.tasks.service import TASKS, TaskService, open_store, tasks_ctx
 from gateway.tasks.views import cancel_view, events_view, result_view, task_view
-from gateway.tasks.worker import WORKERS, Workers
+from gateway.tasks.worker import WORKER_POOL, WorkerPool
 from gateway.upstream import upstream_ctx
 
 # The rest of a path, line breaks included: with `.*` a decoded %0a would fall through to
@@ -89,14 +89,14 @@ def create_metrics_app(main: web.Application) -> web.Application:
 
 def _add_tasks(app: web.Application, config: Config) -> None:
     app[TASKS] = TaskService(open_store(config), app[AUTH])
-    app[WORKERS] = Workers(config)
+    app[WORKER_POOL] = WorkerPool(config)
     app.cleanup_ctx.append(upstream_ctx(config))
     app.cleanup_ctx.append(tasks_ctx)
-    app.cleanup_ctx.append(app[WORKERS].ctx)
+    app.cleanup_ctx.append(app[WORKER_POOL].ctx)
     # Runs when the drain starts, before in-flight requests are awaited.
     app.on_shutdown.append(shutdown_tasks)
 
 
 async def shutdown_tasks(app: web.Application) -> None:
-    app[WORKERS].stop()
+    app[WORKER_POOL].stop()
     app[TASKS].closing.set()

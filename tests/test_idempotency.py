@@ -124,7 +124,7 @@ async def test_a_keyed_sync_caller_that_drops_gets_the_image_on_retry_from_one_c
     assert status == 200
     assert headers["Idempotent-Replayed"] == "true"
     assert _image(answer) == IMAGE
-    # Once finished, a retry gets the stored answer at once.
+    # RunOnce finished, a retry gets the stored answer at once.
     status, _, again = await _post(http, gateway, keyed, timeout_s=0.5)
     assert status == 200
     assert _image(again) == IMAGE

@@ -1,1 +1,2 @@
-"""Async tasks: `Prefer: respond-async` calls run by the gateway itself (work in progress)."""
+"""Async tasks: calls the gateway runs itself (`Prefer: respond-async`, run-once calls),
+on the embedded store or Redis, by workers in any replica."""

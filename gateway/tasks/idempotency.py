@@ -20,7 +20,7 @@ _KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as Stripe and the IET
 SDK_RETRY_HEADER = "x-stainless-retry-count"
 
 
-class Once(msgspec.Struct, frozen=True):
+class RunOnce(msgspec.Struct, frozen=True):
     """How a call is made to run once: by the caller's key, or by the SDK's retry count."""
 
     key: str | None = None
@@ -34,16 +34,16 @@ class Once(msgspec.Struct, frozen=True):
         return hashlib.sha256(scope.encode()).hexdigest()
 
 
-def once(headers: MultiMapping[str]) -> Once | None:
+def run_once(headers: MultiMapping[str]) -> RunOnce | None:
     """The caller's wish for a call that runs once, if it made one."""
     key = headers.get("Idempotency-Key")
     if key is not None:
         if not _KEY.fullmatch(key):
             raise BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters.")
-        return Once(key=key)
+        return RunOnce(key=key)
     retry = headers.get(SDK_RETRY_HEADER)
     if retry is not None and retry.isdecimal() and len(retry) < 6:
-        return Once(sdk_retry=int(retry))
+        return RunOnce(sdk_retry=int(retry))
     return None
 
 

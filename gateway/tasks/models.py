@@ -95,7 +95,7 @@ class TaskStore(Protocol):
 
     async def remember(self, name: str, value: str, ttl_s: float, *, replace: bool) -> str | None:
         """Keep `value` under `name` for `ttl_s`, atomically: the value already there if there
-        is one (and, unless `replace`, it stays), else None."""
+        is one (and, until_set `replace`, it stays), else None."""
 
     async def get(self, task_id: str) -> TaskRecord | None: ...
 

@@ -11,8 +11,8 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 from multidict import CIMultiDict
 
-from gateway.accesslog import Call
-from gateway.aio import unless
+from gateway.accesslog import RequestContext
+from gateway.aio import until_set
 from gateway.auth import AUTH
 from gateway.config import CONFIG, Config
 from gateway.errors import (
@@ -26,7 +26,7 @@ from gateway.errors import (
 )
 from gateway.headers import header_pairs, strip_hop_by_hop
 from gateway.metrics import METRICS
-from gateway.tasks.idempotency import Once, fingerprint
+from gateway.tasks.idempotency import RunOnce, fingerprint
 from gateway.tasks.models import (
     TERMINAL,
     Job,
@@ -114,37 +114,37 @@ async def wait_terminal(store: TaskStore, task_id: str, within_s: float) -> Task
 
 async def submit(
     request: web.Request,
-    call: Call,
+    ctx: RequestContext,
     target: str,
     body: bytes,
     prefs: Preferences | None,
-    once: Once | None,
+    once: RunOnce | None,
 ) -> web.StreamResponse:
     """Run the call as a task: answer 202 at once (`Prefer: respond-async`), or wait for its end
     and answer as the sync call would have (a keyed or SDK call, which must run only once)."""
     config: Config = request.app[CONFIG]
     tasks = request.app[TASKS]
     auth = request.app[AUTH]
-    if call.caller_limit_s < _MIN_TASK_DEADLINE_S:
+    if ctx.caller_limit_s < _MIN_TASK_DEADLINE_S:
         raise BadRequest(
             f"X-Request-Timeout under {_MIN_TASK_DEADLINE_S:g} s leaves a task no time to run."
         )
     headers = strip_hop_by_hop(request.headers)
     auth.strip_credentials(headers)  # the worker adds the gateway's key when it sends
     headers.popall("Prefer", None)  # addressed to the gateway, not the upstream
-    headers["X-Request-ID"] = call.request_id
+    headers["X-Request-ID"] = ctx.request_id
     owner = tasks.owner(request)
     _check_body(request.headers.get("Content-Type", ""), body)
     path_qs = auth.upstream_target(target)
-    task = Task(id=new_task_id(), status="queued", model=call.model, created_at=int(time.time()))
+    task = Task(id=new_task_id(), status="queued", model=ctx.model, created_at=int(time.time()))
     job = Job(
         method=request.method,
         path_qs=path_qs,
         headers=header_pairs(headers),
         body=body,
-        deadline_s=min(config.timeouts.for_model(call.model), call.caller_limit_s),
+        deadline_s=min(config.timeouts.for_model(ctx.model), ctx.caller_limit_s),
         limits=config.tasks.limits(
-            call.model,
+            ctx.model,
             tasks.upstream_credential(request),
             owner,
             config.upstream.per_credential,
@@ -173,7 +173,7 @@ async def submit(
 
 
 async def _find(
-    store: TaskStore, config: Config, name: str, once: Once, request_print: str, task_id: str
+    store: TaskStore, config: Config, name: str, once: RunOnce, request_print: str, task_id: str
 ) -> Task | None:
     """The task an earlier request of this call made, if any; else this one is remembered."""
     if once.key is not None:
@@ -289,7 +289,7 @@ async def _stream(
 ) -> None:
     """Events until the terminal one, the task's expiry, or this replica's shutdown."""
     while True:
-        events = await unless(tasks.closing, tasks.store.events(task_id, after, _HEARTBEAT_S))
+        events = await until_set(tasks.closing, tasks.store.events(task_id, after, _HEARTBEAT_S))
         if events is None:
             break
         for event in events:

@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.aio import unless
+from gateway.aio import until_set
 from gateway.auth import AUTH, Auth
 from gateway.config import Config
 from gateway.errors import (
@@ -74,7 +74,7 @@ class Worker:
             try:
                 # A claim cut short by the stop leaves at most one task claimed but not run;
                 # its lease hands it on.
-                claim = await unless(self._stopping, self._store.claim(_CLAIM_WAIT_S))
+                claim = await until_set(self._stopping, self._store.claim(_CLAIM_WAIT_S))
                 if claim is not None:
                     await self._run(claim)
             except StoreUnavailable:
@@ -209,7 +209,7 @@ async def _read(up: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(body)
 
 
-class Workers:
+class WorkerPool:
     """The task workers of one process: `tasks.workers` loops sharing one Worker."""
 
     def __init__(self, config: Config) -> None:
@@ -242,4 +242,4 @@ class Workers:
         await asyncio.gather(*self._loops, return_exceptions=True)
 
 
-WORKERS = web.AppKey("workers", Workers)
+WORKER_POOL = web.AppKey("workers", WorkerPool)
