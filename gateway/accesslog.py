@@ -46,16 +46,18 @@ class OneLineFormatter(logging.Formatter):
     """Every log message stays one line, whatever a caller put into it; tracebacks are ours."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = escape_controls(record.message)
+        if not record.message.isprintable():  # line breaks, controls and surrogates are not
+            record.message = escape_controls(record.message)
         return super().formatMessage(record)
 
 
 class RequestContext:
-    """What one proxied request did, filled in as it goes, for the log line and the metrics."""
+    """What one request did, filled in as it goes, for the log line and the metrics."""
 
     __slots__ = (
         "bytes_in",
         "caller_limit_s",
+        "mode",
         "model",
         "request_id",
         "route",
@@ -70,6 +72,7 @@ class RequestContext:
         resource = request.match_info.route.resource
         self.route = resource.canonical if resource is not None else "other"
         self.model: str | None = None
+        self.mode = "sync"  # "async" once the call runs as a task the caller does not wait on
         self.caller_limit_s = math.inf
         self.upstream_s: float | None = None
         self.bytes_in = 0

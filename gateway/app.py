@@ -7,11 +7,12 @@ from aiohttp import web
 from gateway.accesslog import add_request_id
 from gateway.admission import ADMISSION, Admission
 from gateway.auth import AUTH, Auth
+from gateway.boundary import boundary
 from gateway.config import CONFIG, Config
+from gateway.dispatch import dispatch
 from gateway.errors import not_found
 from gateway.health import READINESS, Readiness, healthz, readyz
 from gateway.metrics import METRICS, Metrics, metrics_view
-from gateway.proxy import proxy
 from gateway.tasks.service import TASKS, TaskService, open_store, tasks_ctx
 from gateway.tasks.views import cancel_view, events_view, result_view, task_view
 from gateway.tasks.worker import WORKER_POOL, WorkerPool
@@ -40,9 +41,7 @@ PROXY_ROUTES = (
 
 
 def create_app(config: Config) -> web.Application:
-    # No middlewares: aiohttp rebuilds the middleware chain on every request, which costs the
-    # hot path CPU and memory per held call; the proxy renders its own errors.
-    app = web.Application(client_max_size=config.server.max_body_bytes)
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[boundary])
     app[CONFIG] = config
     app[AUTH] = Auth(config.auth)
     app[METRICS] = Metrics(config.timeouts.models, config.timeouts.default_s)
@@ -59,7 +58,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/v1/tasks/{task_id}/result", result_view)
     app.router.add_get("/v1/tasks/{task_id}/events", events_view)
     for path in PROXY_ROUTES:
-        app.router.add_route("*", path, proxy)
+        app.router.add_route("*", path, dispatch)
     app.router.add_route("*", f"/{_ANY}", not_found)
     return app
 

@@ -6,7 +6,6 @@ Upstream errors are never rendered here: they pass through byte for byte.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from functools import wraps
 
 import msgspec
 from aiohttp import web
@@ -178,22 +177,21 @@ class UpstreamTimeout(GatewayError):
     )
 
 
+def from_aiohttp(exc: web.HTTPException) -> web.Response:
+    """One of aiohttp's own refusals (its router's 404, say), in the OpenAI shape too."""
+    kept = {
+        k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")
+    }
+    error = GatewayError(exc.reason, headers=kept)
+    error.status = exc.status
+    error.type = "invalid_request_error"
+    error.code = exc.reason.lower().replace(" ", "_")
+    return error.response()
+
+
 async def not_found(request: web.Request) -> web.Response:
     """Paths outside /v1 and /v1beta that the gateway does not serve, in the OpenAI shape."""
     return NotFound(f"Unknown path: {request.method} {request.path}").response()
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def renders_errors(handler: Handler) -> Handler:
-    """A view whose GatewayErrors become OpenAI-shaped responses (the app has no middleware)."""
-
-    @wraps(handler)
-    async def view(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except GatewayError as exc:
-            return exc.response()
-
-    return view

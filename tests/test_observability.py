@@ -75,3 +75,18 @@ async def test_the_metrics_port_keeps_metrics_away_from_tenants(spawn: Spawn, fa
         for probe in ("/healthz", "/readyz"):
             async with http.get(f"http://127.0.0.1:{port}{probe}") as resp:
                 assert resp.status == 200
+
+
+async def test_the_task_api_is_measured_and_named_like_every_other_route(
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    # One request boundary: the task API gets request ids, request metrics and OpenAI-shaped
+    # errors exactly as the pass-through does.
+    gateway = await gateway_factory()
+    auth = {"Authorization": "Bearer sk-a", "X-Request-ID": "trace-42"}
+    async with http.get(f"{gateway.url}/v1/tasks/task_{'x' * 22}", headers=auth) as resp:
+        assert resp.status == 404
+        assert resp.headers["X-Request-ID"] == "trace-42"
+        assert (await resp.json())["error"]["code"] == "not_found"
+    labels = {"route": "/v1/tasks/{task_id}", "model": "other", "status": "404", "mode": "sync"}
+    assert gateway.sample("gateway_requests_total", **labels) == 1

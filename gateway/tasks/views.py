@@ -22,7 +22,6 @@ from gateway.errors import (
     NotFound,
     TaskCancelled,
     UpstreamTimeout,
-    renders_errors,
 )
 from gateway.headers import header_pairs, strip_hop_by_hop
 from gateway.metrics import METRICS
@@ -233,12 +232,10 @@ async def _answer(store: TaskStore, task_id: str, within_s: float) -> web.Respon
     return replay(answer)
 
 
-@renders_errors
 async def task_view(request: web.Request) -> web.StreamResponse:
     return _task_response((await request.app[TASKS].visible(request)).task)
 
 
-@renders_errors
 async def cancel_view(request: web.Request) -> web.StreamResponse:
     tasks = request.app[TASKS]
     record = await tasks.visible(request)
@@ -249,7 +246,6 @@ async def cancel_view(request: web.Request) -> web.StreamResponse:
     return _task_response(task or record.task)
 
 
-@renders_errors
 async def result_view(request: web.Request) -> web.StreamResponse:
     tasks = request.app[TASKS]
     task = (await tasks.visible(request)).task
@@ -259,7 +255,6 @@ async def result_view(request: web.Request) -> web.StreamResponse:
     return replay(answer) if answer is not None else _task_response(task, status=202)
 
 
-@renders_errors
 async def events_view(request: web.Request) -> web.StreamResponse:
     """One event per status change; `Last-Event-ID` resumes; the stream ends after the last,
     or when this replica shuts down (the client resumes elsewhere with its Last-Event-ID)."""

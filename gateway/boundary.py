@@ -1,0 +1,52 @@
+"""The one request boundary, for every route: the request context, in-flight and request
+metrics, disconnect counting, and errors rendered in the OpenAI shape."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from gateway.accesslog import REQUEST_CONTEXT, RequestContext
+from gateway.errors import GatewayError, Handler, from_aiohttp
+from gateway.metrics import METRICS, Metrics
+
+logger = logging.getLogger(__name__)
+
+
+@web.middleware
+async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    ctx = request[REQUEST_CONTEXT] = RequestContext(request)
+    inflight = metrics.inflight(ctx.route)
+    inflight.inc()
+    response: web.StreamResponse | None = None
+    try:
+        response = await handler(request)
+    except GatewayError as exc:
+        response = exc.response()
+    except web.HTTPException as exc:
+        response = from_aiohttp(exc)
+    except asyncio.CancelledError:
+        if request.transport is None or request.transport.is_closing():
+            count_disconnect(metrics, ctx)
+        raise
+    except Exception:
+        logger.exception("%s unexpected failure", ctx.request_id)
+        response = GatewayError().response()
+    finally:
+        inflight.dec()
+        model = metrics.model_label(ctx.model)
+        # 499: the caller went away before any answer (nginx's convention).
+        status = "499" if response is None else str(response.status)
+        metrics.requests(ctx.route, model, status, ctx.mode).inc()
+        metrics.request_duration(ctx.route, model, ctx.mode).observe(
+            asyncio.get_running_loop().time() - ctx.started
+        )
+    return response
+
+
+def count_disconnect(metrics: Metrics, ctx: RequestContext) -> None:
+    metrics.client_disconnects(ctx.route).inc()
+    logger.info("%s caller disconnected; upstream call cancelled", ctx.request_id)
