@@ -188,3 +188,19 @@ async def test_an_sdk_retry_attaches_only_to_its_own_credentials_call(
     assert mine["Idempotent-Replayed"] == "true"
     assert "Idempotent-Replayed" not in theirs
     assert fake.stats.requests == 2  # tenant A's one generation, and tenant B's own
+
+
+@pytest.mark.parametrize(
+    "extra", [{"x-stainless-retry-count": "0"}, {"Prefer": "respond-async, wait=10"}]
+)
+async def test_an_answer_that_is_ready_reaches_its_caller_at_once(
+    gateway: Gateway, http: aiohttp.ClientSession, extra: dict[str, str]
+) -> None:
+    # The stand-in answers at once; a call run as a task must not wait on a poll period (the
+    # worker's cancel watcher once held each answer for 5 s when redis-py swallowed its cancel).
+    for _ in range(4):
+        started = time.monotonic()
+        status, _, answer = await _post(http, gateway, {**KEY, **extra})
+        assert status == 200
+        assert _image(answer) == IMAGE
+        assert time.monotonic() - started < 1.0

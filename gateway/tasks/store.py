@@ -463,6 +463,8 @@ class RedisStore:
     async def events(self, task_id: str, after: str | None, timeout_s: float) -> list[TaskEvent]:
         if after is not None and not ("-" in after and is_event_id(after)):
             raise ValueError(f"not an event id: {after!r}")
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         await self._listen()
         waker = self._wakers.setdefault(task_id, asyncio.Event())
         events = await self._read_events(task_id, after)
@@ -471,6 +473,10 @@ class RedisStore:
         record = await self.get(task_id)
         if record is None or record.task.status in TERMINAL:
             return events
+        if task is not None and task.cancelling() > cancels:
+            # Cancelled during a round trip above, and redis-py swallowed it: waiting now would
+            # hold the canceller (a worker finishing its task) for the whole timeout.
+            raise asyncio.CancelledError()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await waker.wait()

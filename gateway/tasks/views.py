@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from contextlib import aclosing
 
 import msgspec
 from aiohttp import web
@@ -25,18 +26,20 @@ from gateway.errors import (
 )
 from gateway.headers import header_pairs, strip_hop_by_hop
 from gateway.metrics import METRICS
+from gateway.tasks.follow import follow
 from gateway.tasks.idempotency import RunOnce, fingerprint
 from gateway.tasks.models import (
     TERMINAL,
     Job,
     StoredResponse,
     Task,
+    TaskEvent,
     TaskRecord,
     TaskStore,
     is_event_id,
 )
 from gateway.tasks.prefer import Preferences
-from gateway.tasks.service import TASKS, TaskService, new_task_id
+from gateway.tasks.service import TASKS, new_task_id
 
 # The generation endpoints a caller may run as a task (contract: "Async tasks").
 ASYNC_ROUTES = frozenset(
@@ -100,14 +103,13 @@ def _check_body(content_type: str, body: bytes) -> None:
 
 async def wait_terminal(store: TaskStore, task_id: str, within_s: float) -> Task | None:
     """The task once it has ended, or None if it is still running after `within_s`."""
-    loop = asyncio.get_running_loop()
-    deadline, after = loop.time() + within_s, None
-    while (left := deadline - loop.time()) > 0:
-        events = await store.events(task_id, after, left)
-        if events:
-            after = events[-1].id
-            if events[-1].task.status in TERMINAL:
-                return events[-1].task
+    try:
+        async with asyncio.timeout(within_s), aclosing(follow(store, task_id)) as events:
+            async for event in events:
+                if event.task.status in TERMINAL:
+                    return event.task
+    except TimeoutError:
+        pass
     return None
 
 
@@ -264,7 +266,7 @@ async def events_view(request: web.Request) -> web.StreamResponse:
     if after is not None and not is_event_id(after):
         raise BadRequest("Last-Event-ID is not an event id.")
     try:
-        await tasks.store.events(task_id, after, 0)
+        first = await tasks.store.events(task_id, after, 0)
     except ValueError:
         raise BadRequest("Last-Event-ID is not an event of this task.") from None
     clients = request.app[METRICS].sse_clients
@@ -273,26 +275,21 @@ async def events_view(request: web.Request) -> web.StreamResponse:
     ) as sse:
         clients.inc()
         try:
-            await _stream(tasks, task_id, after, sse)
+            # This replica shutting down ends the stream; the client resumes elsewhere.
+            await until_set(tasks.closing, _stream(tasks.store, task_id, after, first, sse))
         finally:
             clients.dec()
     return sse
 
 
 async def _stream(
-    tasks: TaskService, task_id: str, after: str | None, sse: EventSourceResponse
+    store: TaskStore,
+    task_id: str,
+    after: str | None,
+    first: list[TaskEvent],
+    sse: EventSourceResponse,
 ) -> None:
-    """Events until the terminal one, the task's expiry, or this replica's shutdown."""
-    while True:
-        events = await until_set(tasks.closing, tasks.store.events(task_id, after, _HEARTBEAT_S))
-        if events is None:
-            break
-        for event in events:
+    """Events until the terminal one or the task's expiry."""
+    async with aclosing(follow(store, task_id, after, first=first)) as events:
+        async for event in events:
             await sse.send(_encode(event.task).decode(), id=event.id, event=event.task.status)
-            after = event.id
-        if events and events[-1].task.status in TERMINAL:
-            break
-        if not events:
-            record = await tasks.store.get(task_id)
-            if record is None or record.task.status in TERMINAL:
-                break  # resumed after the last event, or expired while watched

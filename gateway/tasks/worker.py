@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +27,7 @@ from gateway.errors import (
 )
 from gateway.headers import header_pairs, strip_hop_by_hop
 from gateway.metrics import METRICS, Metrics
+from gateway.tasks.follow import follow
 from gateway.tasks.models import Claim, Job, Status, StoredResponse, Task, TaskError, TaskStore
 from gateway.tasks.service import TASKS
 from gateway.upstream import UPSTREAM, Upstream
@@ -36,7 +38,6 @@ logger = logging.getLogger(__name__)
 _CLAIM_WAIT_S = 5.0
 # After a store failure, before trying again.
 _RETRY_S = 1.0
-_CANCEL_POLL_S = 5.0
 
 
 def stored(response: web.Response) -> StoredResponse:
@@ -96,7 +97,7 @@ class Worker:
         try:
             outcome = await self._outcome(claim)
             if outcome is None:
-                logger.info("%s cancelled; upstream call aborted", task_id)
+                logger.info("%s cancelled or ended elsewhere; upstream call aborted", task_id)
             elif status := await self._finish(task_id, attempt, *outcome):
                 self._metrics.tasks(model, status).inc()
                 self._metrics.task_duration(model, status).observe(time.monotonic() - started)
@@ -151,18 +152,16 @@ class Worker:
                 await self._store.renew(task_id)
 
     async def _cancelled(self, task_id: str) -> None:
-        """Returns when the task is cancelled (or gone); a store outage is waited out, not
-        taken for a cancel."""
+        """Returns when the task is cancelled, or has ended otherwise (another run, taken over
+        from this one, finished it: this run's answer would be fenced out), or is gone. A store
+        outage is waited out, not taken for any of these."""
         after: str | None = None
         while True:
             try:
-                events = await self._store.events(task_id, after, _CANCEL_POLL_S)
-                if any(e.task.status == "cancelled" for e in events):
-                    return
-                if events:
-                    after = events[-1].id
-                elif await self._store.get(task_id) is None:
-                    return
+                async with aclosing(follow(self._store, task_id, after)) as events:
+                    async for event in events:
+                        after = event.id
+                return
             except StoreUnavailable:
                 await asyncio.sleep(_RETRY_S)
 
