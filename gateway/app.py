@@ -87,7 +87,11 @@ def create_metrics_app(main: web.Application) -> web.Application:
 
 
 def _add_tasks(app: web.Application, config: Config) -> None:
-    app[TASKS] = TaskService(open_store(config), app[AUTH])
+    """The upstream, the task store and the workers. Cleanup contexts start in this order and
+    stop in the reverse one: workers need both the upstream session and the store (its owner
+    key read at start), so they start last and stop first, handing their tasks over while the
+    store and the session are still open."""
+    app[TASKS] = TaskService(open_store(config, app[METRICS]), app[AUTH])
     app[WORKER_POOL] = WorkerPool(config)
     app.cleanup_ctx.append(upstream_ctx(config))
     app.cleanup_ctx.append(tasks_ctx)

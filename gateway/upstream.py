@@ -51,18 +51,13 @@ class Exchange:
         self.seconds = 0.0
 
 
-class Upstream:
-    """Where calls go, the session that carries them, and what they are measured by."""
+class Origin:
+    """The one place the upstream origin is fixed: from configuration, whatever a target holds."""
 
-    def __init__(
-        self, session: aiohttp.ClientSession, config: UpstreamConfig, metrics: Metrics
-    ) -> None:
-        self.session = session
-        self._retries = config.connect_retries
-        self._metrics = metrics
+    def __init__(self, base_url: str) -> None:
         # Callers' paths start with /v1 or /v1beta, so a base ending in /v1 is cut back to the
         # root both hang off: https://api.apiyi.com/v1 -> https://api.apiyi.com
-        base = URL(config.url.rstrip("/"))
+        base = URL(base_url.rstrip("/"))
         prefix = base.raw_path[: -len("/v1")] if base.raw_path.endswith("/v1") else base.raw_path
         self._origin = str(base.origin())
         self._where = (base.scheme, base.host, base.port)
@@ -77,6 +72,20 @@ class Upstream:
             # Only a bug could get here (the target is checked before); never send it.
             raise OriginMoved()
         return url
+
+
+class Upstream:
+    """Where calls go, the session that carries them, and what they are measured by."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, config: UpstreamConfig, metrics: Metrics
+    ) -> None:
+        self.session = session
+        self.origin = Origin(config.url)
+        self._retries = config.connect_retries
+        self._metrics = metrics
+        if isinstance(session.connector, aiohttp.TCPConnector):
+            metrics.watch_pool(session.connector, config.pool_size)
 
     @contextlib.asynccontextmanager
     async def call(
@@ -131,7 +140,7 @@ class Upstream:
     ) -> aiohttp.ClientResponse:
         """Send a request and return once the answer's headers are in. A connect that fails sent
         nothing (nothing billed), so it is tried again; a streamed body is made anew each try."""
-        url = self.url(target)
+        url = self.origin.url(target)
         timed_out = False
         for attempt in range(self._retries + 1):
             try:
@@ -204,9 +213,6 @@ def upstream_ctx(config: Config) -> Callable[[web.Application], AsyncIterator[No
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         session = open_session(config)
         app[UPSTREAM] = Upstream(session, config.upstream, app[METRICS])
-        connector = session.connector
-        if isinstance(connector, aiohttp.TCPConnector):
-            app[METRICS].watch_pool(connector, config.upstream.pool_size)
         yield
         await session.close()
 

@@ -18,7 +18,7 @@ from yarl import URL
 from gateway.auth import Auth
 from gateway.config import Config
 from gateway.errors import NotFound, Unauthorized
-from gateway.metrics import METRICS
+from gateway.metrics import METRICS, Metrics
 from gateway.tasks.memory import MemoryStore
 from gateway.tasks.models import TaskRecord, TaskStore
 from gateway.tasks.store import RedisStore
@@ -69,8 +69,6 @@ TASKS = web.AppKey("tasks", TaskService)
 
 async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     service, metrics = app[TASKS], app[METRICS]
-    if isinstance(service.store, RedisStore):
-        service.store.observe = metrics.store_call
 
     async def queue_depth() -> None:
         metrics.task_queue_depth.set(await service.store.queue_depth())
@@ -81,7 +79,7 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     await service.store.close()
 
 
-def open_store(config: Config) -> TaskStore:
+def open_store(config: Config, metrics: Metrics) -> TaskStore:
     tasks = config.tasks
     if tasks.redis_url is None:
         return MemoryStore(retention_s=tasks.retention_s)
@@ -104,6 +102,7 @@ def open_store(config: Config) -> TaskStore:
         prefix=tasks.key_prefix,
         lease_s=tasks.lease_s,
         max_deliveries=tasks.max_deliveries,
+        observe=metrics.store_call,
     )
 
 

@@ -180,6 +180,7 @@ class RedisStore:
         prefix: str = "gw",
         lease_s: float = 30.0,
         max_deliveries: int = 3,
+        observe: Callable[[str, float, bool], None] | None = None,
     ) -> None:
         # redis-py types its replies as unions over decode_responses; this store always works
         # in bytes, so the client is used untyped rather than narrowed at every call.
@@ -198,7 +199,7 @@ class RedisStore:
         self._renew_slots = redis.register_script(_RENEW_SLOTS)
         self._held: dict[str, _Held] = {}  # the tasks this worker runs
         # Told of every store call (operation, seconds, whether Redis was reached): metrics.
-        self.observe: Callable[[str, float, bool], None] | None = None
+        self.observe = observe
         self._next_reclaim = 0.0
         self._reclaim_from: bytes | str = "0-0"
         self._wakers: dict[str, asyncio.Event] = {}
