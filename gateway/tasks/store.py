@@ -18,6 +18,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Coroutine
+from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 
 import msgspec
@@ -51,77 +52,15 @@ _job = msgspec.msgpack.Decoder(Job).decode
 _response = msgspec.msgpack.Decoder(StoredResponse).decode
 _task = msgspec.json.Decoder(Task).decode
 
-# KEYS: task, job, events. ARGV: record, job, event, ttl_ms.
-_CREATE = """
-redis.call('HSET', KEYS[1], 'status', 'queued', 'attempt', '0', 'record', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
-local id = redis.call('XADD', KEYS[3], '*', 'task', ARGV[3])
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
-return id
-"""
-# KEYS: task, events. ARGV: expected attempt, new attempt, record, event, takeover ('1': the
-# entry was reclaimed from a lost worker, so an in-progress task may be taken over; otherwise
-# only a queued one starts, and a duplicate queue entry can never run a task twice), wake-up
-# channel, task id.
-_START = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'queued' and not (status == 'in_progress' and ARGV[5] == '1') then return false end
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return false end
-redis.call('HSET', KEYS[1], 'status', 'in_progress', 'attempt', ARGV[2], 'record', ARGV[3])
-local id = redis.call('XADD', KEYS[2], '*', 'task', ARGV[4])
-redis.call('PUBLISH', ARGV[6], ARGV[7])
-return id
-"""
-# KEYS: task, job, result, events. ARGV: attempt ('' for any), status, record, event, result,
-# wake-up channel, task id.
-_END = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status or status == 'completed' or status == 'failed' or status == 'cancelled' then
-  return false
-end
-if ARGV[1] ~= '' then
-  if status ~= 'in_progress' or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then
-    return false
-  end
-end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'record', ARGV[3])
-redis.call('DEL', KEYS[2])
-if ARGV[5] ~= '' then
-  redis.call('SET', KEYS[3], ARGV[5], 'PX', math.max(redis.call('PTTL', KEYS[1]), 1))
-end
-local id = redis.call('XADD', KEYS[4], '*', 'task', ARGV[4])
-redis.call('PUBLISH', ARGV[6], ARGV[7])
-return id
-"""
-# A concurrency slot is a sorted set of the tasks holding it, scored by lease expiry, so a dead
-# worker's hold lapses by itself. All slots share one hash tag: acquiring several is atomic.
-# KEYS: slots. ARGV: task id, lease_ms, then each slot's limit.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-for i, key in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  if not redis.call('ZSCORE', key, ARGV[1])
-      and redis.call('ZCARD', key) >= tonumber(ARGV[2 + i]) then
-    return 0
-  end
-end
-for _, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + ARGV[2], ARGV[1])
-  redis.call('PEXPIRE', key, ARGV[2])
-end
-return 1
-"""
-# KEYS: slots. ARGV: task id, lease_ms.
-_RENEW_SLOTS = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-for _, key in ipairs(KEYS) do
-  redis.call('ZADD', key, 'XX', now + ARGV[2], ARGV[1])
-  redis.call('PEXPIRE', key, ARGV[2])
-end
-"""
+
+def _script(name: str) -> str:
+    """A Lua transition from `tasks/lua/`, read once at import: each names its KEYS and ARGV."""
+    return resources.files("gateway.tasks").joinpath("lua", f"{name}.lua").read_text()
+
+
+_CREATE, _START, _END, _ACQUIRE, _RENEW_SLOTS = (
+    _script(name) for name in ("create", "start", "end", "acquire", "renew_slots")
+)
 
 
 def _stream_id(entry_id: str) -> tuple[int, int]:

@@ -1,0 +1,15 @@
+-- A new task: its record, its job and its first event, all expiring together.
+local task_key = KEYS[1]
+local job_key = KEYS[2]
+local events_key = KEYS[3]
+local record = ARGV[1]
+local job = ARGV[2]
+local event = ARGV[3]
+local ttl_ms = ARGV[4]
+
+redis.call('HSET', task_key, 'status', 'queued', 'attempt', '0', 'record', record)
+redis.call('PEXPIRE', task_key, ttl_ms)
+redis.call('SET', job_key, job, 'PX', ttl_ms)
+local id = redis.call('XADD', events_key, '*', 'task', event)
+redis.call('PEXPIRE', events_key, ttl_ms)
+return id

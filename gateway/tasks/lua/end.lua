@@ -1,0 +1,31 @@
+-- A task ends (completed, failed or cancelled): status, result and event together, once.
+-- With an attempt, only that run may end it (a worker fenced out by a takeover cannot).
+local task_key = KEYS[1]
+local job_key = KEYS[2]
+local result_key = KEYS[3]
+local events_key = KEYS[4]
+local attempt = ARGV[1]  -- '' for any run (a cancel, a lost worker)
+local new_status = ARGV[2]
+local record = ARGV[3]
+local event = ARGV[4]
+local result = ARGV[5]  -- '' for none
+local wake_channel = ARGV[6]
+local task_id = ARGV[7]
+
+local status = redis.call('HGET', task_key, 'status')
+if not status or status == 'completed' or status == 'failed' or status == 'cancelled' then
+  return false
+end
+if attempt ~= '' then
+  if status ~= 'in_progress' or redis.call('HGET', task_key, 'attempt') ~= attempt then
+    return false
+  end
+end
+redis.call('HSET', task_key, 'status', new_status, 'record', record)
+redis.call('DEL', job_key)
+if result ~= '' then
+  redis.call('SET', result_key, result, 'PX', math.max(redis.call('PTTL', task_key), 1))
+end
+local id = redis.call('XADD', events_key, '*', 'task', event)
+redis.call('PUBLISH', wake_channel, task_id)
+return id
