@@ -48,13 +48,8 @@ Body = bytes | SpooledBody
 async def receive(
     request: web.Request, server: ServerConfig, seen: Callable[[bytes], None] | None = None
 ) -> Body:
-    """The whole body, waiting for it (see `arrived` for one that is already here); `seen` is
-    shown each chunk as it arrives."""
-    length = request.content_length
-    if length is not None and length > server.max_body_bytes:
-        raise BodyTooLarge()
-    if not request.body_exists:
-        return b""
+    """The whole body, waiting for it, once `arrived` said it is not all here yet (that check
+    also refused a declared length over the limit); `seen` is shown each chunk as it arrives."""
     try:
         held, spool, size = await _arrive(request.content, server, seen)
     except TimeoutError:
