@@ -34,6 +34,11 @@ class GatewayError(Exception):
     retry_after_s: int | None = None
     default_message = "The gateway failed to handle the request."
 
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        if cls.status < 500 and "type" not in cls.__dict__:
+            cls.type = "invalid_request_error"  # the OpenAI type of every caller error
+
     def __init__(
         self, message: str | None = None, *, headers: Mapping[str, str] | None = None
     ) -> None:
@@ -56,25 +61,21 @@ class GatewayError(Exception):
 
 class BadRequest(GatewayError):
     status = 400
-    type = "invalid_request_error"
     code = "invalid_request"
 
 
 class Unauthorized(GatewayError):
     status = 401
-    type = "invalid_request_error"
     code = "invalid_api_key"
 
 
 class NotFound(GatewayError):
     status = 404
-    type = "invalid_request_error"
     code = "not_found"
 
 
 class BodyTooLarge(GatewayError):
     status = 413
-    type = "invalid_request_error"
     code = "request_too_large"
     default_message = "Request body is larger than this gateway accepts."
 
@@ -126,27 +127,14 @@ class ResultTooLarge(GatewayError):
 
 class IdempotencyMismatch(GatewayError):
     status = 422
-    type = "invalid_request_error"
     code = "idempotency_key_reused"
     default_message = (
         "This Idempotency-Key was used with a different request; use a new key for a new request."
     )
 
 
-class IdempotentCallPending(GatewayError):
-    """The first request with this key is still being stored: the retry may come again."""
-
-    status = 409
-    type = "invalid_request_error"
-    code = "idempotent_call_pending"
-    should_retry = True
-    retry_after_s = 1
-    default_message = "The first request with this Idempotency-Key is still being accepted."
-
-
 class TaskCancelled(GatewayError):
     status = 409
-    type = "invalid_request_error"
     code = "task_cancelled"
     default_message = "The task was cancelled; it has no result."
 
@@ -156,7 +144,6 @@ class RequestTimeout(GatewayError):
     was sent and nothing billed, so retrying is safe."""
 
     status = 408
-    type = "invalid_request_error"
     code = "request_timeout"
     should_retry = True
     default_message = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 import aiohttp
@@ -53,6 +53,8 @@ class _Labelled(Generic[_M]):
         self._children: dict[tuple[str, ...], _M] = {}
 
     def __call__(self, *values: str) -> _M:
+        if not values:  # a metric without labels is its own only child
+            return self._metric
         child = self._children.get(values)
         if child is None:
             child = self._children[values] = self._metric.labels(*values)
@@ -63,141 +65,106 @@ class Metrics:
     def __init__(self, deadlines: Mapping[str, float], default_deadline_s: float = 300.0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._models = frozenset(deadlines)
-        r = self.registry
         # The configured deadlines beside the observed latencies (the timeout-tuning board).
-        deadline = Gauge(
-            "gateway_model_deadline_seconds",
+        deadline = self._gauge(
+            "model_deadline_seconds",
             "Configured end-to-end deadline per model ('other': the default).",
-            ["model"],
-            registry=r,
+            "model",
         )
         for model, seconds in deadlines.items():
-            deadline.labels(model).set(seconds)
-        deadline.labels("other").set(default_deadline_s)
-        self.requests = _Labelled(
-            Counter(
-                "gateway_requests",
-                "Requests answered.",
-                ["route", "model", "status", "mode"],
-                registry=r,
-            )
-        )
-        self.request_duration = _Labelled(
-            Histogram(
-                "gateway_request_duration_seconds",
-                "Time from request to last byte of the answer.",
-                ["route", "model", "mode"],
-                buckets=LATENCY_BUCKETS_S,
-                registry=r,
-            )
-        )
-        self.upstream_duration = _Labelled(
-            Histogram(
-                "gateway_upstream_duration_seconds",
-                "Time from sending upstream to its last byte.",
-                ["model", "status"],
-                buckets=LATENCY_BUCKETS_S,
-                registry=r,
-            )
-        )
-        self.upstream_timeouts = _Labelled(
-            Counter(
-                "gateway_upstream_timeouts",
-                "Upstream calls cut by a deadline.",
-                ["model", "phase"],
-                registry=r,
-            )
-        )
-        self.client_disconnects = _Labelled(
-            Counter(
-                "gateway_client_disconnects",
-                "Callers that went away before their answer.",
-                ["route"],
-                registry=r,
-            )
-        )
-        self.inflight = _Labelled(
-            Gauge(
-                "gateway_inflight_requests",
-                "Requests being handled.",
-                ["route"],
-                registry=r,
-            )
-        )
-
-        self.tasks = _Labelled(
-            Counter("gateway_tasks", "Tasks ended, by outcome.", ["model", "status"], registry=r)
-        )
-        self.task_wait = _Labelled(
-            Histogram(
-                "gateway_task_wait_seconds",
-                "Time from submit to a worker starting the task.",
-                ["model"],
-                buckets=LATENCY_BUCKETS_S,
-                registry=r,
-            )
-        )
-        self.task_duration = _Labelled(
-            Histogram(
-                "gateway_task_duration_seconds",
-                "Time from a worker starting a task to its end.",
-                ["model", "status"],
-                buckets=LATENCY_BUCKETS_S,
-                registry=r,
-            )
-        )
-        self.task_queue_depth = Gauge(
-            "gateway_task_queue_depth",
-            "Tasks waiting for a worker (all replicas', when on Redis); read at scrape time.",
-            registry=r,
-        )
-        self.sse_clients = Gauge("gateway_sse_clients", "Open task event streams.", registry=r)
-        self.task_workers = Gauge(
-            "gateway_task_workers", "Task worker loops alive in this process.", registry=r
-        )
-        self.worker_heartbeat = Gauge(
-            "gateway_task_worker_heartbeat_timestamp_seconds",
-            "When a worker of this process last asked the store for work (Unix time).",
-            registry=r,
-        )
-        self.store_duration = _Labelled(
-            Histogram(
-                "gateway_store_duration_seconds",
-                "Task store (Redis) calls, by operation.",
-                ["op"],
-                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
-                registry=r,
-            )
-        )
-        self.store_errors = _Labelled(
-            Counter(
-                "gateway_store_errors",
-                "Task store (Redis) calls that failed to reach it, by operation.",
-                ["op"],
-                registry=r,
-            )
-        )
-        self.pool_in_use = Gauge(
-            "gateway_upstream_connections_in_use",
-            "Upstream connections carrying a call.",
-            registry=r,
-        )
-        self.pool_idle = Gauge(
-            "gateway_upstream_connections_idle",
-            "Upstream connections kept alive, idle.",
-            registry=r,
-        )
-        self.pool_size = Gauge(
-            "gateway_upstream_pool_size",
-            "Most upstream connections at once (0: no limit).",
-            registry=r,
-        )
-        Info("gateway_build", "The running gateway.", registry=r).info(
+            deadline(model).set(seconds)
+        deadline("other").set(default_deadline_s)
+        self._request_metrics()
+        self._task_metrics()
+        self._pool_metrics()
+        Info("gateway_build", "The running gateway.", registry=self.registry).info(
             {"version": __version__, "python": platform.python_version()}
         )
 
         # Gauges read from elsewhere (the task store's queue) just before each scrape.
         self.before_scrape: list[Callable[[], Awaitable[None]]] = []
+
+    def _counter(self, name: str, help: str, *labels: str) -> _Labelled[Counter]:
+        return _Labelled(Counter(f"gateway_{name}", help, labels, registry=self.registry))
+
+    def _gauge(self, name: str, help: str, *labels: str) -> _Labelled[Gauge]:
+        return _Labelled(Gauge(f"gateway_{name}", help, labels, registry=self.registry))
+
+    def _histogram(
+        self, name: str, help: str, *labels: str, buckets: Sequence[float] = LATENCY_BUCKETS_S
+    ) -> _Labelled[Histogram]:
+        return _Labelled(
+            Histogram(f"gateway_{name}", help, labels, buckets=buckets, registry=self.registry)
+        )
+
+    def _request_metrics(self) -> None:
+        self.requests = self._counter(
+            "requests", "Requests answered.", "route", "model", "status", "mode"
+        )
+        self.request_duration = self._histogram(
+            "request_duration_seconds",
+            "Time from request to last byte of the answer.",
+            "route",
+            "model",
+            "mode",
+        )
+        self.upstream_duration = self._histogram(
+            "upstream_duration_seconds",
+            "Time from sending upstream to its last byte.",
+            "model",
+            "status",
+        )
+        self.upstream_timeouts = self._counter(
+            "upstream_timeouts", "Upstream calls cut by a deadline.", "model", "phase"
+        )
+        self.client_disconnects = self._counter(
+            "client_disconnects", "Callers that went away before their answer.", "route"
+        )
+        self.inflight = self._gauge("inflight_requests", "Requests being handled.", "route")
+
+    def _task_metrics(self) -> None:
+        self.tasks = self._counter("tasks", "Tasks ended, by outcome.", "model", "status")
+        self.task_wait = self._histogram(
+            "task_wait_seconds", "Time from submit to a worker starting the task.", "model"
+        )
+        self.task_duration = self._histogram(
+            "task_duration_seconds",
+            "Time from a worker starting a task to its end.",
+            "model",
+            "status",
+        )
+        self.task_queue_depth = self._gauge(
+            "task_queue_depth",
+            "Tasks waiting for a worker (all replicas', when on Redis); read at scrape time.",
+        )()
+        self.sse_clients = self._gauge("sse_clients", "Open task event streams.")()
+        self.task_workers = self._gauge(
+            "task_workers", "Task worker loops alive in this process."
+        )()
+        self.worker_heartbeat = self._gauge(
+            "task_worker_heartbeat_timestamp_seconds",
+            "When a worker of this process last asked the store for work (Unix time).",
+        )()
+        self.store_duration = self._histogram(
+            "store_duration_seconds",
+            "Task store (Redis) calls, by operation.",
+            "op",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+        )
+        self.store_errors = self._counter(
+            "store_errors", "Task store (Redis) calls that failed to reach it, by operation.", "op"
+        )
+
+    def _pool_metrics(self) -> None:
+        self.pool_in_use = self._gauge(
+            "upstream_connections_in_use", "Upstream connections carrying a call."
+        )()
+        self.pool_idle = self._gauge(
+            "upstream_connections_idle", "Upstream connections kept alive, idle."
+        )()
+        self.pool_size = self._gauge(
+            "upstream_pool_size", "Most upstream connections at once (0: no limit)."
+        )()
 
     def store_call(self, op: str, seconds: float, reached: bool) -> None:
         self.store_duration(op).observe(seconds)

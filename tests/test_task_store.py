@@ -10,8 +10,16 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.tasks.memory import MemoryStore
-from gateway.tasks.models import Job, StoredResponse, Task, TaskError, TaskRecord, TaskStore
-from gateway.tasks.store import RedisStore
+from gateway.tasks.models import (
+    Job,
+    OnceName,
+    StoredResponse,
+    Task,
+    TaskError,
+    TaskRecord,
+    TaskStore,
+)
+from gateway.tasks.redis import RedisStore
 from tests.redis_server import RedisServer
 
 JOB = Job(
@@ -56,7 +64,7 @@ async def test_a_task_runs_once_and_keeps_its_answer(store: TaskStore) -> None:
     assert claim.record.attempt == 1
     assert (await store.get("t1")) == claim.record
     assert await store.claim(0.05) is None  # nothing else queued: no second run
-    done = await store.finish("t1", 1, "completed", response=ANSWER)
+    done = await store.finish("t1", 1, ANSWER)
     assert done is not None
     assert done.status == "completed"
     assert await store.result("t1") == ANSWER
@@ -66,19 +74,20 @@ async def test_a_task_runs_once_and_keeps_its_answer(store: TaskStore) -> None:
 async def test_terminal_states_never_change(store: TaskStore) -> None:
     await store.create(record(), JOB)
     await store.claim(1.0)
-    await store.finish("t1", 1, "failed", error=TaskError("boom", "upstream_error", "503"))
-    assert await store.finish("t1", 1, "completed", response=ANSWER) is None
+    failed = StoredResponse(status=503, headers=[], body=b"busy")
+    await store.finish("t1", 1, failed, TaskError("busy", "upstream_error", "503"))
+    assert await store.finish("t1", 1, ANSWER) is None
     cancelled = await store.cancel("t1")
     assert cancelled is not None
     assert cancelled.status == "failed"
-    assert await store.result("t1") is None
+    assert await store.result("t1") == failed  # the answer it failed with, kept
     assert await statuses(store, "t1") == ["queued", "in_progress", "failed"]
 
 
 async def test_a_stale_attempt_cannot_write(store: TaskStore) -> None:
     await store.create(record(), JOB)
     await store.claim(1.0)
-    assert await store.finish("t1", 7, "completed", response=ANSWER) is None
+    assert await store.finish("t1", 7, ANSWER) is None
     current = await store.get("t1")
     assert current is not None
     assert current.task.status == "in_progress"
@@ -99,9 +108,38 @@ async def test_cancel_while_running_discards_the_late_answer(store: TaskStore) -
     await store.create(record(), JOB)
     await store.claim(1.0)
     await store.cancel("t1")
-    assert await store.finish("t1", 1, "completed", response=ANSWER) is None
+    assert await store.finish("t1", 1, ANSWER) is None
     assert await store.result("t1") is None
     assert await statuses(store, "t1") == ["queued", "in_progress", "cancelled"]
+
+
+async def test_racing_calls_with_one_name_make_one_task_that_exists(store: TaskStore) -> None:
+    # Ten retries of one keyed call arrive together: one creates the task, the others are told
+    # its name's value, and the task that value names can be read at once (no "pending").
+    def named(i: int) -> OnceName:
+        return OnceName("order-1", f"print t{i}", 60.0)
+
+    found = await asyncio.gather(
+        *(store.find_or_create(record(f"t{i}"), JOB, None, named(i)) for i in range(10))
+    )
+    winners = [i for i, value in enumerate(found) if value is None]
+    assert len(winners) == 1
+    assert set(found) == {None, f"print t{winners[0]}"}
+    assert await store.get(f"t{winners[0]}") is not None
+    losers = [i for i in range(10) if i != winners[0]]
+    assert all([await store.get(f"t{i}") is None for i in losers])  # nothing else stored
+    assert (claim := await store.claim(1.0)) is not None
+    assert claim.record.task.id == f"t{winners[0]}"
+    assert await store.claim(0.05) is None  # and only one runs
+
+
+async def test_a_replacing_name_always_makes_a_new_task(store: TaskStore) -> None:
+    # The SDK's first attempts are new generations, each taking the name over.
+    for i in range(2):
+        held = OnceName("sdk-call", f"t{i}", 60.0, replace=True)
+        assert await store.find_or_create(record(f"t{i}"), JOB, None, held) is None
+    retry = OnceName("sdk-call", "t9", 60.0)
+    assert await store.find_or_create(record("t9"), JOB, None, retry) == "t1"
 
 
 async def test_event_readers_resume_and_wake_at_once(store: TaskStore) -> None:
@@ -158,8 +196,8 @@ async def test_a_dead_workers_task_is_run_again_and_its_late_answer_refused(
         assert again is not None
         assert again.record.attempt == 2
         assert again.job == JOB
-        assert await first.finish("t1", 1, "completed", response=ANSWER) is None
-        done = await second.finish("t1", 2, "completed", response=ANSWER)
+        assert await first.finish("t1", 1, ANSWER) is None
+        done = await second.finish("t1", 2, ANSWER)
         assert done is not None
         assert await statuses(second, "t1") == ["queued", "in_progress", "in_progress", "completed"]
         await asyncio.sleep(0.4)
@@ -167,6 +205,26 @@ async def test_a_dead_workers_task_is_run_again_and_its_late_answer_refused(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_cancelled_running_task_leaves_no_queue_entry_behind(
+    redis_server: RedisServer,
+) -> None:
+    # The entry of a cancelled run is done at once, not found again by a reclaim a lease later.
+    canceller = await _redis_store(redis_server, "replica-a")
+    worker = await _redis_store(redis_server, "replica-b")
+    try:
+        await worker._redis.flushall()
+        await canceller.create(record(), JOB)
+        assert await worker.claim(1.0) is not None
+        await canceller.cancel("t1")
+        queue = "gw:{queue}"
+        assert await worker._redis.xlen(queue) == 0
+        assert (await worker._redis.xpending(queue, "workers"))["pending"] == 0
+        assert await worker.finish("t1", 1, ANSWER) is None
+    finally:
+        await canceller.close()
+        await worker.close()
 
 
 async def test_a_task_that_keeps_losing_workers_fails_clearly(redis_server: RedisServer) -> None:

@@ -14,6 +14,7 @@ from gateway.tasks.models import (
     TERMINAL,
     Claim,
     Job,
+    OnceName,
     Status,
     StoredResponse,
     Task,
@@ -66,14 +67,16 @@ class MemoryStore:
         self._set(entry, record)
         self._queue.put_nowait(record.task.id)
 
-    async def remember(self, name: str, value: str, ttl_s: float, *, replace: bool) -> str | None:
+    async def find_or_create(
+        self, record: TaskRecord, job: Job, retention_s: float | None, once: OnceName
+    ) -> str | None:
         now = time.monotonic()
-        old = self._names.get(name)
-        if old is not None and old[1] <= now:
-            old = None
-        if old is None or replace:
-            self._names[name] = (value, now + ttl_s)
-        return None if old is None else old[0]
+        held = self._names.get(once.name)
+        if held is not None and held[1] > now and not once.replace:
+            return held[0]
+        self._names[once.name] = (once.value, now + once.ttl_s)
+        await self.create(record, job, retention_s)
+        return None
 
     async def get(self, task_id: str) -> TaskRecord | None:
         entry = self._entry(task_id)
@@ -122,13 +125,7 @@ class MemoryStore:
                 del self._holders[slot]
 
     async def finish(
-        self,
-        task_id: str,
-        attempt: int,
-        status: Status,
-        *,
-        response: StoredResponse | None = None,
-        error: TaskError | None = None,
+        self, task_id: str, attempt: int, response: StoredResponse, error: TaskError | None = None
     ) -> Task | None:
         entry = self._entry(task_id)
         if entry is None:
@@ -136,6 +133,7 @@ class MemoryStore:
         record = entry.record
         if record.task.status != "in_progress" or record.attempt != attempt:
             return None  # cancelled meanwhile, or a stale worker: its result is not ours to keep
+        status: Status = "completed" if error is None else "failed"
         task = msgspec.structs.replace(record.task, status=status, error=error)
         entry.response = response
         entry.job = None  # the caller's credential goes with it

@@ -80,6 +80,17 @@ class TaskEvent(msgspec.Struct, frozen=True):
     task: Task
 
 
+class OnceName(msgspec.Struct, frozen=True):
+    """The name a run-once call's task is found again by, and what the name holds."""
+
+    name: str
+    value: str
+    ttl_s: float
+    # The name goes to this task even when an earlier one holds it (the OpenAI SDK's first
+    # attempt, a new generation: only its retries attach).
+    replace: bool = False
+
+
 class Claim(msgspec.Struct, frozen=True):
     record: TaskRecord
     job: Job
@@ -93,9 +104,12 @@ class TaskStore(Protocol):
         """Store a queued task and its job, and queue it; kept `retention_s` (else the store's
         default)."""
 
-    async def remember(self, name: str, value: str, ttl_s: float, *, replace: bool) -> str | None:
-        """Keep `value` under `name` for `ttl_s`, atomically: the value already there if there
-        is one (and, until_set `replace`, it stays), else None."""
+    async def find_or_create(
+        self, record: TaskRecord, job: Job, retention_s: float | None, once: OnceName
+    ) -> str | None:
+        """`create`, unless an earlier call holds `once.name`: then nothing is stored and the
+        value the name holds is returned. Atomic: the task a name holds always exists (until
+        it expires)."""
 
     async def get(self, task_id: str) -> TaskRecord | None: ...
 
@@ -112,15 +126,10 @@ class TaskStore(Protocol):
         worker is shutting down mid-run) the task goes to another worker at once."""
 
     async def finish(
-        self,
-        task_id: str,
-        attempt: int,
-        status: Status,
-        *,
-        response: StoredResponse | None = None,
-        error: TaskError | None = None,
+        self, task_id: str, attempt: int, response: StoredResponse, error: TaskError | None = None
     ) -> Task | None:
-        """End an in-progress task, only if `attempt` is still the current one."""
+        """End an in-progress task with the upstream's answer (failed with `error`), only if
+        `attempt` is still the current one."""
 
     async def cancel(self, task_id: str) -> Task | None:
         """Cancel a task that has not ended; returns the task as it now stands."""

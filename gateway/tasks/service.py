@@ -5,25 +5,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import os
 import re
 import secrets
-import socket
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from redis.asyncio import BlockingConnectionPool, Redis
 from yarl import URL
 
 from gateway.auth import Auth
 from gateway.config import Config
 from gateway.errors import NotFound, Unauthorized
 from gateway.metrics import METRICS, Metrics
+from gateway.tasks import redis
 from gateway.tasks.memory import MemoryStore
 from gateway.tasks.models import TaskRecord, TaskStore
-from gateway.tasks.store import RedisStore
-
-_SPARE_CONNECTIONS = 64
 
 
 class TaskService:
@@ -80,30 +75,9 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def open_store(config: Config, metrics: Metrics) -> TaskStore:
-    tasks = config.tasks
-    if tasks.redis_url is None:
-        return MemoryStore(retention_s=tasks.retention_s)
-    # Each worker blocks on the queue with a connection of its own; requests share the rest.
-    # Past that, a command waits briefly for a free connection rather than failing.
-    pool = BlockingConnectionPool.from_url(
-        tasks.redis_url,
-        max_connections=tasks.workers + _SPARE_CONNECTIONS,
-        timeout=5.0,
-        socket_connect_timeout=2.0,
-        # A hung Redis must not hang callers; longer than a claim's blocking read (5 s).
-        socket_timeout=15.0,
-    )
-    client = Redis.from_pool(pool)  # owns the pool: closing the client closes it
-    return RedisStore(
-        client,
-        # Unique per process: a restarted worker must not inherit its predecessor's claims.
-        consumer=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}",
-        retention_s=tasks.retention_s,
-        prefix=tasks.key_prefix,
-        lease_s=tasks.lease_s,
-        max_deliveries=tasks.max_deliveries,
-        observe=metrics.store_call,
-    )
+    if config.tasks.redis_url is None:
+        return MemoryStore(retention_s=config.tasks.retention_s)
+    return redis.connect(config.tasks, metrics.store_call)
 
 
 def describe_store(config: Config) -> str:

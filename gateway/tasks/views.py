@@ -19,7 +19,6 @@ from gateway.config import CONFIG, Config
 from gateway.errors import (
     BadRequest,
     IdempotencyMismatch,
-    IdempotentCallPending,
     NotFound,
     TaskCancelled,
     UpstreamTimeout,
@@ -31,6 +30,7 @@ from gateway.tasks.idempotency import RunOnce, fingerprint
 from gateway.tasks.models import (
     TERMINAL,
     Job,
+    OnceName,
     StoredResponse,
     Task,
     TaskEvent,
@@ -58,8 +58,6 @@ _SEND_TIMEOUT_S = 30.0
 _SYNC_WAIT_S = 24 * 3600.0
 # A caller deadline shorter than this cannot run a generation; refused at submit.
 _MIN_TASK_DEADLINE_S = 1.0
-_FIND_TRIES = 100
-_FIND_PAUSE_S = 0.02
 _encode = msgspec.json.Encoder().encode
 
 
@@ -125,45 +123,23 @@ async def submit(
     and answer as the sync call would have (a keyed or SDK call, which must run only once)."""
     config: Config = request.app[CONFIG]
     tasks = request.app[TASKS]
-    auth = request.app[AUTH]
     if ctx.caller_limit_s < _MIN_TASK_DEADLINE_S:
         raise BadRequest(
             f"X-Request-Timeout under {_MIN_TASK_DEADLINE_S:g} s leaves a task no time to run."
         )
-    headers = strip_hop_by_hop(request.headers)
-    auth.strip_credentials(headers)  # the worker adds the gateway's key when it sends
-    headers.popall("Prefer", None)  # addressed to the gateway, not the upstream
-    headers["X-Request-ID"] = ctx.request_id
     owner = tasks.owner(request)
     _check_body(request.headers.get("Content-Type", ""), body)
-    path_qs = auth.upstream_target(target)
+    job = _job(request, ctx, target, body, owner)
     task = Task(id=new_task_id(), status="queued", model=ctx.model, created_at=int(time.time()))
-    job = Job(
-        method=request.method,
-        path_qs=path_qs,
-        headers=header_pairs(headers),
-        body=body,
-        deadline_s=min(config.timeouts.for_model(ctx.model), ctx.caller_limit_s),
-        limits=config.tasks.limits(
-            ctx.model,
-            tasks.upstream_credential(request),
-            owner,
-            config.upstream.per_credential,
-        ),
-    )
+    # A sync SDK call's answer is kept only as long as its retries can come for it.
+    kept_s = config.idempotency.sdk_window_s if once and once.key is None else None
+    record = TaskRecord(task=task, owner=owner, submitted_at=time.time())
     found = None
-    if once is not None:
-        request_print = fingerprint(request.method, path_qs, owner, body)
-        found = await _find(
-            tasks.store, config, once.name(owner, request_print), once, request_print, task.id
-        )
-    if found is not None:
-        task = found
-    else:
-        # A sync SDK call's answer is kept only as long as its retries can come for it.
-        kept_s = config.idempotency.sdk_window_s if once and once.key is None else None
-        record = TaskRecord(task=task, owner=owner, submitted_at=time.time())
+    if once is None:
         await tasks.store.create(record, job, kept_s)
+    else:
+        found = await _find_or_create(tasks.store, config, once, record, job, kept_s)
+    task = found or task
     if prefs is not None and prefs.respond_async:
         response = await _accepted(tasks.store, task, prefs.wait_s)
     else:
@@ -173,34 +149,61 @@ async def submit(
     return response
 
 
-async def _find(
-    store: TaskStore, config: Config, name: str, once: RunOnce, request_print: str, task_id: str
+def _job(request: web.Request, ctx: RequestContext, target: str, body: bytes, owner: str) -> Job:
+    """The upstream call to make, as the caller asked for it. With key injection it holds no
+    credential (the worker adds the gateway's key when it sends); in passthrough the caller's
+    key is the call's own and goes when the task ends."""
+    config: Config = request.app[CONFIG]
+    auth = request.app[AUTH]
+    headers = strip_hop_by_hop(request.headers)
+    auth.strip_credentials(headers)
+    headers.popall("Prefer", None)  # addressed to the gateway, not the upstream
+    headers["X-Request-ID"] = ctx.request_id
+    return Job(
+        method=request.method,
+        path_qs=auth.upstream_target(target),
+        headers=header_pairs(headers),
+        body=body,
+        deadline_s=min(config.timeouts.for_model(ctx.model), ctx.caller_limit_s),
+        limits=config.tasks.limits(
+            ctx.model,
+            request.app[TASKS].upstream_credential(request),
+            owner,
+            config.upstream.per_credential,
+        ),
+    )
+
+
+async def _find_or_create(
+    store: TaskStore,
+    config: Config,
+    once: RunOnce,
+    record: TaskRecord,
+    job: Job,
+    kept_s: float | None,
 ) -> Task | None:
-    """The task an earlier request of this call made, if any; else this one is remembered."""
+    """The task an earlier request of this call made, if any; else this one, created."""
+    request_print = fingerprint(job.method, job.path_qs, record.owner, job.body)
+    name = once.name(record.owner, request_print)
     if once.key is not None:
-        found = await store.remember(
-            name, f"{request_print} {task_id}", config.idempotency.retention_s, replace=False
-        )
-        if found is None:
-            return None
-        found_print, _, found_id = found.partition(" ")
-        if not hmac.compare_digest(found_print, request_print):
-            raise IdempotencyMismatch()
+        value = f"{request_print} {record.task.id}"
+        held = OnceName(name, value, config.idempotency.retention_s)
     else:
         # The SDK's first attempt is a new generation (a user may re-roll a prompt on purpose);
         # only its retries attach.
-        first = once.sdk_retry == 0
-        window_s = config.idempotency.sdk_window_s
-        maybe = await store.remember(name, task_id, window_s, replace=first)
-        if maybe is None or first:
-            return None
-        found_id = maybe
-    # The first request stores its task right after remembering it: give it a moment.
-    for _ in range(_FIND_TRIES):
-        if (record := await store.get(found_id)) is not None:
-            return record.task
-        await asyncio.sleep(_FIND_PAUSE_S)
-    raise IdempotentCallPending()
+        held = OnceName(
+            name, record.task.id, config.idempotency.sdk_window_s, replace=once.sdk_retry == 0
+        )
+    found = await store.find_or_create(record, job, kept_s, held)
+    if found is None:
+        return None
+    found_print, _, found_id = found.rpartition(" ")
+    if once.key is not None and not hmac.compare_digest(found_print, request_print):
+        raise IdempotencyMismatch()
+    earlier = await store.get(found_id)
+    if earlier is None:
+        raise NotFound("The call's answer is no longer kept.")
+    return earlier.task
 
 
 async def _accepted(store: TaskStore, task: Task, wait_s: float | None) -> web.Response:

@@ -129,16 +129,14 @@ class Worker:
         """Keep the answer, waiting out a store outage for up to a lease: the upstream was
         paid for it, and after the lease another worker would pay again. The task's end
         status, or None when the task had been cancelled or taken over meanwhile."""
-        status: Status = "completed" if error is None else "failed"
         give_up = asyncio.get_running_loop().time() + self._config.tasks.lease_s
         while True:
             try:
-                if not await self._store.finish(
-                    task_id, attempt, status, response=response, error=error
-                ):
+                task = await self._store.finish(task_id, attempt, response, error)
+                if task is None:
                     return None
-                logger.info("%s %s (upstream status %d)", task_id, status, response.status)
-                return status
+                logger.info("%s %s (upstream status %d)", task_id, task.status, response.status)
+                return task.status
             except StoreUnavailable:
                 if asyncio.get_running_loop().time() > give_up:
                     raise

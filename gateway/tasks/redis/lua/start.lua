@@ -5,16 +5,16 @@ local task_key = KEYS[1]
 local events_key = KEYS[2]
 local expected_attempt = ARGV[1]
 local new_attempt = ARGV[2]
-local record = ARGV[3]
-local event = ARGV[4]
-local takeover = ARGV[5] == '1'
+local event = ARGV[3]
+local takeover = ARGV[4] == '1'
+local entry_id = ARGV[5]  -- the queue entry this run holds: a cancel acknowledges it
 local wake_channel = ARGV[6]
 local task_id = ARGV[7]
 
 local status = redis.call('HGET', task_key, 'status')
 if status ~= 'queued' and not (status == 'in_progress' and takeover) then return false end
 if redis.call('HGET', task_key, 'attempt') ~= expected_attempt then return false end
-redis.call('HSET', task_key, 'status', 'in_progress', 'attempt', new_attempt, 'record', record)
+redis.call('HSET', task_key, 'status', 'in_progress', 'attempt', new_attempt, 'entry', entry_id)
 local id = redis.call('XADD', events_key, '*', 'task', event)
 redis.call('PUBLISH', wake_channel, task_id)
 return id

@@ -1,12 +1,13 @@
 -- A task ends (completed, failed or cancelled): status, result and event together, once.
 -- With an attempt, only that run may end it (a worker fenced out by a takeover cannot).
+-- Returns the event id and the queue entry of the run it ended ('' if none ran).
 local task_key = KEYS[1]
 local job_key = KEYS[2]
 local result_key = KEYS[3]
 local events_key = KEYS[4]
 local attempt = ARGV[1]  -- '' for any run (a cancel, a lost worker)
 local new_status = ARGV[2]
-local record = ARGV[3]
+local error = ARGV[3]  -- '' for none
 local event = ARGV[4]
 local result = ARGV[5]  -- '' for none
 local wake_channel = ARGV[6]
@@ -21,11 +22,15 @@ if attempt ~= '' then
     return false
   end
 end
-redis.call('HSET', task_key, 'status', new_status, 'record', record)
+local entry_id = ''
+if status == 'in_progress' then entry_id = redis.call('HGET', task_key, 'entry') or '' end
+redis.call('HSET', task_key, 'status', new_status)
+if error ~= '' then redis.call('HSET', task_key, 'error', error) end
+redis.call('HDEL', task_key, 'entry')
 redis.call('DEL', job_key)
 if result ~= '' then
   redis.call('SET', result_key, result, 'PX', math.max(redis.call('PTTL', task_key), 1))
 end
 local id = redis.call('XADD', events_key, '*', 'task', event)
 redis.call('PUBLISH', wake_channel, task_id)
-return id
+return {id, entry_id}

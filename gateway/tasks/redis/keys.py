@@ -1,0 +1,43 @@
+"""Every Redis key the task store uses, in one table.
+
+A task's keys share its hash tag `{task id}`, so each of its transitions is one Lua script on
+one Redis Cluster slot; the concurrency slots share `{slots}`, so taking several is one atomic
+step. Everything else is a key of its own.
+"""
+
+from __future__ import annotations
+
+
+class Keys:
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        # A stream with a consumer group: the work waiting for a worker or running.
+        self.queue = f"{prefix}:{{queue}}"
+        # Pub/sub: a task's id, published when it changes (a wake-up; its events are the record).
+        self.wake = f"{prefix}:wake"
+        # The key that owner hashes are made with, shared by every replica.
+        self.owner_key = f"{prefix}:owner-key"
+
+    def task(self, task_id: str) -> str:
+        """A hash: `status`, `attempt`, `entry` (its queue entry while it runs), `error`, and
+        `record` (the task as created: what never changes)."""
+        return f"{self._prefix}:{{{task_id}}}:task"
+
+    def job(self, task_id: str) -> str:
+        """The upstream request to make, credential included; deleted when the task ends."""
+        return f"{self._prefix}:{{{task_id}}}:job"
+
+    def result(self, task_id: str) -> str:
+        return f"{self._prefix}:{{{task_id}}}:result"
+
+    def events(self, task_id: str) -> str:
+        """A stream: one entry per status change, whose ids are the SSE ids."""
+        return f"{self._prefix}:{{{task_id}}}:events"
+
+    def slot(self, name: str) -> str:
+        """A sorted set of the tasks holding a concurrency slot, scored by lease expiry."""
+        return f"{self._prefix}:{{slots}}:{name}"
+
+    def once(self, name: str) -> str:
+        """A run-once call's name: the task it made (and the request's fingerprint)."""
+        return f"{self._prefix}:{{once:{name}}}"

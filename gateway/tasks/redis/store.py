@@ -1,0 +1,277 @@
+"""The Redis task store: the `TaskStore` contract over the queue, the transitions, the slots
+and the wake-ups. Any replica sharing the Redis can serve any task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from typing import Any
+
+import msgspec
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from gateway.aio import cancel_requests, raise_if_cancelled_since
+from gateway.tasks.models import (
+    DEFER_PAUSE_S,
+    TERMINAL,
+    Claim,
+    Job,
+    OnceName,
+    Status,
+    StoredResponse,
+    Task,
+    TaskError,
+    TaskEvent,
+    TaskRecord,
+    is_event_id,
+)
+from gateway.tasks.redis.keys import Keys
+from gateway.tasks.redis.observed import Observer, store_call, unobserved
+from gateway.tasks.redis.queue import Entry, Queue
+from gateway.tasks.redis.slots import Slots
+from gateway.tasks.redis.transitions import Transitions, decode
+from gateway.tasks.redis.wakeups import Wakeups
+
+logger = logging.getLogger(__name__)
+
+_job = msgspec.msgpack.Decoder(Job).decode
+_response = msgspec.msgpack.Decoder(StoredResponse).decode
+
+
+class _Held(msgspec.Struct):
+    """What this worker holds for a task it runs."""
+
+    entry_id: bytes
+    slots: list[str]
+    record: TaskRecord  # as it started: what its end event is made from
+
+
+class RedisStore:
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        consumer: str,
+        retention_s: float,
+        prefix: str = "gw",
+        lease_s: float = 30.0,
+        max_deliveries: int = 3,
+        observe: Observer = unobserved,
+    ) -> None:
+        # redis-py types its replies as unions over decode_responses; this store always works
+        # in bytes, so the client is used untyped rather than narrowed at every call.
+        self._redis: Any = redis
+        self.observe = observe
+        keys = self._keys = Keys(prefix)
+        lease_ms = int(lease_s * 1000)
+        self._queue = Queue(redis, keys.queue, consumer.encode(), lease_ms, max_deliveries)
+        self._transitions = Transitions(redis, keys, int(retention_s * 1000))
+        self._slots = Slots(redis, keys, lease_ms)
+        self._wakeups = Wakeups(redis, keys.wake)
+        self._held: dict[str, _Held] = {}  # the tasks this worker runs
+
+    @store_call
+    async def create(self, record: TaskRecord, job: Job, retention_s: float | None = None) -> None:
+        await self._create(record, job, retention_s, None)
+
+    @store_call
+    async def find_or_create(
+        self, record: TaskRecord, job: Job, retention_s: float | None, once: OnceName
+    ) -> str | None:
+        return await self._create(record, job, retention_s, once)
+
+    async def _create(
+        self, record: TaskRecord, job: Job, retention_s: float | None, once: OnceName | None
+    ) -> str | None:
+        task_id = record.task.id
+        keys, args = self._transitions.create_call(
+            record, job, None if retention_s is None else int(retention_s * 1000)
+        )
+        # One round trip for a plain create (a Script object in a pipeline would add a SCRIPT
+        # EXISTS first). The task exists before its name does, so whoever finds the name finds
+        # the task. The queue is another Redis Cluster slot, so it is not in the script.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.evalsha(self._transitions.create_script.sha, len(keys), *keys, *args)
+            if once is None:
+                pipe.xadd(self._queue.key, Queue.fields(task_id))
+            else:
+                px, nx = max(int(once.ttl_s * 1000), 1), not once.replace
+                pipe.set(self._keys.once(once.name), once.value, px=px, nx=nx, get=True)
+            created, queued_or_named = await pipe.execute(raise_on_error=False)
+        if isinstance(queued_or_named, Exception):
+            raise queued_or_named
+        if isinstance(created, NoScriptError):
+            # A restarted Redis forgot its scripts. An entry queued above may already have
+            # been dropped for want of a task: queue another (a duplicate never runs twice).
+            await self._transitions.create_script(keys=keys, args=args)
+        elif isinstance(created, Exception):
+            raise created
+        if once is not None and queued_or_named is not None and not once.replace:
+            await self._redis.delete(*keys)  # never queued: no worker saw it
+            return bytes(queued_or_named).decode()
+        if once is not None or isinstance(created, NoScriptError):
+            await self._redis.xadd(self._queue.key, Queue.fields(task_id))
+        return None
+
+    @store_call
+    async def get(self, task_id: str) -> TaskRecord | None:
+        return await self._transitions.read(task_id)
+
+    @store_call
+    async def claim(self, timeout_s: float) -> Claim | None:
+        await self._queue.ensure_group()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (left := deadline - loop.time()) > 0:
+            seen = cancel_requests()
+            try:
+                entry = await self._reclaim()
+                raise_if_cancelled_since(seen)  # before blocking on the queue for seconds
+                entry = entry or await self._queue.next(left)
+            except ResponseError as exc:
+                if not self._queue.lost_group(exc):
+                    raise
+                return None
+            if entry is None:
+                return None
+            claim = await self._start(entry)
+            if claim is not None:
+                return claim  # else cancelled, expired or deferred: take the next one
+        return None
+
+    async def _reclaim(self) -> Entry | None:
+        reclaimed = await self._queue.reclaim()
+        if reclaimed is None:
+            return None
+        entry, lost_too_often = reclaimed
+        if not lost_too_often:
+            return entry
+        logger.warning("%s failed: its worker was lost too many times", entry.task_id)
+        record = await self._transitions.read(entry.task_id)
+        if record is not None:
+            error = TaskError(
+                "The task's worker was lost too many times.", "server_error", "worker_lost"
+            )
+            await self._transitions.end(record, None, "failed", error=error)
+        await self._queue.done(entry.id)
+        return None
+
+    async def _start(self, entry: Entry) -> Claim | None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(*self._transitions.read_call(entry.task_id))
+            pipe.get(self._keys.job(entry.task_id))
+            fields, job_raw = await pipe.execute()
+        record = decode(fields)
+        if record is None or job_raw is None or record.task.status in TERMINAL:
+            await self._queue.done(entry.id)  # cancelled or expired
+            return None
+        job = _job(job_raw)
+        slots = await self._slots.acquire(entry.task_id, job.limits)
+        if slots is None:  # a slot it needs is full: back to the tail, still queued
+            await self._queue.requeue(entry.id, entry.task_id, entry.takeover)
+            await asyncio.sleep(DEFER_PAUSE_S)
+            return None
+        started = await self._transitions.start(record, entry.id, entry.takeover)
+        if started is None:
+            # Another worker got there first, or a duplicate entry of a running task.
+            await self._slots.release(entry.task_id, slots)
+            await self._queue.done(entry.id)
+            return None
+        self._held[entry.task_id] = _Held(entry.id, slots, started)
+        return Claim(started, job)
+
+    @store_call
+    async def renew(self, task_id: str) -> None:
+        held = self._held.get(task_id)
+        if held is not None:
+            await self._queue.keep(held.entry_id)
+            await self._slots.renew(task_id, held.slots)
+
+    @store_call
+    async def release(self, task_id: str, *, handover: bool) -> None:
+        held = self._held.pop(task_id, None)
+        if held is None:
+            return
+        await self._slots.release(task_id, held.slots)
+        if handover:  # the task is in progress: its fresh entry says it may be taken over
+            await self._queue.requeue(held.entry_id, task_id, takeover=True)
+
+    @store_call
+    async def finish(
+        self, task_id: str, attempt: int, response: StoredResponse, error: TaskError | None = None
+    ) -> Task | None:
+        held = self._held.get(task_id)
+        record = held.record if held is not None else await self._transitions.read(task_id)
+        if record is None:
+            return None
+        status: Status = "completed" if error is None else "failed"
+        ended = await self._transitions.end(record, attempt, status, response, error)
+        if ended is None:
+            return None
+        task, entry_id = ended
+        # Only the run that ended the task acknowledges an entry, its own: a worker fenced out
+        # by a takeover must not touch the entry the new run holds.
+        if entry_id:
+            await self._queue.done(entry_id)
+        return task
+
+    @store_call
+    async def cancel(self, task_id: str) -> Task | None:
+        record = await self._transitions.read(task_id)
+        if record is None or record.task.status in TERMINAL:
+            return None if record is None else record.task
+        ended = await self._transitions.end(record, None, "cancelled")
+        if ended is None:  # it ended meanwhile
+            record = await self._transitions.read(task_id)
+            return None if record is None else record.task
+        task, entry_id = ended
+        if entry_id:  # its worker is told by the event; its queue entry is done now
+            await self._queue.done(entry_id)
+        return task
+
+    @store_call
+    async def result(self, task_id: str) -> StoredResponse | None:
+        raw = await self._redis.get(self._keys.result(task_id))
+        return None if raw is None else _response(raw)
+
+    @store_call
+    async def events(self, task_id: str, after: str | None, timeout_s: float) -> list[TaskEvent]:
+        if after is not None and not ("-" in after and is_event_id(after)):
+            raise ValueError(f"not an event id: {after!r}")
+        seen = cancel_requests()
+        waiter = await self._wakeups.waiter(task_id)
+        events = await self._transitions.events(task_id, after)
+        if events or timeout_s <= 0:
+            return events
+        status = await self._transitions.status(task_id)
+        if status is None or status in TERMINAL:
+            return events
+        # Waiting after a swallowed cancel would hold the canceller for the whole timeout.
+        raise_if_cancelled_since(seen)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await waiter.wait()
+        return await self._transitions.events(task_id, after)
+
+    @store_call
+    async def queue_depth(self) -> int:
+        return await self._queue.depth()
+
+    @store_call
+    async def owner_key(self) -> bytes:
+        # Made once by whichever replica starts first; every replica then hashes alike.
+        await self._redis.set(self._keys.owner_key, secrets.token_bytes(32), nx=True)
+        value: bytes = await self._redis.get(self._keys.owner_key)
+        return value
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except RedisError:
+            return False
+
+    async def close(self) -> None:
+        await self._wakeups.close()
+        await self._redis.aclose()

@@ -1,0 +1,156 @@
+"""A task's state in Redis and the three Lua scripts that change it (create, start, end).
+
+Each script changes the status and appends the event together, or does nothing, on the task's
+one slot. The status lives once, in the task hash's `status` field; `record` is the task as it
+was created, so no change rewrites it and ending a task needs no read first.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any, cast
+
+import msgspec
+from redis.exceptions import ResponseError
+
+from gateway.tasks.models import (
+    Job,
+    Status,
+    StoredResponse,
+    Task,
+    TaskError,
+    TaskEvent,
+    TaskRecord,
+)
+from gateway.tasks.redis.keys import Keys
+
+pack = msgspec.msgpack.Encoder().encode
+_task_json = msgspec.json.Encoder().encode
+_record = msgspec.msgpack.Decoder(TaskRecord).decode
+_error = msgspec.msgpack.Decoder(TaskError).decode
+_task = msgspec.json.Decoder(Task).decode
+_FIELDS = ("status", "attempt", "error", "record")
+
+
+def script(name: str) -> str:
+    """A Lua script from `lua/`, read once at import: each names its KEYS and ARGV."""
+    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+
+
+_CREATE, _START, _END = (script(name) for name in ("create", "start", "end"))
+
+
+def with_status(record: TaskRecord, status: Status, error: TaskError | None = None) -> TaskRecord:
+    return msgspec.structs.replace(
+        record, task=msgspec.structs.replace(record.task, status=status, error=error)
+    )
+
+
+class Transitions:
+    def __init__(self, redis: Any, keys: Keys, ttl_ms: int) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._ttl_ms = ttl_ms
+        self.create_script = redis.register_script(_CREATE)
+        self._start = redis.register_script(_START)
+        self._end = redis.register_script(_END)
+
+    def create_call(
+        self, record: TaskRecord, job: Job, ttl_ms: int | None
+    ) -> tuple[list[str], list[bytes | int]]:
+        """The create script's keys and arguments (also every key a new task has), for a
+        pipeline's EVALSHA."""
+        task_id = record.task.id
+        keys = [self._keys.task(task_id), self._keys.job(task_id), self._keys.events(task_id)]
+        ttl = self._ttl_ms if ttl_ms is None else ttl_ms
+        return keys, [pack(record), pack(job), _task_json(record.task), ttl]
+
+    def read_call(self, task_id: str) -> tuple[str, ...]:
+        """HMGET's arguments for `decode`."""
+        return self._keys.task(task_id), *_FIELDS
+
+    async def read(self, task_id: str) -> TaskRecord | None:
+        return decode(await self._redis.hmget(*self.read_call(task_id)))
+
+    async def status(self, task_id: str) -> Status | None:
+        status = await self._redis.hget(self._keys.task(task_id), "status")
+        return None if status is None else cast(Status, status.decode())
+
+    async def start(self, record: TaskRecord, entry_id: bytes, takeover: bool) -> TaskRecord | None:
+        """The task in progress with a new attempt, or None if it is not this run's to start."""
+        started = msgspec.structs.replace(
+            with_status(record, "in_progress"), attempt=record.attempt + 1
+        )
+        task_id = record.task.id
+        event = await self._start(
+            keys=[self._keys.task(task_id), self._keys.events(task_id)],
+            args=[
+                record.attempt,
+                started.attempt,
+                _task_json(started.task),
+                "1" if takeover else "0",
+                entry_id,
+                self._keys.wake,
+                task_id,
+            ],
+        )
+        return started if event else None
+
+    async def end(
+        self,
+        record: TaskRecord,
+        attempt: int | None,
+        status: Status,
+        response: StoredResponse | None = None,
+        error: TaskError | None = None,
+    ) -> tuple[Task, bytes] | None:
+        """End the task, only if `attempt` (None: any) runs it and it has not ended: the task
+        as it ended and the queue entry of the run that held it (b"" if none), else None."""
+        ended = with_status(record, status, error).task
+        task_id = ended.id
+        keys = [self._keys.task(task_id), self._keys.job(task_id)]
+        keys += [self._keys.result(task_id), self._keys.events(task_id)]
+        done = await self._end(
+            keys=keys,
+            args=[
+                "" if attempt is None else str(attempt),
+                status,
+                b"" if error is None else pack(error),
+                _task_json(ended),
+                b"" if response is None else pack(response),
+                self._keys.wake,
+                task_id,
+            ],
+        )
+        return None if not done else (ended, bytes(done[1]))
+
+    async def events(self, task_id: str, after: str | None) -> list[TaskEvent]:
+        key = self._keys.events(task_id)
+        try:
+            entries = await self._redis.xrange(key, min="-" if after is None else f"({after}")
+        except ResponseError as exc:  # an id Redis will not read from is no id of this task
+            raise ValueError(f"not an event id: {after!r}") from exc
+        if not entries and after is not None:
+            last = await self._redis.xrevrange(key, count=1)
+            if not last or _stream_id(after) > _stream_id(last[0][0].decode()):
+                raise ValueError(f"not an event id: {after!r}")
+        return [TaskEvent(entry_id.decode(), _task(f[b"task"])) for entry_id, f in entries]
+
+
+def decode(fields: list[bytes | None]) -> TaskRecord | None:
+    """A task from its hash fields (`read_call`'s HMGET)."""
+    status, attempt, error, raw = fields
+    if raw is None or status is None:
+        return None
+    created = _record(raw)
+    task = msgspec.structs.replace(
+        created.task,
+        status=cast(Status, status.decode()),
+        error=None if error is None else _error(error),
+    )
+    return msgspec.structs.replace(created, task=task, attempt=int(attempt or 0))
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq)
