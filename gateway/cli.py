@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.accesslog import OneLineFormatter
+from gateway.accesslog import OneLineFormatter, write_access_lines_to
 from gateway.auth import key_digest
 from gateway.config import ConfigError, load_config
 
@@ -70,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None
+    write_access_lines_to(sys.stderr)
     if args.command == "hash-key":
         key = sys.stdin.read().strip()
         if not key:

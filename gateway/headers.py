@@ -29,16 +29,14 @@ _HOP_BY_HOP = frozenset(
 
 def strip_hop_by_hop(headers: MultiMapping[str]) -> CIMultiDict[str]:
     """End-to-end headers only: the fixed hop-by-hop set and any header named in Connection."""
-    named = {
-        token.strip().lower()
-        for value in headers.getall("Connection", ())
-        for token in value.split(",")
-    }
-    return CIMultiDict(
-        (k, v)
-        for k, v in headers.items()
-        if k.lower() not in _HOP_BY_HOP and k.lower() not in named
-    )
+    dropped = _HOP_BY_HOP
+    if "Connection" in headers:
+        dropped = dropped.union(
+            token.strip().lower()
+            for value in headers.getall("Connection")
+            for token in value.split(",")
+        )
+    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in dropped])
 
 
 def header_pairs(headers: MultiMapping[str]) -> list[tuple[str, str]]:

@@ -106,16 +106,17 @@ async def forward(
     credential = auth.caller_key(request) or ""
     deadline = _deadline(ctx, request.app[CONFIG])
     admission = request.app[ADMISSION]
-    async with contextlib.AsyncExitStack() as held:
-        held.enter_context(admission.credential_slot(credential))
-        if admission.limited(ctx.model):
+    target = auth.upstream_target(target)
+    with admission.credential_slot(credential):
+        if not admission.limited(ctx.model):
+            return await _exchange(request, ctx, target, headers, data, deadline)
+        async with contextlib.AsyncExitStack() as held:
             try:
                 async with asyncio.timeout_at(deadline):
                     await held.enter_async_context(admission.slot(ctx.model, credential))
             except TimeoutError:
                 raise Overloaded("The deadline passed while waiting for this model.") from None
-        target = auth.upstream_target(target)
-        return await _exchange(request, ctx, target, headers, data, deadline)
+            return await _exchange(request, ctx, target, headers, data, deadline)
 
 
 async def _exchange(

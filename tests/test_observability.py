@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 from typing import Any
 
 import aiohttp
@@ -90,3 +92,32 @@ async def test_the_task_api_is_measured_and_named_like_every_other_route(
         assert (await resp.json())["error"]["code"] == "not_found"
     labels = {"route": "/v1/tasks/{task_id}", "model": "other", "status": "404", "mode": "sync"}
     assert gateway.sample("gateway_requests_total", **labels) == 1
+
+
+async def test_a_served_gateway_writes_one_access_line_per_call_like_its_other_lines(
+    spawn: Spawn, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    proc, url = await spawn(f'[upstream]\nurl = "{fake.url}/v1"\n')
+    for i in range(5):
+        async with http.post(
+            f"{url}/v1/images/generations",
+            json={"model": "gpt-image-1", "prompt": "a lighthouse"},
+            headers={"Authorization": "Bearer sk-a", "X-Request-ID": f"call-{i}"},
+        ) as resp:
+            assert resp.status == 200
+    await asyncio.sleep(0.3)
+    lines = proc.output().splitlines()
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+    assert re.match(stamp + "INFO gateway.server ", lines[0])  # the start-up line's shape
+    access = [
+        re.fullmatch(
+            stamp + r"INFO gateway\.access (call-\d) POST /v1/images/generations "
+            r"model=gpt-image-1 status=200 duration_ms=[\d.]+ upstream_ms=[\d.]+ "
+            r"bytes_in=\d+ bytes_out=\d+",
+            line,
+        )
+        for line in lines
+        if " gateway.access " in line
+    ]
+    assert [match.group(1) for match in access if match] == [f"call-{i}" for i in range(5)]
+    assert all(access)

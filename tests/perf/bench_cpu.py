@@ -4,10 +4,10 @@
 
 Wall-clock throughput on a shared 2-core machine moves by 10-20 % from run to run, so this
 compares CPU seconds per call read from /proc, for `POST /v1/images/generations` (a JSON body, a
-bearer key) against an nginx `return 200` origin. Three gateways run at once: this checkout twice
-and DIR (e.g. `git worktree add DIR REV`) once; wrk drives each in turn, `--turns` times. The two
-copies of this checkout are the same code, so the spread between them is the noise floor any
-difference to DIR must clear.
+bearer key) against an nginx `return 200` origin. Five proxies run at once: this checkout twice,
+this checkout with its access log off, DIR (e.g. `git worktree add DIR REV`), and the bare
+30-line aiohttp proxy; wrk drives each in turn, `--turns` times. The two copies of this checkout
+are the same code, so the spread between them is the noise floor any difference must clear.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 from tests.perf.bench_sync import (
+    HERE,
     NGINX_CONF,
     POST_LUA,
     cpu_s,
@@ -28,6 +30,8 @@ from tests.perf.bench_sync import (
     running,
     wrk,
 )
+
+BARE = HERE / "bare_proxy.py"
 
 
 def main() -> None:
@@ -43,27 +47,37 @@ def main() -> None:
         (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, **ports))
         (tmp / "post.lua").write_text(POST_LUA)
         origin = f"http://127.0.0.1:{ports['origin']}"
-        gateways = {
-            "this checkout": (free_port(), None),
-            "this checkout, again": (free_port(), None),
-            "--baseline": (free_port(), {"PYTHONPATH": str(args.baseline.resolve())}),
-        }
+        base = {"PYTHONPATH": str(args.baseline.resolve())}
+        proxies: dict[str, tuple[int, list[str], dict[str, str] | None]] = {}
+        for label, env, log in (
+            ("this checkout", None, True),
+            ("this checkout, again", None, True),
+            ("access log off", None, False),
+            ("--baseline", base, True),
+        ):
+            port = free_port()
+            proxies[label] = (port, gateway(port, origin, tmp, access_log=log), env)
+        port = free_port()
+        proxies["bare aiohttp proxy"] = (port, [sys.executable, str(BARE), origin, str(port)], None)
         with contextlib.ExitStack() as stack:
             stack.enter_context(running(["nginx", "-c", str(tmp / "nginx.conf")], ports["proxy"]))
             pids = {
-                label: stack.enter_context(running(gateway(port, origin, tmp), port, env, cwd=tmp))
-                for label, (port, env) in gateways.items()
+                label: stack.enter_context(running(argv, port, env, cwd=tmp))
+                for label, (port, argv, env) in proxies.items()
             }
+            gateways = {label: port for label, (port, _, _) in proxies.items()}
             per_call = _measure(gateways, pids, tmp / "post.lua", args.turns, args.seconds)
-    print(f"\nPOST /v1/images/generations: gateway CPU µs per call, {args.turns} turns")
-    print(f"{'gateway':24} {'min':>7} {'p25':>7} {'median':>7}")
+    bare = statistics.median(per_call["bare aiohttp proxy"])
+    print(f"\nPOST /v1/images/generations: proxy CPU µs per call, {args.turns} turns")
+    print(f"{'proxy':24} {'min':>7} {'p25':>7} {'median':>7} {'x bare':>7}")
     for label, values in per_call.items():
         p25 = statistics.quantiles(values, n=4)[0]
-        print(f"{label:24} {min(values):7.1f} {p25:7.1f} {statistics.median(values):7.1f}")
+        median = statistics.median(values)
+        print(f"{label:24} {min(values):7.1f} {p25:7.1f} {median:7.1f} {median / bare:7.3f}")
 
 
 def _measure(
-    gateways: dict[str, tuple[int, dict[str, str] | None]],
+    gateways: dict[str, int],
     pids: dict[str, int],
     script: Path,
     turns: int,
@@ -71,7 +85,7 @@ def _measure(
 ) -> dict[str, list[float]]:
     per_call: dict[str, list[float]] = {label: [] for label in gateways}
     for _ in range(turns):
-        for label, (port, _) in gateways.items():
+        for label, port in gateways.items():
             url = f"http://127.0.0.1:{port}/v1/images/generations"
             wrk(url, 64, 1, script)
             before = cpu_s(pids[label])
