@@ -51,6 +51,22 @@ def log_field(value: str) -> str:
     return f'"{escaped}"'
 
 
+class OncePer:
+    """True once per `seconds`: for a warning that would otherwise come with every call or
+    from every worker (a store outage)."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._next = 0.0
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self._seconds
+        return True
+
+
 class OneLineFormatter(logging.Formatter):
     """Every log message stays one line, whatever a caller put into it; tracebacks are ours."""
 
@@ -65,6 +81,7 @@ class RequestContext:
 
     __slots__ = (
         "bytes_in",
+        "call_goes_on",
         "caller_limit_s",
         "mode",
         "model",
@@ -85,6 +102,8 @@ class RequestContext:
         self.caller_limit_s = math.inf
         self.upstream_s: float | None = None
         self.bytes_in = 0
+        # A call run once goes on when its caller leaves (a retry attaches to it).
+        self.call_goes_on = False
 
 
 REQUEST_CONTEXT = web.RequestKey("request_context", RequestContext)

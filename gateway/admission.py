@@ -115,9 +115,11 @@ class Admission:
         return state
 
     @contextlib.asynccontextmanager
-    async def slot(self, model: str | None, credential: str) -> AsyncIterator[None]:
-        """Hold one of the model's upstream slots for the call; waits (fairly) for one. The
-        caller's deadline scope bounds the wait: past it, `Overloaded`."""
+    async def slot(
+        self, model: str | None, credential: str, deadline: float
+    ) -> AsyncIterator[None]:
+        """Hold one of the model's upstream slots for the call; waits (fairly) for one until
+        `deadline` (event-loop time), then `Overloaded`."""
         state = self._model(model)
         if state is None:
             yield
@@ -125,7 +127,11 @@ class Admission:
         if state.running < state.limit and not state.waiting:
             state.running += 1
         else:
-            await self._wait(state, credential)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._wait(state, credential)
+            except TimeoutError:
+                raise Overloaded("The deadline passed while waiting for this model.") from None
         try:
             yield
         finally:

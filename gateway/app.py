@@ -29,6 +29,9 @@ PROXY_ROUTES = (
     "/v1/images/variations",
     "/v1/chat/completions",
     "/v1/models",
+    # google-genai calls Gemini under /v1 too: before `/v1/models/{model}`, which would match.
+    "/v1/models/{model}:generateContent",
+    "/v1/models/{model}:streamGenerateContent",
     "/v1/models/{model}",
     "/v1/videos",
     "/v1/videos/{video_id}",

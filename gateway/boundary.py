@@ -49,4 +49,7 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
 
 def count_disconnect(metrics: Metrics, ctx: RequestContext) -> None:
     metrics.client_disconnects(ctx.route).inc()
-    logger.info("%s caller disconnected; upstream call cancelled", ctx.request_id)
+    if ctx.call_goes_on:
+        logger.info("%s caller disconnected; the call goes on for its retry", ctx.request_id)
+    else:
+        logger.info("%s caller disconnected; upstream call cancelled", ctx.request_id)

@@ -19,32 +19,60 @@ from gateway.config import ConfigError, load_config
 logger = logging.getLogger("gateway")
 
 
+_ENVIRONMENT = """environment:
+  GATEWAY_CONFIG            the config file (when --config is not given)
+  GATEWAY_UPSTREAM_URL      upstream base URL (upstream.url), default https://api.apiyi.com/v1
+  GATEWAY_UPSTREAM_API_KEY  key-injection mode: the key sent upstream; callers need a client key
+  GATEWAY_REDIS_URL         Redis for tasks (tasks.redis_url); unset: the embedded store
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    # --log-level is taken before or after the subcommand (`gateway serve --log-level debug`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING (default INFO)"
+    )
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description=__doc__,
+        parents=[common],
+        epilog=_ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            parents=[common],
+            epilog=_ENVIRONMENT,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     config_help = (
         "TOML file (default: $GATEWAY_CONFIG or "
         "config/gateway.toml when present, else built-in defaults)"
     )
-    serve = sub.add_parser("serve", help="run the HTTP gateway (and task workers)")
+    serve = command("serve", "run the HTTP gateway (and task workers)")
     serve.add_argument("--config", type=Path, help=config_help)
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
 
-    worker = sub.add_parser("worker", help="run task workers alone, against Redis (no HTTP)")
+    worker = command("worker", "run task workers alone, against Redis (no HTTP)")
     worker.add_argument("--config", type=Path, help=config_help)
 
-    fake = sub.add_parser("fake-upstream", help="run the APIYI stand-in for development and tests")
+    fake = command("fake-upstream", "run the APIYI stand-in for development and tests")
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8090)
     fake.add_argument("--latency-s", type=float, default=0.0, help="default generation time")
     fake.add_argument("--image-bytes", type=int, default=256 * 1024, help="default image size")
 
-    sub.add_parser(
+    command(
         "hash-key",
-        help="print the SHA-256 digest of a client key read from stdin, for auth.client_key_sha256",
+        "print the SHA-256 digest of a client key read from stdin, for auth.client_key_sha256",
     )
     return parser
 
@@ -61,6 +89,7 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.log_level = getattr(args, "log_level", "INFO")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
@@ -85,22 +114,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run(serve_fake(settings, args.host, args.port))
         return 0
 
-    from gateway.server import serve, work
+    from gateway.server import CannotListen, serve, work
 
     try:
         config = load_config(args.config)
         if args.command == "worker":
             _run(work(config))
             return 0
+        if args.host or args.port is not None:
+            server = msgspec.structs.replace(
+                config.server,
+                host=args.host or config.server.host,
+                port=config.server.port if args.port is None else args.port,
+            )
+            config = msgspec.structs.replace(config, server=server)
+        _run(serve(config))
     except ConfigError as exc:
         print(f"gateway: bad configuration: {exc}", file=sys.stderr)
         return 2
-    if args.host or args.port is not None:
-        server = msgspec.structs.replace(
-            config.server,
-            host=args.host or config.server.host,
-            port=config.server.port if args.port is None else args.port,
-        )
-        config = msgspec.structs.replace(config, server=server)
-    _run(serve(config))
+    except CannotListen as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
     return 0

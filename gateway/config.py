@@ -123,6 +123,11 @@ class TasksConfig(_Section, frozen=True):
     model_concurrency: dict[str, int] = msgspec.field(default_factory=dict)
     default_model_concurrency: int = 0
     credential_concurrency: int = 0
+    # Tasks one caller may have queued (not yet running), and their request bytes; past either
+    # a submit gets 429 with Retry-After. Queued tasks are served in turn across callers, so
+    # these bound memory, not fairness.
+    max_queued_per_caller: int = 1000
+    max_queued_bytes_per_caller: int = 256 * 2**20
     # How long a task, its events and its result are kept after it was created.
     retention_s: float = 86400.0
     # Largest upstream answer kept as a task result; a larger one fails the task clearly.
@@ -214,11 +219,16 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{file}: {exc}") from exc
-    _check(config, file)
+    _check(config, file, env)
     return config
 
 
-def _check(config: Config, file: Path) -> None:
+def _check(config: Config, file: Path, env: Mapping[str, str]) -> None:
+    def where(key: str) -> str:
+        """Where a value came from: its environment variable, or the file's key."""
+        var = next((v for v, section, k in _ENV_OVERRIDES if f"{section}.{k}" == key), None)
+        return var if var is not None and env.get(var) else f"{file}: {key}"
+
     if config.tasks.redis_url is None and config.tasks.workers < 1:
         raise ConfigError(
             f"{file}: tasks.workers = 0 needs Redis: nothing else would run the embedded "
@@ -229,11 +239,17 @@ def _check(config: Config, file: Path) -> None:
     if config.server.body_read_timeout_s <= 0:
         raise ConfigError(f"{file}: server.body_read_timeout_s must be positive")
     if not config.upstream.url.startswith(("http://", "https://")):
-        raise ConfigError(f"{file}: upstream.url must be an http(s) URL")
+        raise ConfigError(f"{where('upstream.url')} must be an http(s) URL")
     if config.auth.client_key_sha256 and not config.auth.upstream_api_key:
         raise ConfigError(
             f"{file}: auth.client_key_sha256 is set but no upstream key "
             "(GATEWAY_UPSTREAM_API_KEY) to inject"
+        )
+    if config.auth.upstream_api_key and not config.auth.client_key_sha256:
+        raise ConfigError(
+            f"{where('auth.upstream_api_key')} is set but {file}: auth.client_key_sha256 "
+            "names no client key, so every caller would get 401: add their digests "
+            "(`gateway hash-key`)"
         )
     for digest in config.auth.client_key_sha256:
         if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):

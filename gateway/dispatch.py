@@ -11,7 +11,7 @@ from gateway.config import CONFIG
 from gateway.proxy import SMALL_BODY, admit, forward, receive_body
 from gateway.tasks.idempotency import RunOnce, run_once
 from gateway.tasks.prefer import Preferences, parse_prefer
-from gateway.tasks.views import ASYNC_ROUTES, submit
+from gateway.tasks.submit import ASYNC_ROUTES, submit
 from gateway.uploads import Body, SpooledBody
 
 
@@ -26,7 +26,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         prefs, once = as_task
         ctx.mode = "async" if prefs is not None else "sync"
         whole = body.read() if isinstance(body, SpooledBody) else body
-        return await submit(request, ctx, target, whole, prefs, once)
+        answer = await submit(request, ctx, target, whole, prefs, once)
+        return answer if answer is not None else await forward(request, ctx, target, whole)
     finally:
         if isinstance(body, SpooledBody):
             body.close()

@@ -91,6 +91,17 @@ class StoreUnavailable(GatewayError):
     default_message = "The task store is unreachable; async calls cannot be accepted right now."
 
 
+class QueueFull(GatewayError):
+    """The caller has as much queued as one caller may: nothing was stored, retry later."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+    should_retry = True
+    retry_after_s = 5
+    default_message = "This API key has as many tasks queued as the gateway allows one key."
+
+
 class UpstreamUnreachable(GatewayError):
     """Nothing reached the upstream, so nothing was billed: retrying is safe."""
 

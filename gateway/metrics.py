@@ -151,6 +151,10 @@ class Metrics:
             "op",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
         )
+        self.run_once_bypassed = self._counter(
+            "run_once_bypassed",
+            "SDK calls sent as plain calls because the task store was unreachable.",
+        )()
         self.store_errors = self._counter(
             "store_errors", "Task store (Redis) calls that failed to reach it, by operation.", "op"
         )

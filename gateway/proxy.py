@@ -10,7 +10,6 @@ failures it alone can see.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 
@@ -19,7 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.accesslog import RequestContext
-from gateway.admission import ADMISSION, Overloaded
+from gateway.admission import ADMISSION
 from gateway.auth import AUTH
 from gateway.boundary import count_disconnect
 from gateway.config import CONFIG, Config
@@ -110,12 +109,7 @@ async def forward(
     with admission.credential_slot(credential):
         if not admission.limited(ctx.model):
             return await _exchange(request, ctx, target, headers, data, deadline)
-        async with contextlib.AsyncExitStack() as held:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await held.enter_async_context(admission.slot(ctx.model, credential))
-            except TimeoutError:
-                raise Overloaded("The deadline passed while waiting for this model.") from None
+        async with admission.slot(ctx.model, credential, deadline):
             return await _exchange(request, ctx, target, headers, data, deadline)
 
 

@@ -19,9 +19,18 @@ from gateway.tasks.service import describe_store
 logger = logging.getLogger(__name__)
 
 
+class CannotListen(Exception):
+    """The listening address is taken or not ours: said in one line, not a traceback."""
+
+
 async def start(app: web.Application, config: Config) -> web.AppRunner:
     """Serve `app` on the configured address (port 0 picks a free one: `runner.addresses`)."""
     quiet_bad_requests()
+    host, port = config.server.host, config.server.port
+    try:  # before anything starts, so nothing is left to clean up
+        sock = listening_socket(host, port, config.tcp_keepalive)
+    except OSError as exc:
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     runner = web.AppRunner(
         app,
         # A caller that hangs up must stop its upstream call now, not when it would have ended.
@@ -35,10 +44,7 @@ async def start(app: web.Application, config: Config) -> web.AppRunner:
         shutdown_timeout=config.server.drain_timeout_s,
     )
     await runner.setup()
-    site = web.SockSite(
-        runner, listening_socket(config.server.host, config.server.port, config.tcp_keepalive)
-    )
-    await site.start()
+    await web.SockSite(runner, sock).start()
     return runner
 
 

@@ -11,7 +11,8 @@ import re
 import msgspec
 
 _MAX_MODEL_LEN = 128
-_GEMINI_PATH = re.compile(r"^/v1beta/models/([^/:]{1,128}):")
+# Gemini's model is in its path, under /v1beta or /v1 (google-genai's `api_version`).
+_GEMINI_PATH = re.compile(r"^/v1(?:beta)?/models/([^/:]{1,128}):")
 # Unescaped quotes: a `"model"` inside a JSON string value is written `\"model\"` and so is
 # never mistaken for the key.
 _JSON_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,128})"')

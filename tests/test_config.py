@@ -41,7 +41,9 @@ def test_wrong_type_is_named(tmp_path: Path) -> None:
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     file = tmp_path / "gw.toml"
-    file.write_text("[upstream]\nurl = 'http://file/v1'\n")
+    file.write_text(
+        f"[upstream]\nurl = 'http://file/v1'\n[auth]\nclient_key_sha256 = ['{'a' * 64}']\n"
+    )
     env = {
         "GATEWAY_CONFIG": str(file),
         "GATEWAY_UPSTREAM_URL": "http://env/v1",
@@ -61,4 +63,18 @@ def test_client_keys_must_be_digests(tmp_path: Path) -> None:
     file = tmp_path / "gw.toml"
     file.write_text("[auth]\nclient_key_sha256 = ['sk-plain-key']\n")
     with pytest.raises(ConfigError, match="SHA-256"):
+        load_config(file, env={"GATEWAY_UPSTREAM_API_KEY": "sk-up"})
+
+
+def test_a_bad_environment_value_is_blamed_on_its_variable(tmp_path: Path) -> None:
+    file = tmp_path / "gw.toml"
+    file.write_text("")
+    with pytest.raises(ConfigError, match=r"^GATEWAY_UPSTREAM_URL must be an http\(s\) URL"):
+        load_config(file, env={"GATEWAY_UPSTREAM_URL": "api.apiyi.com/v1"})
+
+
+def test_key_injection_without_client_keys_refuses_to_start(tmp_path: Path) -> None:
+    file = tmp_path / "gw.toml"
+    file.write_text("")
+    with pytest.raises(ConfigError, match="every caller would get 401"):
         load_config(file, env={"GATEWAY_UPSTREAM_API_KEY": "sk-up"})

@@ -132,15 +132,25 @@ async def test_a_keyed_sync_caller_that_drops_gets_the_image_on_retry_from_one_c
     assert fake.stats.cancelled == 0  # the dropped caller did not cancel what it paid for
 
 
-async def test_a_keyed_sync_error_is_stored_and_replayed_too(
+async def test_a_keyed_sync_error_where_the_upstream_ran_is_kept_and_a_refusal_is_not(
     gateway: Gateway, fake: Fake, http: aiohttp.ClientSession
 ) -> None:
-    keyed = {**KEY, "Idempotency-Key": "broken-1", "X-Fake-Fault": "503"}
+    # A deadline cut after sending: the upstream may have run (and billed) it, so the retry
+    # gets the same 504 without another upstream call.
+    cut = {**KEY, "Idempotency-Key": "cut-1", "X-Request-Timeout": "1", "X-Fake-Latency": "2"}
     for _ in range(2):
-        status, _, answer = await _post(http, gateway, keyed)
+        status, _, answer = await _post(http, gateway, cut)
+        assert status == 504
+        assert answer["error"]["code"] == "upstream_timeout"
+    await _settle(fake)
+    assert fake.stats.requests == 1
+    # A 503 is a refusal: the caller gets it, and its retry goes upstream again.
+    refused = {**KEY, "Idempotency-Key": "broken-1", "X-Fake-Fault": "503"}
+    for _ in range(2):
+        status, _, answer = await _post(http, gateway, refused)
         assert status == 503
         assert answer["error"]["message"].startswith("The model is overloaded")
-    assert fake.stats.requests == 1
+    assert fake.stats.requests == 3
 
 
 async def test_keys_are_forgotten_after_their_window(

@@ -6,9 +6,11 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
+from gateway.errors import QueueFull
 from gateway.tasks.memory import MemoryStore
 from gateway.tasks.models import (
     Job,
@@ -38,18 +40,25 @@ async def store(
 ) -> AsyncIterator[TaskStore]:
     made: TaskStore
     if request.param == "memory":
-        made = MemoryStore(retention_s=60.0)
+        made = MemoryStore(60.0, max_queued_per_caller=50, max_queued_bytes_per_caller=2**20)
     else:
         client = Redis.from_url(redis_server.url)
         await client.flushall()
-        made = RedisStore(client, consumer="test-worker", retention_s=60.0, lease_s=0.5)
+        made = RedisStore(
+            client,
+            consumer="test-worker",
+            retention_s=60.0,
+            lease_s=0.5,
+            max_queued_per_caller=50,
+            max_queued_bytes_per_caller=2**20,
+        )
     yield made
     await made.close()
 
 
-def record(task_id: str = "t1") -> TaskRecord:
+def record(task_id: str = "t1", owner: str = "owner-hash") -> TaskRecord:
     task = Task(id=task_id, status="queued", model="gpt-image-1", created_at=int(time.time()))
-    return TaskRecord(task=task, owner="owner-hash")
+    return TaskRecord(task=task, owner=owner)
 
 
 async def statuses(store: TaskStore, task_id: str) -> list[str]:
@@ -140,6 +149,40 @@ async def test_a_replacing_name_always_makes_a_new_task(store: TaskStore) -> Non
         assert await store.find_or_create(record(f"t{i}"), JOB, None, held) is None
     retry = OnceName("sdk-call", "t9", 60.0)
     assert await store.find_or_create(record("t9"), JOB, None, retry) == "t1"
+
+
+async def test_callers_are_served_in_turn_whatever_one_has_queued(store: TaskStore) -> None:
+    for i in range(40):
+        await store.create(record(f"a{i}", owner="tenant-a"), JOB)
+    assert (await store.claim(1.0)) is not None  # a0 runs
+    await store.create(record("b0", owner="tenant-b"), JOB)
+    await store.create(record("c0", owner="tenant-c"), JOB)
+    claimed = []
+    for _ in range(4):
+        claim = await store.claim(1.0)
+        assert claim is not None
+        claimed.append(claim.record.task.id)
+    # B and C each wait for at most one of A's 39 before them, not for all of them.
+    assert "b0" in claimed[:2]
+    assert "c0" in claimed[:3]
+    assert await store.queue_depth() == 40 - 1 - 2
+
+
+async def test_a_caller_over_its_queue_caps_is_refused_and_others_are_not(
+    store: TaskStore,
+) -> None:
+    for i in range(50):
+        await store.create(record(f"a{i}", owner="tenant-a"), JOB)
+    with pytest.raises(QueueFull):
+        await store.create(record("a50", owner="tenant-a"), JOB)
+    assert await store.get("a50") is None  # nothing of the refused task stays
+    big = msgspec.structs.replace(JOB, body=b"x" * (2**20 + 1))
+    with pytest.raises(QueueFull):
+        await store.create(record("b-big", owner="tenant-b"), big)
+    await store.create(record("b0", owner="tenant-b"), JOB)
+    await store.cancel("a0")  # a cancelled task frees its place
+    await store.create(record("a51", owner="tenant-a"), JOB)
+    assert await store.queue_depth() == 51
 
 
 async def test_event_readers_resume_and_wake_at_once(store: TaskStore) -> None:

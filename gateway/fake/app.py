@@ -28,6 +28,9 @@ from gateway.fake.behaviour import (
     stream,
 )
 
+# Images answered by address (`response_format=url`), served at /_fake/images/.
+IMAGES = web.AppKey("images", dict[str, bytes])
+
 MODELS = (
     "gpt-image-1",
     "gpt-image-2",
@@ -77,8 +80,21 @@ async def images_generations(request: web.Request) -> web.StreamResponse:
         return await stream(
             request, _image_events("image_generation", image, int(body.get("partial_images") or 0))
         )
-    data = [{"b64_json": image}] * int(body.get("n") or 1)
+    item: dict[str, str] = {"b64_json": image}
+    if body.get("response_format") == "url":
+        # APIYI hosts the image and answers with its address, as OpenAI's dall-e does.
+        digest = hashlib.sha256(image.encode()).hexdigest()[:32]
+        request.app[IMAGES][digest] = base64.b64decode(image)
+        item = {"url": f"{request.scheme}://{request.host}/_fake/images/{digest}.png"}
+    data = [item] * int(body.get("n") or 1)
     return await reply(request, {"created": int(time.time()), "data": data, "usage": _usage()})
+
+
+async def image_view(request: web.Request) -> web.Response:
+    image = request.app[IMAGES].get(request.match_info["digest"])
+    if image is None:
+        return error(404, "no such image")
+    return web.Response(body=image, content_type="image/png")
 
 
 async def images_edits(request: web.Request) -> web.StreamResponse:
@@ -228,6 +244,7 @@ def create_fake_app(settings: FakeSettings | None = None) -> web.Application:
     app = web.Application(middlewares=[record], client_max_size=512 * 2**20)
     app[SETTINGS] = settings or FakeSettings()
     app[STATS] = FakeStats()
+    app[IMAGES] = {}
     r = app.router
     r.add_get("/_fake/stats", stats_view)
     r.add_get("/_fake/last", last_view)
@@ -237,7 +254,9 @@ def create_fake_app(settings: FakeSettings | None = None) -> web.Application:
     r.add_post("/v1/images/variations", images_edits)
     r.add_post("/v1/chat/completions", chat_completions)
     r.add_get("/v1/models", models)
+    r.add_get("/_fake/images/{digest}.png", image_view)
     r.add_post("/v1beta/models/{model}:{method}", generate_content)
+    r.add_post("/v1/models/{model}:{method}", generate_content)
     r.add_route("*", "/{tail:.*}", unknown)
     return app
 

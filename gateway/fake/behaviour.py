@@ -40,18 +40,36 @@ class FakeStats:
     by_key: collections.Counter[str] = field(default_factory=collections.Counter)
     peers: set[str] = field(default_factory=set)
     last: dict[str, Any] = field(default_factory=dict)
+    # Faults served per request (path, body, fault), for `X-Fake-Fault-Times`.
+    faulted: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def reset(self) -> None:
         self.requests = self.cancelled = self.running = self.peak_running = 0
         self.by_path.clear()
         self.by_key.clear()
         self.peers.clear()
+        self.faulted.clear()
         self.last = {}
 
 
 SETTINGS = web.AppKey("fake_settings", FakeSettings)
 STATS = web.AppKey("fake_stats", FakeStats)
 BODY = web.RequestKey("fake_body", bytes)
+FAULT = web.RequestKey("fake_fault", str)
+
+
+def _fault(request: web.Request, stats: FakeStats, body: bytes) -> str:
+    """The fault this request gets: `X-Fake-Fault`, but with `X-Fake-Fault-Times: N` only for
+    the first N requests of the same path and body (a retry then succeeds)."""
+    fault = request.headers.get("X-Fake-Fault", "").lower()
+    times = request.headers.get("X-Fake-Fault-Times")
+    if not fault or times is None:
+        return fault
+    key = f"{request.path} {hashlib.sha256(body).hexdigest()} {fault}"
+    if stats.faulted[key] >= int(times):
+        return ""
+    stats.faulted[key] += 1
+    return fault
 
 
 @functools.lru_cache(maxsize=8)
@@ -94,7 +112,7 @@ class Control:
         return cls(
             latency_s=float(h.get("X-Fake-Latency", s.latency_s)),
             image_bytes=int(h.get("X-Fake-Image-Bytes", s.image_bytes)),
-            fault=h.get("X-Fake-Fault", "").lower(),
+            fault=request.get(FAULT, ""),
         )
 
 
@@ -215,9 +233,10 @@ async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
     stats.running += 1
     stats.peak_running = max(stats.peak_running, stats.running)
     try:
-        fault = request.headers.get("X-Fake-Fault", "").lower()
+        fault = request[FAULT] = _fault(request, stats, body)
         if fault == "429":
-            return error(429, "Too many requests for this model.", {"Retry-After": "7"})
+            retry_after = request.headers.get("X-Fake-Retry-After", "7")
+            return error(429, "Too many requests for this model.", {"Retry-After": retry_after})
         if fault == "hang":
             await asyncio.Event().wait()
         return await handler(request)

@@ -15,6 +15,7 @@ import msgspec
 from multidict import MultiMapping
 
 from gateway.errors import BadRequest
+from gateway.tasks.models import TaskError
 
 _KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as Stripe and the IETF draft allow
 SDK_RETRY_HEADER = "x-stainless-retry-count"
@@ -45,6 +46,32 @@ def run_once(headers: MultiMapping[str]) -> RunOnce | None:
     if retry is not None and retry.isdecimal() and len(retry) < 6:
         return RunOnce(sdk_retry=int(retry))
     return None
+
+
+# What a call that runs once keeps for its retries: outcomes where the upstream ran, as Stripe
+# and the IETF idempotency-key draft do. What the OpenAI SDK retries on (408, 409, 429, 5xx) and
+# the gateway's own retry-safe refusals reach their caller but are not kept: the retry goes
+# upstream again, as it would without the gateway. A deadline or a broken connection after the
+# call was sent is kept: the upstream may have run (and billed) it.
+_NOT_KEPT = frozenset(
+    (
+        "408",
+        "409",
+        "429",
+        "upstream_unreachable",
+        "request_timeout",
+        "gateway_overloaded",
+        "caller_overloaded",
+    )
+)
+
+
+def kept_for_retries(error: TaskError | None) -> bool:
+    """Whether a retry of the call gets this outcome again (True) or runs the call anew."""
+    if error is None:
+        return True
+    code = error.code
+    return code not in _NOT_KEPT and not (len(code) == 3 and code.startswith("5"))
 
 
 def fingerprint(method: str, path_qs: str, owner: str, body: bytes) -> str:

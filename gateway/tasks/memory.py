@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import tempfile
 import time
+from typing import IO
 
 import msgspec
 
+from gateway.tasks.fair import FairQueue
 from gateway.tasks.models import (
     DEFER_PAUSE_S,
     TERMINAL,
@@ -23,24 +26,59 @@ from gateway.tasks.models import (
     TaskRecord,
 )
 
+# A queued job with a body larger than this waits on disk, not in the process heap.
+SPOOL_BYTES = 2**20
+_pack_job = msgspec.msgpack.Encoder().encode
+_unpack_job = msgspec.msgpack.Decoder(Job).decode
+
 
 class _Entry:
-    __slots__ = ("changed", "events", "expires_at", "job", "record", "response")
+    __slots__ = ("_job", "_spool", "changed", "events", "expires_at", "record", "response")
 
     def __init__(self, record: TaskRecord, job: Job, expires_at: float) -> None:
         self.record = record
-        self.job: Job | None = job
+        self._job: Job | None = job
+        self._spool: IO[bytes] | None = None
+        if len(job.body) > SPOOL_BYTES:
+            # Open as long as the task waits; `drop_job` (or the entry going) closes it.
+            self._spool = tempfile.TemporaryFile()  # noqa: SIM115
+            self._spool.write(_pack_job(job))
+            self._job = None
         self.response: StoredResponse | None = None
         self.events: list[TaskEvent] = []
         self.changed = asyncio.Event()
         self.expires_at = expires_at
 
+    @property
+    def job(self) -> Job | None:
+        """The caller's request, until the task ends (read back from disk if it waits there)."""
+        if self._spool is None:
+            return self._job
+        self._spool.seek(0)
+        return _unpack_job(self._spool.read())
+
+    @property
+    def has_job(self) -> bool:
+        return self._job is not None or self._spool is not None
+
+    def drop_job(self) -> None:
+        """The caller's credential and body go with the task's end."""
+        self._job = None
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
 
 class MemoryStore:
-    def __init__(self, retention_s: float) -> None:
+    def __init__(
+        self,
+        retention_s: float,
+        max_queued_per_caller: int = 1000,
+        max_queued_bytes_per_caller: int = 256 * 2**20,
+    ) -> None:
         self._retention_s = retention_s
         self._entries: dict[str, _Entry] = {}
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queue = FairQueue(max_queued_per_caller, max_queued_bytes_per_caller)
         self._holders: dict[str, set[str]] = {}  # concurrency slot -> running task ids
         self._names: dict[str, tuple[str, float]] = {}  # remembered name -> (value, expiry)
         self._owner_key = secrets.token_bytes(32)  # tasks die with the process, so may the key
@@ -59,23 +97,32 @@ class MemoryStore:
         entry.changed.set()
         entry.changed = asyncio.Event()
 
-    async def create(self, record: TaskRecord, job: Job, retention_s: float | None = None) -> None:
+    async def create(
+        self, record: TaskRecord, job: Job, retention_s: float | None = None, *, here: bool = False
+    ) -> None:
         self._purge()
+        if not here:  # else its caller's replica, this one, runs it
+            self._queue.put(record.owner, record.task.id, len(job.body))  # or QueueFull
         kept_s = self._retention_s if retention_s is None else retention_s
         entry = _Entry(record, job, time.monotonic() + kept_s)
         self._entries[record.task.id] = entry
         self._set(entry, record)
-        self._queue.put_nowait(record.task.id)
 
     async def find_or_create(
-        self, record: TaskRecord, job: Job, retention_s: float | None, once: OnceName
+        self,
+        record: TaskRecord,
+        job: Job,
+        retention_s: float | None,
+        once: OnceName,
+        *,
+        here: bool = False,
     ) -> str | None:
         now = time.monotonic()
         held = self._names.get(once.name)
         if held is not None and held[1] > now and not once.replace:
             return held[0]
+        await self.create(record, job, retention_s, here=here)
         self._names[once.name] = (once.value, now + once.ttl_s)
-        await self.create(record, job, retention_s)
         return None
 
     async def get(self, task_id: str) -> TaskRecord | None:
@@ -85,16 +132,16 @@ class MemoryStore:
     async def claim(self, timeout_s: float) -> Claim | None:
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
-            try:
-                async with asyncio.timeout(left):
-                    task_id = await self._queue.get()
-            except TimeoutError:
+            if (turn := await self._queue.get(left)) is None:
                 return None
+            caller, task_id = turn
             entry = self._entry(task_id)
-            if entry is None or entry.job is None or entry.record.task.status != "queued":
+            job = None if entry is None else entry.job
+            if entry is None or job is None or entry.record.task.status != "queued":
                 continue  # cancelled or expired while queued
-            if not self._acquire(task_id, entry.job.limits):
-                self._queue.put_nowait(task_id)  # stays queued, behind the others
+            if not self._acquire(task_id, job.limits):
+                # Stays queued, at the end of its caller's line.
+                self._queue.put(caller, task_id, len(job.body), check=False)
                 await asyncio.sleep(min(DEFER_PAUSE_S, max(deadline - time.monotonic(), 0)))
                 continue
             record = entry.record
@@ -104,7 +151,7 @@ class MemoryStore:
                 attempt=record.attempt + 1,
             )
             self._set(entry, started)
-            return Claim(started, entry.job)
+            return Claim(started, job)
         return None
 
     def _acquire(self, task_id: str, limits: list[tuple[str, int]]) -> bool:
@@ -125,7 +172,13 @@ class MemoryStore:
                 del self._holders[slot]
 
     async def finish(
-        self, task_id: str, attempt: int, response: StoredResponse, error: TaskError | None = None
+        self,
+        task_id: str,
+        attempt: int,
+        response: StoredResponse,
+        error: TaskError | None = None,
+        *,
+        keep_name: bool = True,
     ) -> Task | None:
         entry = self._entry(task_id)
         if entry is None:
@@ -135,8 +188,15 @@ class MemoryStore:
             return None  # cancelled meanwhile, or a stale worker: its result is not ours to keep
         status: Status = "completed" if error is None else "failed"
         task = msgspec.structs.replace(record.task, status=status, error=error)
+        once = record.once
+        if (
+            not keep_name
+            and once is not None
+            and self._names.get(once.name, ("",))[0] == once.value
+        ):
+            del self._names[once.name]
         entry.response = response
-        entry.job = None  # the caller's credential goes with it
+        entry.drop_job()
         self._set(entry, msgspec.structs.replace(record, task=task))
         return task
 
@@ -145,8 +205,10 @@ class MemoryStore:
         if entry is None:
             return None
         record = entry.record
+        if record.task.status == "queued":
+            self._queue.remove(record.owner, task_id)
         if record.task.status not in TERMINAL:
-            entry.job = None
+            entry.drop_job()
             record = msgspec.structs.replace(
                 record, task=msgspec.structs.replace(record.task, status="cancelled")
             )
@@ -173,7 +235,7 @@ class MemoryStore:
         return entry.events[seen:]
 
     async def queue_depth(self) -> int:
-        return sum(1 for e in self._entries.values() if e.record.task.status == "queued")
+        return len(self._queue)
 
     async def owner_key(self) -> bytes:
         return self._owner_key
@@ -183,6 +245,11 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._entries.clear()
+
+    def _forget(self, once: OnceName) -> None:
+        """Let a run-once name go, if it still names this call's task."""
+        if self._names.get(once.name, ("",))[0] == once.value:
+            del self._names[once.name]
 
     def _purge(self) -> None:
         # Mostly in expiry order (a few tasks are kept shorter): stop at the first one alive

@@ -45,11 +45,24 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     error: TaskError | None = None
 
 
+class OnceName(msgspec.Struct, frozen=True):
+    """The name a run-once call's task is found again by, and what the name holds."""
+
+    name: str
+    value: str
+    ttl_s: float
+    # The name goes to this task even when an earlier one holds it (the OpenAI SDK's first
+    # attempt, a new generation: only its retries attach).
+    replace: bool = False
+
+
 class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
     task: Task
     owner: str
     attempt: int = 0
     submitted_at: float = 0.0  # epoch seconds, finer than `created_at`: for the wait metric
+    # The name a run-once call's task is found by: let go when its outcome is not kept.
+    once: OnceName | None = None
 
 
 class Job(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,17 +93,6 @@ class TaskEvent(msgspec.Struct, frozen=True):
     task: Task
 
 
-class OnceName(msgspec.Struct, frozen=True):
-    """The name a run-once call's task is found again by, and what the name holds."""
-
-    name: str
-    value: str
-    ttl_s: float
-    # The name goes to this task even when an earlier one holds it (the OpenAI SDK's first
-    # attempt, a new generation: only its retries attach).
-    replace: bool = False
-
-
 class Claim(msgspec.Struct, frozen=True):
     record: TaskRecord
     job: Job
@@ -100,12 +102,22 @@ class TaskStore(Protocol):
     """Task state with atomic transitions: every status change and its event happen together,
     terminal states never change, and a worker's writes count only for its own attempt."""
 
-    async def create(self, record: TaskRecord, job: Job, retention_s: float | None = None) -> None:
+    async def create(
+        self, record: TaskRecord, job: Job, retention_s: float | None = None, *, here: bool = False
+    ) -> None:
         """Store a queued task and its job, and queue it; kept `retention_s` (else the store's
-        default)."""
+        default). With `here`, the task (in progress, attempt 1) is not queued but held by this
+        process as if claimed: its caller's replica runs it, renews, finishes and releases it;
+        should the replica die, the store gives the task to a worker after a lease."""
 
     async def find_or_create(
-        self, record: TaskRecord, job: Job, retention_s: float | None, once: OnceName
+        self,
+        record: TaskRecord,
+        job: Job,
+        retention_s: float | None,
+        once: OnceName,
+        *,
+        here: bool = False,
     ) -> str | None:
         """`create`, unless an earlier call holds `once.name`: then nothing is stored and the
         value the name holds is returned. Atomic: the task a name holds always exists (until
@@ -126,10 +138,17 @@ class TaskStore(Protocol):
         worker is shutting down mid-run) the task goes to another worker at once."""
 
     async def finish(
-        self, task_id: str, attempt: int, response: StoredResponse, error: TaskError | None = None
+        self,
+        task_id: str,
+        attempt: int,
+        response: StoredResponse,
+        error: TaskError | None = None,
+        *,
+        keep_name: bool = True,
     ) -> Task | None:
         """End an in-progress task with the upstream's answer (failed with `error`), only if
-        `attempt` is still the current one."""
+        `attempt` is still the current one. Without `keep_name` the run-once name that found
+        the task is let go, so a retry runs the call again."""
 
     async def cancel(self, task_id: str) -> Task | None:
         """Cancel a task that has not ended; returns the task as it now stands."""

@@ -76,7 +76,11 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def open_store(config: Config, metrics: Metrics) -> TaskStore:
     if config.tasks.redis_url is None:
-        return MemoryStore(retention_s=config.tasks.retention_s)
+        return MemoryStore(
+            config.tasks.retention_s,
+            config.tasks.max_queued_per_caller,
+            config.tasks.max_queued_bytes_per_caller,
+        )
     return redis.connect(config.tasks, metrics.store_call)
 
 

@@ -1,10 +1,10 @@
-"""Async tasks over HTTP: submit (202 Accepted), the task, its result, its events (SSE), cancel."""
+"""The task API: the task, its result, its events (SSE), cancel; and what submitting shares."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import time
+import contextlib
+import logging
 from contextlib import aclosing
 
 import msgspec
@@ -12,59 +12,53 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 from multidict import CIMultiDict
 
-from gateway.accesslog import RequestContext
 from gateway.aio import until_set
-from gateway.auth import AUTH
-from gateway.config import CONFIG, Config
-from gateway.errors import (
-    BadRequest,
-    IdempotencyMismatch,
-    NotFound,
-    TaskCancelled,
-    UpstreamTimeout,
-)
-from gateway.headers import header_pairs, strip_hop_by_hop
+from gateway.errors import BadRequest, StoreUnavailable, TaskCancelled
 from gateway.metrics import METRICS
 from gateway.tasks.follow import follow
-from gateway.tasks.idempotency import RunOnce, fingerprint
 from gateway.tasks.models import (
     TERMINAL,
-    Job,
-    OnceName,
     StoredResponse,
     Task,
     TaskEvent,
-    TaskRecord,
     TaskStore,
     is_event_id,
 )
-from gateway.tasks.prefer import Preferences
-from gateway.tasks.service import TASKS, new_task_id
+from gateway.tasks.prefer import parse_prefer
+from gateway.tasks.service import TASKS
 
-# The generation endpoints a caller may run as a task (contract: "Async tasks").
-ASYNC_ROUTES = frozenset(
-    (
-        "/v1/images/generations",
-        "/v1/images/edits",
-        "/v1/images/variations",
-        "/v1/chat/completions",
-        "/v1beta/models/{model}:generateContent",
-    )
-)
+logger = logging.getLogger(__name__)
+
 _HEARTBEAT_S = 15.0
 # A client that stops reading its event stream is dropped after this, not buffered for.
 _SEND_TIMEOUT_S = 30.0
-# A sync task call waits as long as its caller does: the caller's own timeout decides.
-_SYNC_WAIT_S = 24 * 3600.0
-# A caller deadline shorter than this cannot run a generation; refused at submit.
-_MIN_TASK_DEADLINE_S = 1.0
 _encode = msgspec.json.Encoder().encode
 
 
-def _task_response(task: Task, status: int = 200) -> web.Response:
+class PublicTask(Task, frozen=True, kw_only=True):
+    """A task as callers see it: with the paths of what they do next, so a client that got it
+    (from a 202, say) needs no URL scheme of its own. Absolute paths: a base URL ending in /v1
+    would double its /v1 with a relative one."""
+
+    url: str
+    events_url: str
+    result_url: str
+
+
+def public(task: Task) -> PublicTask:
+    path = f"/v1/tasks/{task.id}"
+    return PublicTask(
+        **msgspec.structs.asdict(task),
+        url=path,
+        events_url=f"{path}/events",
+        result_url=f"{path}/result",
+    )
+
+
+def task_response(task: Task, status: int = 200) -> web.Response:
     headers = {} if task.status in TERMINAL else {"Retry-After": "1"}
     return web.Response(
-        status=status, body=_encode(task), content_type="application/json", headers=headers
+        status=status, body=_encode(public(task)), content_type="application/json", headers=headers
     )
 
 
@@ -73,30 +67,6 @@ def replay(answer: StoredResponse) -> web.Response:
     headers = CIMultiDict(answer.headers)
     headers.popall("Content-Length", None)
     return web.Response(status=answer.status, headers=headers, body=answer.body)
-
-
-def _check_body(content_type: str, body: bytes) -> None:
-    """Refuse a body the task must keep but that cannot work: truncated JSON or multipart."""
-    mime, _, params = content_type.partition(";")
-    mime = mime.strip().lower()
-    if mime == "application/json":
-        try:
-            valid = isinstance(msgspec.json.decode(body), dict)
-        except msgspec.DecodeError:
-            valid = False
-        if not valid:
-            raise BadRequest("The request body is not a JSON object.")
-    elif mime == "multipart/form-data":
-        boundary = next(
-            (
-                v.strip().strip('"')
-                for k, _, v in (p.partition("=") for p in params.split(";"))
-                if k.strip().lower() == "boundary"
-            ),
-            "",
-        )
-        if not boundary or not body.rstrip().endswith(b"--" + boundary.encode() + b"--"):
-            raise BadRequest("The multipart body is malformed or truncated.")
 
 
 async def wait_terminal(store: TaskStore, task_id: str, within_s: float) -> Task | None:
@@ -111,134 +81,8 @@ async def wait_terminal(store: TaskStore, task_id: str, within_s: float) -> Task
     return None
 
 
-async def submit(
-    request: web.Request,
-    ctx: RequestContext,
-    target: str,
-    body: bytes,
-    prefs: Preferences | None,
-    once: RunOnce | None,
-) -> web.StreamResponse:
-    """Run the call as a task: answer 202 at once (`Prefer: respond-async`), or wait for its end
-    and answer as the sync call would have (a keyed or SDK call, which must run only once)."""
-    config: Config = request.app[CONFIG]
-    tasks = request.app[TASKS]
-    if ctx.caller_limit_s < _MIN_TASK_DEADLINE_S:
-        raise BadRequest(
-            f"X-Request-Timeout under {_MIN_TASK_DEADLINE_S:g} s leaves a task no time to run."
-        )
-    owner = tasks.owner(request)
-    _check_body(request.headers.get("Content-Type", ""), body)
-    job = _job(request, ctx, target, body, owner)
-    task = Task(id=new_task_id(), status="queued", model=ctx.model, created_at=int(time.time()))
-    # A sync SDK call's answer is kept only as long as its retries can come for it.
-    kept_s = config.idempotency.sdk_window_s if once and once.key is None else None
-    record = TaskRecord(task=task, owner=owner, submitted_at=time.time())
-    found = None
-    if once is None:
-        await tasks.store.create(record, job, kept_s)
-    else:
-        found = await _find_or_create(tasks.store, config, once, record, job, kept_s)
-    task = found or task
-    if prefs is not None and prefs.respond_async:
-        response = await _accepted(tasks.store, task, prefs.wait_s)
-    else:
-        response = await _answer(tasks.store, task.id, _SYNC_WAIT_S)
-    if found is not None:
-        response.headers["Idempotent-Replayed"] = "true"
-    return response
-
-
-def _job(request: web.Request, ctx: RequestContext, target: str, body: bytes, owner: str) -> Job:
-    """The upstream call to make, as the caller asked for it. With key injection it holds no
-    credential (the worker adds the gateway's key when it sends); in passthrough the caller's
-    key is the call's own and goes when the task ends."""
-    config: Config = request.app[CONFIG]
-    auth = request.app[AUTH]
-    headers = strip_hop_by_hop(request.headers)
-    auth.strip_credentials(headers)
-    headers.popall("Prefer", None)  # addressed to the gateway, not the upstream
-    headers["X-Request-ID"] = ctx.request_id
-    return Job(
-        method=request.method,
-        path_qs=auth.upstream_target(target),
-        headers=header_pairs(headers),
-        body=body,
-        deadline_s=min(config.timeouts.for_model(ctx.model), ctx.caller_limit_s),
-        limits=config.tasks.limits(
-            ctx.model,
-            request.app[TASKS].upstream_credential(request),
-            owner,
-            config.upstream.per_credential,
-        ),
-    )
-
-
-async def _find_or_create(
-    store: TaskStore,
-    config: Config,
-    once: RunOnce,
-    record: TaskRecord,
-    job: Job,
-    kept_s: float | None,
-) -> Task | None:
-    """The task an earlier request of this call made, if any; else this one, created."""
-    request_print = fingerprint(job.method, job.path_qs, record.owner, job.body)
-    name = once.name(record.owner, request_print)
-    if once.key is not None:
-        value = f"{request_print} {record.task.id}"
-        held = OnceName(name, value, config.idempotency.retention_s)
-    else:
-        # The SDK's first attempt is a new generation (a user may re-roll a prompt on purpose);
-        # only its retries attach.
-        held = OnceName(
-            name, record.task.id, config.idempotency.sdk_window_s, replace=once.sdk_retry == 0
-        )
-    found = await store.find_or_create(record, job, kept_s, held)
-    if found is None:
-        return None
-    found_print, _, found_id = found.rpartition(" ")
-    if once.key is not None and not hmac.compare_digest(found_print, request_print):
-        raise IdempotencyMismatch()
-    earlier = await store.get(found_id)
-    if earlier is None:
-        raise NotFound("The call's answer is no longer kept.")
-    return earlier.task
-
-
-async def _accepted(store: TaskStore, task: Task, wait_s: float | None) -> web.Response:
-    """202 with the task, or the ordinary answer if it ends within `wait_s`."""
-    if wait_s:
-        ended = await wait_terminal(store, task.id, wait_s)
-        if ended is not None and (answer := await store.result(task.id)) is not None:
-            return replay(answer)
-    response = _task_response(task, status=202)
-    response.headers.update(
-        {
-            "Location": f"/v1/tasks/{task.id}",
-            "Preference-Applied": "respond-async",
-            "Vary": "Prefer",
-        }
-    )
-    return response
-
-
-async def _answer(store: TaskStore, task_id: str, within_s: float) -> web.Response:
-    """The task's answer as the sync call would have returned it, once it has one. A caller
-    that leaves meanwhile leaves the task running: its retry comes for the answer."""
-    ended = await wait_terminal(store, task_id, within_s)
-    if ended is None:
-        raise UpstreamTimeout()
-    if ended.status == "cancelled":
-        raise TaskCancelled()
-    answer = await store.result(task_id)
-    if answer is None:
-        raise NotFound("The call's answer is no longer kept.")
-    return replay(answer)
-
-
 async def task_view(request: web.Request) -> web.StreamResponse:
-    return _task_response((await request.app[TASKS].visible(request)).task)
+    return task_response((await request.app[TASKS].visible(request)).task)
 
 
 async def cancel_view(request: web.Request) -> web.StreamResponse:
@@ -248,16 +92,28 @@ async def cancel_view(request: web.Request) -> web.StreamResponse:
     if task is not None and task.status == "cancelled" and record.task.status not in TERMINAL:
         metrics = request.app[METRICS]
         metrics.tasks(metrics.model_label(task.model), "cancelled").inc()
-    return _task_response(task or record.task)
+    return task_response(task or record.task)
+
+
+# The longest a `Prefer: wait=N` on a result holds its caller: shorter than the idle cut of
+# most load balancers in between (60 s on AWS ALB), so the caller sees an answer, not a drop.
+_MAX_RESULT_WAIT_S = 50.0
 
 
 async def result_view(request: web.Request) -> web.StreamResponse:
+    """The task's answer; `202` and the task while it runs, or, with `Prefer: wait=N`, once
+    it ends if that is within N seconds (at most 50)."""
     tasks = request.app[TASKS]
     task = (await tasks.visible(request)).task
+    prefs = parse_prefer(request.headers.getall("Prefer", ()))
+    if prefs.wait_s and task.status not in TERMINAL:
+        task = (
+            await wait_terminal(tasks.store, task.id, min(prefs.wait_s, _MAX_RESULT_WAIT_S)) or task
+        )
     if task.status == "cancelled":
         raise TaskCancelled()
     answer = await tasks.store.result(task.id) if task.status in TERMINAL else None
-    return replay(answer) if answer is not None else _task_response(task, status=202)
+    return replay(answer) if answer is not None else task_response(task, status=202)
 
 
 async def events_view(request: web.Request) -> web.StreamResponse:
@@ -280,9 +136,22 @@ async def events_view(request: web.Request) -> web.StreamResponse:
         try:
             # This replica shutting down ends the stream; the client resumes elsewhere.
             await until_set(tasks.closing, _stream(tasks.store, task_id, after, first, sse))
+        except (StoreUnavailable, ConnectionError):
+            await _end_early(sse, "the task store is unreachable")
+        except Exception:
+            # The response has started: an error answer would be a second response inside
+            # this one. End the stream instead, so the client resumes with Last-Event-ID.
+            logger.exception("%s event stream failed", task_id)
+            await _end_early(sse, "the gateway failed")
         finally:
             clients.dec()
     return sse
+
+
+async def _end_early(sse: EventSourceResponse, why: str) -> None:
+    """A last comment saying why, then the end of the stream (EventSource reconnects)."""
+    with contextlib.suppress(ConnectionError):
+        await sse.write(f": {why}; resume with Last-Event-ID\n\n".encode())
 
 
 async def _stream(
@@ -295,4 +164,5 @@ async def _stream(
     """Events until the terminal one or the task's expiry."""
     async with aclosing(follow(store, task_id, after, first=first)) as events:
         async for event in events:
-            await sse.send(_encode(event.task).decode(), id=event.id, event=event.task.status)
+            data = _encode(public(event.task)).decode()
+            await sse.send(data, id=event.id, event=event.task.status)

@@ -17,6 +17,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.accesslog import OncePer
+from gateway.admission import ADMISSION, Admission
 from gateway.aio import until_set
 from gateway.auth import AUTH, Auth
 from gateway.config import Config
@@ -28,6 +30,7 @@ from gateway.errors import (
 from gateway.headers import header_pairs, strip_hop_by_hop
 from gateway.metrics import METRICS, Metrics
 from gateway.tasks.follow import follow
+from gateway.tasks.idempotency import kept_for_retries
 from gateway.tasks.models import Claim, Job, Status, StoredResponse, Task, TaskError, TaskStore
 from gateway.tasks.service import TASKS
 from gateway.upstream import UPSTREAM, Upstream
@@ -47,16 +50,27 @@ def stored(response: web.Response) -> StoredResponse:
     return StoredResponse(status=response.status, headers=header_pairs(response.headers), body=body)
 
 
+Outcome = tuple[StoredResponse, TaskError | None]
+
+
 class Worker:
     def __init__(
-        self, store: TaskStore, upstream: Upstream, auth: Auth, config: Config, metrics: Metrics
+        self,
+        store: TaskStore,
+        upstream: Upstream,
+        auth: Auth,
+        config: Config,
+        metrics: Metrics,
+        admission: Admission | None = None,
     ) -> None:
         self._store = store
         self._upstream = upstream
+        self._admission = admission
         self._auth = auth
         self._config = config
         self._metrics = metrics
         self._stopping = asyncio.Event()
+        self._store_down_said = OncePer(60.0)
 
     def stop(self) -> None:
         """Claim nothing more; tasks already running go on."""
@@ -80,14 +94,20 @@ class Worker:
                     await self._run(claim)
             except StoreUnavailable:
                 # Queued and running tasks stay in the store; pick up where we are when it is back.
-                logger.warning("task store unreachable; retrying in %.0f s", _RETRY_S)
+                if self._store_down_said():  # once a minute, not once a second per loop
+                    logger.warning("task store unreachable; workers retry every %.0f s", _RETRY_S)
                 await asyncio.sleep(_RETRY_S)
             except Exception:
                 # A bug must not silently take a worker away; the task's lease hands it on.
                 logger.exception("task worker failed")
                 await asyncio.sleep(_RETRY_S)
 
-    async def _run(self, claim: Claim) -> None:
+    async def run_here(self, claim: Claim, credential: str) -> Outcome | None:
+        """A sync call's task, run by the replica that holds its caller: under the limits a
+        plain call meets (`admission`), not the task slots. None if it was cancelled."""
+        return await self._run(claim, credential)
+
+    async def _run(self, claim: Claim, credential: str | None = None) -> Outcome | None:
         task_id, attempt = claim.record.task.id, claim.record.attempt
         model = self._metrics.model_label(claim.record.task.model)
         if attempt == 1:
@@ -95,7 +115,7 @@ class Worker:
         started = time.monotonic()
         handover = False
         try:
-            outcome = await self._outcome(claim)
+            outcome = await self._outcome(claim, credential)
             if outcome is None:
                 logger.info("%s cancelled or ended elsewhere; upstream call aborted", task_id)
             elif status := await self._finish(task_id, attempt, *outcome):
@@ -108,11 +128,12 @@ class Worker:
         finally:
             with contextlib.suppress(StoreUnavailable):  # else the lease lapses by itself
                 await self._store.release(task_id, handover=handover)
+        return outcome
 
-    async def _outcome(self, claim: Claim) -> tuple[StoredResponse, TaskError | None] | None:
+    async def _outcome(self, claim: Claim, credential: str | None) -> Outcome | None:
         """The upstream call's answer, or None if the task was cancelled while it ran."""
         task_id = claim.record.task.id
-        call = asyncio.ensure_future(self._call(claim.job, claim.record.task))
+        call = asyncio.ensure_future(self._call(claim.job, claim.record.task, credential))
         cancel = asyncio.ensure_future(self._cancelled(task_id))
         lease = asyncio.ensure_future(self._renew(task_id))
         try:
@@ -132,7 +153,9 @@ class Worker:
         give_up = asyncio.get_running_loop().time() + self._config.tasks.lease_s
         while True:
             try:
-                task = await self._store.finish(task_id, attempt, response, error)
+                task = await self._store.finish(
+                    task_id, attempt, response, error, keep_name=kept_for_retries(error)
+                )
                 if task is None:
                     return None
                 logger.info("%s %s (upstream status %d)", task_id, task.status, response.status)
@@ -163,21 +186,26 @@ class Worker:
             except StoreUnavailable:
                 await asyncio.sleep(_RETRY_S)
 
-    async def _call(self, job: Job, task: Task) -> tuple[StoredResponse, TaskError | None]:
+    async def _call(
+        self, job: Job, task: Task, credential: str | None
+    ) -> tuple[StoredResponse, TaskError | None]:
         """The upstream call, made and measured as the pass-through makes its own."""
         headers = CIMultiDict(job.headers)
         self._auth.upstream_headers(headers)
         deadline = asyncio.get_running_loop().time() + job.deadline_s
         try:
-            async with self._upstream.call(
-                job.method,
-                job.path_qs,
-                headers,
-                job.body,
-                deadline=deadline,
-                model=task.model,
-                log_id=task.id,
-            ) as exchange:
+            async with (
+                self._admitted(task.model, credential, deadline),
+                self._upstream.call(
+                    job.method,
+                    job.path_qs,
+                    headers,
+                    job.body,
+                    deadline=deadline,
+                    model=task.model,
+                    log_id=task.id,
+                ) as exchange,
+            ):
                 up = exchange.response
                 body = await _read(up, self._config.tasks.result_max_bytes)
         except GatewayError as failure:
@@ -194,6 +222,19 @@ class Worker:
             f"The upstream answered {up.status}.", "upstream_error", str(up.status)
         )
 
+    @contextlib.asynccontextmanager
+    async def _admitted(
+        self, model: str | None, credential: str | None, deadline: float
+    ) -> AsyncIterator[None]:
+        """A call run here meets the limits a plain call of its caller meets, and only those;
+        a queued task's limits are its store slots, taken when it was claimed."""
+        if credential is None or self._admission is None:
+            yield
+            return
+        with self._admission.credential_slot(credential):
+            async with self._admission.slot(model, credential, deadline):
+                yield
+
 
 async def _read(up: aiohttp.ClientResponse, limit: int) -> bytes:
     if up.content_length is not None and up.content_length > limit:
@@ -207,12 +248,14 @@ async def _read(up: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 class WorkerPool:
-    """The task workers of one process: `tasks.workers` loops sharing one Worker."""
+    """The task work of one process: `tasks.workers` loops claiming queued tasks, and the sync
+    calls run here for the callers this replica holds, all sharing one Worker."""
 
     def __init__(self, config: Config) -> None:
         self._config = config
         self._worker: Worker | None = None
         self._loops: list[asyncio.Task[None]] = []
+        self._here: set[asyncio.Task[Outcome | None]] = set()
         self._drain_until = 0.0
 
     def stop(self) -> None:
@@ -223,20 +266,35 @@ class WorkerPool:
                 asyncio.get_running_loop().time() + self._config.server.drain_timeout_s
             )
 
+    def run_here(self, claim: Claim, credential: str) -> asyncio.Task[Outcome | None]:
+        """Run a sync call's task (created `here`) to its end, whether or not its caller stays:
+        a retry attaches to it. Its own asyncio task, so a caller that leaves cancels nothing."""
+        assert self._worker is not None
+        run = asyncio.create_task(self._worker.run_here(claim, credential))
+        self._here.add(run)
+        run.add_done_callback(self._here.discard)
+        return run
+
     async def ctx(self, app: web.Application) -> AsyncIterator[None]:
         self._worker = Worker(
-            app[TASKS].store, app[UPSTREAM], app[AUTH], self._config, app[METRICS]
+            app[TASKS].store,
+            app[UPSTREAM],
+            app[AUTH],
+            self._config,
+            app[METRICS],
+            app.get(ADMISSION),
         )
         self._loops = [
             asyncio.create_task(self._worker.run()) for _ in range(self._config.tasks.workers)
         ]
         yield
         self.stop()
+        running = [*self._loops, *self._here]
         left = self._drain_until - asyncio.get_running_loop().time()
-        _, late = await asyncio.wait(self._loops, timeout=max(left, 0)) if self._loops else ((), ())
-        for loop in late:
-            loop.cancel()  # each hands its task over to another worker
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        _, late = await asyncio.wait(running, timeout=max(left, 0)) if running else ((), ())
+        for work in late:
+            work.cancel()  # each hands its task over to another worker
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 WORKER_POOL = web.AppKey("workers", WorkerPool)

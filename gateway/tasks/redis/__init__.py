@@ -1,5 +1,6 @@
 """The Redis task store, in parts: `keys` (every key shape), `transitions` (the Lua scripts
-that change a task's status), `queue` (the stream and its consumer group), `slots`
+that change a task's status), `queue` (the fair waiting set, the stream and its consumer
+group), `slots`
 (concurrency limits across replicas), `wakeups` (pub/sub), and `store`, which keeps the
 `TaskStore` contract with them. Nothing else in the gateway talks to Redis."""
 
@@ -42,4 +43,6 @@ def connect(tasks: TasksConfig, observe: Observer) -> RedisStore:
         lease_s=tasks.lease_s,
         max_deliveries=tasks.max_deliveries,
         observe=observe,
+        max_queued_per_caller=tasks.max_queued_per_caller,
+        max_queued_bytes_per_caller=tasks.max_queued_bytes_per_caller,
     )

@@ -13,6 +13,13 @@ class Keys:
         self._prefix = prefix
         # A stream with a consumer group: the work waiting for a worker or running.
         self.queue = f"{prefix}:{{queue}}"
+        # A sorted set: leases of the tasks run by the replica holding their caller (no entry in
+        # the queue while they run), so a dead replica's are found; the queue's slot.
+        self.here = f"{prefix}:{{queue}}:here"
+        # The fair queue (`lua/fair.lua`): a sorted set of waiting tasks by start tag, and a
+        # hash of the tag last served, each caller's last tag and what each has waiting.
+        self.order = f"{prefix}:{{queue}}:order"
+        self.fair = f"{prefix}:{{queue}}:fair"
         # Pub/sub: a task's id, published when it changes (a wake-up; its events are the record).
         self.wake = f"{prefix}:wake"
         # The key that owner hashes are made with, shared by every replica.

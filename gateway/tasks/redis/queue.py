@@ -1,9 +1,11 @@
-"""The work queue: a Redis stream read through one consumer group.
+"""The work queue: waiting tasks in a sorted set served in turn across callers (`lua/fair.lua`),
+and a Redis stream read through one consumer group for the tasks being run.
 
-An entry stays pending (in the group's list of delivered, unacknowledged entries) while its
-task runs, so the entries of a worker that died are found again by XAUTOCLAIM once its lease
-lapses. An entry is acknowledged and deleted when its task needs no worker any more, so the
-stream holds only the work waiting or running.
+A worker takes its next task by moving it from the waiting set into the stream and reading it
+(one script, `take.lua`). Its entry stays pending (in the group's list of delivered,
+unacknowledged entries) while the task runs, so the entries of a worker that died are found
+again by XAUTOCLAIM once its lease lapses. An entry is acknowledged and deleted when its task
+needs no worker any more. All of it shares the `{queue}` hash tag: one Redis Cluster slot.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from typing import Any
 
 import msgspec
 from redis.exceptions import ResponseError
+
+from gateway.tasks.redis.keys import Keys
+from gateway.tasks.redis.transitions import script
 
 _GROUP = b"workers"
 logger = logging.getLogger(__name__)
@@ -27,12 +32,34 @@ class Entry(msgspec.Struct, frozen=True):
     takeover: bool
 
 
+_FAIR = script("fair")
+_REQUEUE_LOST, _ENQUEUE, _TAKE, _UNQUEUE = (
+    script("requeue_lost"),
+    _FAIR + script("enqueue"),
+    _FAIR + script("take"),
+    _FAIR + script("unqueue"),
+)
+
+
 class Queue:
     def __init__(
-        self, redis: Any, key: str, consumer: bytes, lease_ms: int, max_deliveries: int
+        self,
+        redis: Any,
+        keys: Keys,
+        consumer: bytes,
+        lease_ms: int,
+        max_deliveries: int,
+        caps: tuple[int, int],
     ) -> None:
         self._redis = redis
-        self.key = key
+        self.key = keys.queue
+        self._keys = keys
+        self._here = keys.here
+        self._caps = caps  # most tasks, most request bytes one caller may have waiting
+        self._requeue_lost = redis.register_script(_REQUEUE_LOST)
+        self.enqueue_script = redis.register_script(_ENQUEUE)
+        self._take = redis.register_script(_TAKE)
+        self._unqueue = redis.register_script(_UNQUEUE)
         self._consumer = consumer
         self._lease_ms = lease_ms
         self._max_deliveries = max_deliveries
@@ -44,6 +71,21 @@ class Queue:
     def fields(task_id: str, takeover: bool = False) -> dict[bytes, bytes]:
         """An entry's fields, for XADD (alone or in a caller's pipeline)."""
         return {b"task": task_id.encode(), b"takeover": b"1" if takeover else b"0"}
+
+    def enqueue_call(
+        self, task_id: str, caller: str, size: int, check: bool = True
+    ) -> tuple[list[str], list[str | int]]:
+        """`enqueue.lua`'s keys and arguments: 1 if queued, 0 if over the caller's caps."""
+        keys = [self._keys.order, self._keys.fair]
+        return keys, [task_id, caller, size, *self._caps, "1" if check else "0", self._keys.wake]
+
+    async def enqueue(self, task_id: str, caller: str, size: int, check: bool = True) -> bool:
+        keys, args = self.enqueue_call(task_id, caller, size, check)
+        return bool(await self.enqueue_script(keys=keys, args=args))
+
+    async def unqueue(self, task_id: str) -> None:
+        """A waiting task cancelled: it stops counting against its caller's caps now."""
+        await self._unqueue(keys=[self._keys.order, self._keys.fair], args=[task_id])
 
     async def ensure_group(self) -> None:
         if self._group_ready:
@@ -62,19 +104,26 @@ class Queue:
         self._group_ready = False
         return True
 
-    async def next(self, timeout_s: float) -> Entry | None:
-        got = await self._redis.xreadgroup(
-            _GROUP, self._consumer, {self.key: ">"}, count=1, block=max(1, int(timeout_s * 1000))
+    async def take(self) -> Entry | None:
+        """This worker's next entry: one handed over or reclaimed, else the next waiting task in
+        turn. None when nothing waits."""
+        got = await self._take(
+            keys=[self._keys.order, self._keys.fair, self.key], args=[_GROUP, self._consumer]
         )
-        return _entry(*got[0][1][0], takeover=False) if got else None
+        if not got:
+            return None
+        entry_id, task_id, takeover = got
+        return Entry(bytes(entry_id), bytes(task_id).decode(), takeover == b"1")
 
     async def reclaim(self) -> tuple[Entry, bool] | None:
         """An entry whose worker stopped renewing its lease (killed, most likely), and whether
-        it was delivered more than `max_deliveries` times. Looked for a few times per lease,
-        not on every claim."""
+        it was delivered more than `max_deliveries` times; tasks run here whose replica stopped
+        renewing go to the queue first. Looked for a few times per lease, not on every claim."""
         now = asyncio.get_running_loop().time()
         if now < self._next_reclaim:
             return None
+        if self._reclaim_from in (b"0-0", "0-0"):  # a scan starts: tasks run here come first
+            await self._requeue_lost(keys=[self._here, self.key], args=[self._keys.wake])
         # XAUTOCLAIM looks at a few pending entries per call (COUNT x 10) and says where to go
         # on: the scan must follow that cursor, or a lost task behind ten healthy ones is never
         # found. A scan that reached the end starts over after a pause.
@@ -103,22 +152,44 @@ class Queue:
             pipe.xdel(self.key, entry_id)
             await pipe.execute()
 
-    async def requeue(self, entry_id: bytes, task_id: str, takeover: bool) -> None:
-        """The entry's task goes to the tail as a fresh entry, which wakes a waiting worker."""
+    async def hand_over(self, entry_id: bytes, task_id: str) -> None:
+        """A running task goes to another worker at once (this one is stopping): a fresh entry
+        that may take it over, ahead of the waiting tasks."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.key, self.fields(task_id, takeover))
+            pipe.xadd(self.key, self.fields(task_id, takeover=True))
             pipe.xack(self.key, _GROUP, entry_id)
             pipe.xdel(self.key, entry_id)
+            pipe.publish(self._keys.wake, "queue")
+            await pipe.execute()
+
+    async def put_back(self, entry: Entry, caller: str, size: int) -> None:
+        """A task whose concurrency slot is full waits again, at the end of its caller's line
+        (a takeover entry keeps its place ahead of the line)."""
+        if entry.takeover:
+            await self.hand_over(entry.id, entry.task_id)
+            return
+        await self.done(entry.id)
+        await self.enqueue(entry.task_id, caller, size, check=False)
+
+    async def let_go_here(self, task_id: str, handover: bool) -> None:
+        """A task run here ended its run: its lease goes, and with `handover` (its replica is
+        shutting down mid-run) it joins the queue as an entry that may take it over."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self._here, task_id)
+            if handover:
+                pipe.xadd(self.key, self.fields(task_id, takeover=True))
+                pipe.publish(self._keys.wake, "queue")
             await pipe.execute()
 
     async def depth(self) -> int:
-        """Entries waiting for a worker: all but the pending (claimed, running) ones."""
+        """Tasks waiting for a worker: the waiting set, and entries not yet delivered."""
         await self.ensure_group()
         async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(self._keys.order)
             pipe.xlen(self.key)
             pipe.xpending(self.key, _GROUP)
-            length, pending = await pipe.execute()
-        return max(int(length) - int(pending["pending"]), 0)
+            waiting, length, pending = await pipe.execute()
+        return int(waiting) + max(int(length) - int(pending["pending"]), 0)
 
 
 def _entry(entry_id: bytes, fields: dict[bytes, bytes], *, takeover: bool) -> Entry:

@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import msgspec
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from gateway.aio import cancel_requests, raise_if_cancelled_since
+from gateway.errors import QueueFull
 from gateway.tasks.models import (
     DEFER_PAUSE_S,
     TERMINAL,
@@ -31,7 +33,7 @@ from gateway.tasks.redis.keys import Keys
 from gateway.tasks.redis.observed import Observer, store_call, unobserved
 from gateway.tasks.redis.queue import Entry, Queue
 from gateway.tasks.redis.slots import Slots
-from gateway.tasks.redis.transitions import Transitions, decode
+from gateway.tasks.redis.transitions import Transitions, decode, script
 from gateway.tasks.redis.wakeups import Wakeups
 
 logger = logging.getLogger(__name__)
@@ -43,9 +45,19 @@ _response = msgspec.msgpack.Decoder(StoredResponse).decode
 class _Held(msgspec.Struct):
     """What this worker holds for a task it runs."""
 
-    entry_id: bytes
+    entry_id: bytes  # b"" for a task run here: it has no queue entry while it runs
     slots: list[str]
     record: TaskRecord  # as it started: what its end event is made from
+
+
+class _Step(NamedTuple):
+    """One command of a pipelined round trip: a script with its keys and arguments, or a
+    plain command queued by `command`."""
+
+    script: Any
+    keys: list[str]
+    args: list[Any]
+    command: Callable[[Any], object] = lambda pipe: None
 
 
 class RedisStore:
@@ -59,6 +71,8 @@ class RedisStore:
         lease_s: float = 30.0,
         max_deliveries: int = 3,
         observe: Observer = unobserved,
+        max_queued_per_caller: int = 1000,
+        max_queued_bytes_per_caller: int = 256 * 2**20,
     ) -> None:
         # redis-py types its replies as unions over decode_responses; this store always works
         # in bytes, so the client is used untyped rather than narrowed at every call.
@@ -66,54 +80,98 @@ class RedisStore:
         self.observe = observe
         keys = self._keys = Keys(prefix)
         lease_ms = int(lease_s * 1000)
-        self._queue = Queue(redis, keys.queue, consumer.encode(), lease_ms, max_deliveries)
+        self._lease_ms = lease_ms
+        caps = (max_queued_per_caller, max_queued_bytes_per_caller)
+        self._queue = Queue(redis, keys, consumer.encode(), lease_ms, max_deliveries, caps)
+        self._hold = redis.register_script(script("hold_here"))
+        self._forget_name = redis.register_script(script("forget_name"))
         self._transitions = Transitions(redis, keys, int(retention_s * 1000))
         self._slots = Slots(redis, keys, lease_ms)
         self._wakeups = Wakeups(redis, keys.wake)
         self._held: dict[str, _Held] = {}  # the tasks this worker runs
 
     @store_call
-    async def create(self, record: TaskRecord, job: Job, retention_s: float | None = None) -> None:
-        await self._create(record, job, retention_s, None)
+    async def create(
+        self, record: TaskRecord, job: Job, retention_s: float | None = None, *, here: bool = False
+    ) -> None:
+        await self._create(record, job, retention_s, None, here)
 
     @store_call
     async def find_or_create(
-        self, record: TaskRecord, job: Job, retention_s: float | None, once: OnceName
+        self,
+        record: TaskRecord,
+        job: Job,
+        retention_s: float | None,
+        once: OnceName,
+        *,
+        here: bool = False,
     ) -> str | None:
-        return await self._create(record, job, retention_s, once)
+        return await self._create(record, job, retention_s, once, here)
 
     async def _create(
-        self, record: TaskRecord, job: Job, retention_s: float | None, once: OnceName | None
+        self,
+        record: TaskRecord,
+        job: Job,
+        retention_s: float | None,
+        once: OnceName | None,
+        here: bool,
     ) -> str | None:
-        task_id = record.task.id
+        task_id, caller, size = record.task.id, record.owner, len(job.body)
         keys, args = self._transitions.create_call(
             record, job, None if retention_s is None else int(retention_s * 1000)
         )
-        # One round trip for a plain create (a Script object in a pipeline would add a SCRIPT
-        # EXISTS first). The task exists before its name does, so whoever finds the name finds
-        # the task. The queue is another Redis Cluster slot, so it is not in the script.
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.evalsha(self._transitions.create_script.sha, len(keys), *keys, *args)
-            if once is None:
-                pipe.xadd(self._queue.key, Queue.fields(task_id))
-            else:
-                px, nx = max(int(once.ttl_s * 1000), 1), not once.replace
-                pipe.set(self._keys.once(once.name), once.value, px=px, nx=nx, get=True)
-            created, queued_or_named = await pipe.execute(raise_on_error=False)
-        if isinstance(queued_or_named, Exception):
-            raise queued_or_named
-        if isinstance(created, NoScriptError):
-            # A restarted Redis forgot its scripts. An entry queued above may already have
-            # been dropped for want of a task: queue another (a duplicate never runs twice).
-            await self._transitions.create_script(keys=keys, args=args)
-        elif isinstance(created, Exception):
-            raise created
-        if once is not None and queued_or_named is not None and not once.replace:
+        # A task run here holds its lease before it exists, so a replica dying in between
+        # leaves nothing stuck. The task exists before its name does, so whoever finds the name
+        # finds the task. The queue is another Redis Cluster slot, so it is not in the script.
+        steps = [_Step(self._transitions.create_script, keys, args)]
+        if here:
+            steps.insert(0, _Step(self._hold, [self._keys.here], [task_id, self._lease_ms, ""]))
+        if once is not None:
+            name = self._keys.once(once.name)
+            px, nx = max(int(once.ttl_s * 1000), 1), not once.replace
+            steps.append(
+                _Step(None, [], [], lambda pipe: pipe.set(name, once.value, px=px, nx=nx, get=True))
+            )
+        elif not here:
+            steps.append(
+                _Step(self._queue.enqueue_script, *self._queue.enqueue_call(task_id, caller, size))
+            )
+        last = (await self._pipelined(steps))[-1]
+        if once is not None and last is not None and not once.replace:
             await self._redis.delete(*keys)  # never queued: no worker saw it
-            return bytes(queued_or_named).decode()
-        if once is not None or isinstance(created, NoScriptError):
-            await self._redis.xadd(self._queue.key, Queue.fields(task_id))
+            if here:
+                await self._redis.zrem(self._keys.here, task_id)
+            return bytes(last).decode()
+        if here:
+            self._held[task_id] = _Held(b"", [], record)
+        elif not (last if once is None else await self._queue.enqueue(task_id, caller, size)):
+            await self._redis.delete(*keys)  # over the caller's caps: nothing stays
+            if once is not None:
+                await self._forget_name(keys=[self._keys.once(once.name)], args=[once.value])
+            raise QueueFull()
         return None
+
+    def _take_name(self, once: OnceName) -> Callable[[Any], object]:
+        """SET the name (unless held, or `replace`), answering what it held."""
+        name, px = self._keys.once(once.name), max(int(once.ttl_s * 1000), 1)
+        return lambda pipe: pipe.set(name, once.value, px=px, nx=not once.replace, get=True)
+
+    async def _pipelined(self, steps: list[_Step]) -> list[Any]:
+        """Scripts and commands in one round trip (a Script object in a pipeline would add a
+        SCRIPT EXISTS first); a script a restarted Redis forgot is loaded and run again."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for step in steps:
+                if step.script is None:
+                    step.command(pipe)
+                else:
+                    pipe.evalsha(step.script.sha, len(step.keys), *step.keys, *step.args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        for i, (step, reply) in enumerate(zip(steps, replies, strict=True)):
+            if isinstance(reply, NoScriptError) and step.script is not None:
+                replies[i] = await step.script(keys=step.keys, args=step.args)
+            elif isinstance(reply, Exception):
+                raise reply
+        return replies
 
     @store_call
     async def get(self, task_id: str) -> TaskRecord | None:
@@ -127,18 +185,27 @@ class RedisStore:
         while (left := deadline - loop.time()) > 0:
             seen = cancel_requests()
             try:
-                entry = await self._reclaim()
-                raise_if_cancelled_since(seen)  # before blocking on the queue for seconds
-                entry = entry or await self._queue.next(left)
+                entry = await self._next(left)
             except ResponseError as exc:
                 if not self._queue.lost_group(exc):
                     raise
                 return None
-            if entry is None:
-                return None
-            claim = await self._start(entry)
-            if claim is not None:
+            raise_if_cancelled_since(seen)
+            if entry is not None and (claim := await self._start(entry)) is not None:
                 return claim  # else cancelled, expired or deferred: take the next one
+        return None
+
+    async def _next(self, timeout_s: float) -> Entry | None:
+        """The next entry to run, waiting up to `timeout_s` for a wake-up if none is there."""
+        if (reclaimed := await self._reclaim()) is not None:
+            return reclaimed
+        woken = await self._wakeups.worker_waiter()
+        if (entry := await self._queue.take()) is not None:
+            self._wakeups.pass_on(woken)
+            return entry
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await woken
         return None
 
     async def _reclaim(self) -> Entry | None:
@@ -169,8 +236,8 @@ class RedisStore:
             return None
         job = _job(job_raw)
         slots = await self._slots.acquire(entry.task_id, job.limits)
-        if slots is None:  # a slot it needs is full: back to the tail, still queued
-            await self._queue.requeue(entry.id, entry.task_id, entry.takeover)
+        if slots is None:  # a slot it needs is full: it waits again, still queued
+            await self._queue.put_back(entry, record.owner, len(job.body))
             await asyncio.sleep(DEFER_PAUSE_S)
             return None
         started = await self._transitions.start(record, entry.id, entry.takeover)
@@ -185,9 +252,13 @@ class RedisStore:
     @store_call
     async def renew(self, task_id: str) -> None:
         held = self._held.get(task_id)
-        if held is not None:
+        if held is None:
+            return
+        if held.entry_id:
             await self._queue.keep(held.entry_id)
-            await self._slots.renew(task_id, held.slots)
+        else:
+            await self._hold(keys=[self._keys.here], args=[task_id, self._lease_ms, "XX"])
+        await self._slots.renew(task_id, held.slots)
 
     @store_call
     async def release(self, task_id: str, *, handover: bool) -> None:
@@ -195,17 +266,28 @@ class RedisStore:
         if held is None:
             return
         await self._slots.release(task_id, held.slots)
-        if handover:  # the task is in progress: its fresh entry says it may be taken over
-            await self._queue.requeue(held.entry_id, task_id, takeover=True)
+        if not held.entry_id:
+            await self._queue.let_go_here(task_id, handover)
+        elif handover:  # the task is in progress: its fresh entry says it may be taken over
+            await self._queue.hand_over(held.entry_id, task_id)
 
     @store_call
     async def finish(
-        self, task_id: str, attempt: int, response: StoredResponse, error: TaskError | None = None
+        self,
+        task_id: str,
+        attempt: int,
+        response: StoredResponse,
+        error: TaskError | None = None,
+        *,
+        keep_name: bool = True,
     ) -> Task | None:
         held = self._held.get(task_id)
         record = held.record if held is not None else await self._transitions.read(task_id)
         if record is None:
             return None
+        if not keep_name and record.once is not None:
+            name = self._keys.once(record.once.name)
+            await self._forget_name(keys=[name], args=[record.once.value])
         status: Status = "completed" if error is None else "failed"
         ended = await self._transitions.end(record, attempt, status, response, error)
         if ended is None:
@@ -229,6 +311,8 @@ class RedisStore:
         task, entry_id = ended
         if entry_id:  # its worker is told by the event; its queue entry is done now
             await self._queue.done(entry_id)
+        elif record.task.status == "queued":
+            await self._queue.unqueue(task_id)  # no longer counts against its caller's caps
         return task
 
     @store_call

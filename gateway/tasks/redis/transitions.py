@@ -57,13 +57,14 @@ class Transitions:
 
     def create_call(
         self, record: TaskRecord, job: Job, ttl_ms: int | None
-    ) -> tuple[list[str], list[bytes | int]]:
+    ) -> tuple[list[str], list[bytes | int | str]]:
         """The create script's keys and arguments (also every key a new task has), for a
         pipeline's EVALSHA."""
         task_id = record.task.id
         keys = [self._keys.task(task_id), self._keys.job(task_id), self._keys.events(task_id)]
         ttl = self._ttl_ms if ttl_ms is None else ttl_ms
-        return keys, [pack(record), pack(job), _task_json(record.task), ttl]
+        status, attempt = record.task.status, record.attempt
+        return keys, [pack(record), pack(job), _task_json(record.task), ttl, status, attempt]
 
     def read_call(self, task_id: str) -> tuple[str, ...]:
         """HMGET's arguments for `decode`."""

@@ -1,10 +1,12 @@
-"""Wake-ups: a task's id published on one channel when it changes, so that whoever follows the
-task reads its events at once instead of polling. Only a wake-up: the events are the record,
-and a lost subscription wakes every waiter to read again."""
+"""Wake-ups on one channel: a task's id when it changes, so whoever follows the task reads its
+events at once instead of polling; and `queue` when a task starts waiting, which wakes one idle
+worker of each replica. Only wake-ups: the streams and sets are the record, and a lost
+subscription wakes every waiter to read again."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from typing import Any
@@ -19,29 +21,59 @@ class Wakeups:
         self._redis = redis
         self._channel = channel
         self._waiting: dict[str, asyncio.Event] = {}
+        self._idle_workers: collections.deque[asyncio.Future[None]] = collections.deque()
         self._listener: asyncio.Task[None] | None = None
 
-    async def waiter(self, task_id: str) -> asyncio.Event:
-        """Set on the task's next change. Take it before reading, so no change is missed."""
+    async def _listen(self) -> None:
         if self._listener is None or self._listener.done():  # none yet, or lost with Redis
             pubsub = self._redis.pubsub()
             await pubsub.subscribe(self._channel)
             self._listener = asyncio.create_task(self._dispatch(pubsub))
+
+    async def waiter(self, task_id: str) -> asyncio.Event:
+        """Set on the task's next change. Take it before reading, so no change is missed."""
+        await self._listen()
         return self._waiting.setdefault(task_id, asyncio.Event())
+
+    async def worker_waiter(self) -> asyncio.Future[None]:
+        """Done when a task starts waiting (one idle worker per wake-up). Take it before
+        looking at the queue, so no wake-up is missed; `pass_on` it if the look found work."""
+        await self._listen()
+        woken = asyncio.get_running_loop().create_future()
+        self._idle_workers.append(woken)
+        return woken
+
+    def pass_on(self, woken: asyncio.Future[None]) -> None:
+        """A worker found work without its wake-up: a wake-up that came goes to the next."""
+        if woken.done():
+            self._wake_a_worker()
+        else:
+            woken.cancel()
+
+    def _wake_a_worker(self) -> None:
+        while self._idle_workers:
+            woken = self._idle_workers.popleft()
+            if not woken.done():
+                woken.set_result(None)
+                return
 
     async def _dispatch(self, pubsub: Any) -> None:
         try:
             async for message in pubsub.listen():
-                if message["type"] == "message":
-                    waiter = self._waiting.pop(message["data"].decode(), None)
-                    if waiter is not None:
-                        waiter.set()
+                if message["type"] != "message":
+                    continue
+                if message["data"] == b"queue":
+                    self._wake_a_worker()
+                elif (waiter := self._waiting.pop(message["data"].decode(), None)) is not None:
+                    waiter.set()
         except RedisError:
             logger.warning("task wake-ups lost with Redis; resubscribing on next use")
         finally:
             for waiter in self._waiting.values():
                 waiter.set()
             self._waiting.clear()
+            while self._idle_workers:
+                self._wake_a_worker()
             with contextlib.suppress(RedisError):
                 await pubsub.aclose()
 

@@ -1,4 +1,5 @@
--- A new task: its record, its job and its first event, all expiring together.
+-- A new task: its record, its job and its first event, all expiring together. A task created
+-- to run here (a sync call, run by the replica holding its caller) starts in progress.
 local task_key = KEYS[1]
 local job_key = KEYS[2]
 local events_key = KEYS[3]
@@ -6,8 +7,10 @@ local record = ARGV[1]
 local job = ARGV[2]
 local event = ARGV[3]
 local ttl_ms = ARGV[4]
+local status = ARGV[5]  -- 'queued', or 'in_progress' for a task run here
+local attempt = ARGV[6]
 
-redis.call('HSET', task_key, 'status', 'queued', 'attempt', '0', 'record', record)
+redis.call('HSET', task_key, 'status', status, 'attempt', attempt, 'record', record)
 redis.call('PEXPIRE', task_key, ttl_ms)
 redis.call('SET', job_key, job, 'PX', ttl_ms)
 local id = redis.call('XADD', events_key, '*', 'task', event)

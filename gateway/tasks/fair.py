@@ -1,0 +1,72 @@
+"""The embedded store's queue: waiting tasks served in turn across callers (round robin), so a
+caller with one task waits for at most one free worker whatever another has queued; and what
+each caller has queued, counted against its caps."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+from gateway.errors import QueueFull
+
+
+class FairQueue:
+    def __init__(self, max_per_caller: int, max_bytes_per_caller: int) -> None:
+        self._lines: collections.OrderedDict[str, collections.deque[tuple[str, int]]] = (
+            collections.OrderedDict()
+        )
+        self._queued_bytes: collections.Counter[str] = collections.Counter()
+        self._max_per_caller = max_per_caller
+        self._max_bytes = max_bytes_per_caller
+        self._added = asyncio.Event()
+
+    def put(self, caller: str, task_id: str, size: int, *, check: bool = True) -> None:
+        """Queue a task at the end of its caller's line; `QueueFull` over the caller's caps
+        (not checked for a task put back, which was counted when it came)."""
+        line = self._lines.get(caller)
+        if check and (
+            (line is not None and len(line) >= self._max_per_caller)
+            or self._queued_bytes[caller] + size > self._max_bytes
+        ):
+            raise QueueFull()
+        if line is None:
+            line = self._lines[caller] = collections.deque()
+        line.append((task_id, size))
+        self._queued_bytes[caller] += size
+        self._added.set()
+
+    async def get(self, timeout_s: float) -> tuple[str, str] | None:
+        """The next (caller, task id) in turn, waiting up to `timeout_s` for one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self._lines:
+            self._added.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._added.wait()
+            except TimeoutError:
+                return None
+        caller, line = next(iter(self._lines.items()))
+        task_id, size = line.popleft()
+        if line:
+            self._lines.move_to_end(caller)  # its next task waits for its next turn
+        else:
+            del self._lines[caller]
+        self._queued_bytes[caller] -= size
+        if not self._queued_bytes[caller]:
+            del self._queued_bytes[caller]
+        return caller, task_id
+
+    def remove(self, caller: str, task_id: str) -> None:
+        """A queued task cancelled: it no longer counts against its caller's caps."""
+        line = self._lines.get(caller)
+        for item in list(line or ()):
+            if item[0] == task_id:
+                line.remove(item)  # type: ignore[union-attr]
+                self._queued_bytes[caller] -= item[1]
+        if line is not None and not line:
+            del self._lines[caller]
+            self._queued_bytes.pop(caller, None)
+
+    def __len__(self) -> int:
+        return sum(len(line) for line in self._lines.values())

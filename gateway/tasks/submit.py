@@ -1,0 +1,261 @@
+"""A call run as a task: async (`Prefer: respond-async`, answered 202 at once), or sync but run
+once (an `Idempotency-Key`, or the OpenAI SDK's retries).
+
+A sync call that runs once is run by this replica, the one holding its caller, under the limits
+a plain call meets: the task is only what lets a retry attach to it. Its outcome is kept for
+retries only where the upstream ran (`kept_for_retries`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+
+import msgspec
+from aiohttp import web
+
+from gateway.accesslog import OncePer, RequestContext
+from gateway.auth import AUTH
+from gateway.config import CONFIG, Config
+from gateway.errors import (
+    BadRequest,
+    IdempotencyMismatch,
+    NotFound,
+    StoreUnavailable,
+    TaskCancelled,
+    UpstreamTimeout,
+)
+from gateway.headers import header_pairs, strip_hop_by_hop
+from gateway.metrics import METRICS
+from gateway.tasks.idempotency import RunOnce, fingerprint, kept_for_retries
+from gateway.tasks.models import Claim, Job, OnceName, Status, Task, TaskRecord, TaskStore
+from gateway.tasks.prefer import Preferences
+from gateway.tasks.service import TASKS, new_task_id
+from gateway.tasks.views import replay, task_response, wait_terminal
+from gateway.tasks.worker import WORKER_POOL
+
+logger = logging.getLogger(__name__)
+
+# The generation endpoints a caller may run as a task (contract: "Async tasks").
+ASYNC_ROUTES = frozenset(
+    (
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/images/variations",
+        "/v1/chat/completions",
+        "/v1beta/models/{model}:generateContent",
+        "/v1/models/{model}:generateContent",
+    )
+)
+# A sync task call waits as long as its caller does: the caller's own timeout decides.
+_SYNC_WAIT_S = 24 * 3600.0
+# A caller deadline shorter than this cannot run a generation; refused at submit.
+_MIN_TASK_DEADLINE_S = 1.0
+# Runs of one sync call at most: each after an outcome that was not kept (a 429, a 503) that a
+# racing request of the same call ran.
+_MAX_RUNS = 3
+_store_down_said = OncePer(60.0)
+
+
+async def submit(
+    request: web.Request,
+    ctx: RequestContext,
+    target: str,
+    body: bytes,
+    prefs: Preferences | None,
+    once: RunOnce | None,
+) -> web.StreamResponse | None:
+    """Run the call as a task: answer 202 at once (`Prefer: respond-async`), or answer as the
+    sync call would have (a keyed or SDK call, which must run only once). None: send it as a
+    plain call instead (an SDK call while the store is unreachable: running once is an extra,
+    not a dependency)."""
+    tasks = request.app[TASKS]
+    if ctx.caller_limit_s < _MIN_TASK_DEADLINE_S:
+        raise BadRequest(
+            f"X-Request-Timeout under {_MIN_TASK_DEADLINE_S:g} s leaves a task no time to run."
+        )
+    owner = tasks.owner(request)
+    _check_body(request.headers.get("Content-Type", ""), body)
+    job = _job(request, ctx, target, body, owner)
+    ctx.call_goes_on = True
+    if prefs is not None and prefs.respond_async:
+        return await _submit_async(request.app[CONFIG], tasks.store, ctx, owner, job, once, prefs)
+    assert once is not None  # a sync call runs as a task only to run once
+    return await _run_once_here(request, ctx, owner, job, once)
+
+
+def _check_body(content_type: str, body: bytes) -> None:
+    """Refuse a body the task must keep but that cannot work: truncated JSON or multipart."""
+    mime, _, params = content_type.partition(";")
+    mime = mime.strip().lower()
+    if mime == "application/json":
+        try:
+            valid = isinstance(msgspec.json.decode(body), dict)
+        except msgspec.DecodeError:
+            valid = False
+        if not valid:
+            raise BadRequest("The request body is not a JSON object.")
+    elif mime == "multipart/form-data":
+        boundary = next(
+            (
+                v.strip().strip('"')
+                for k, _, v in (p.partition("=") for p in params.split(";"))
+                if k.strip().lower() == "boundary"
+            ),
+            "",
+        )
+        if not boundary or not body.rstrip().endswith(b"--" + boundary.encode() + b"--"):
+            raise BadRequest("The multipart body is malformed or truncated.")
+
+
+def _job(request: web.Request, ctx: RequestContext, target: str, body: bytes, owner: str) -> Job:
+    """The upstream call to make, as the caller asked for it. With key injection it holds no
+    credential (the worker adds the gateway's key when it sends); in passthrough the caller's
+    key is the call's own and goes when the task ends."""
+    config: Config = request.app[CONFIG]
+    auth = request.app[AUTH]
+    headers = strip_hop_by_hop(request.headers)
+    auth.strip_credentials(headers)
+    headers.popall("Prefer", None)  # addressed to the gateway, not the upstream
+    headers["X-Request-ID"] = ctx.request_id
+    return Job(
+        method=request.method,
+        path_qs=auth.upstream_target(target),
+        headers=header_pairs(headers),
+        body=body,
+        deadline_s=min(config.timeouts.for_model(ctx.model), ctx.caller_limit_s),
+        limits=config.tasks.limits(
+            ctx.model,
+            request.app[TASKS].upstream_credential(request),
+            owner,
+            config.upstream.per_credential,
+        ),
+    )
+
+
+def _record(ctx: RequestContext, owner: str, status: Status, once: OnceName | None) -> TaskRecord:
+    task = Task(id=new_task_id(), status=status, model=ctx.model, created_at=int(time.time()))
+    attempt = 1 if status == "in_progress" else 0
+    return TaskRecord(task=task, owner=owner, attempt=attempt, submitted_at=time.time(), once=once)
+
+
+async def _submit_async(
+    config: Config,
+    store: TaskStore,
+    ctx: RequestContext,
+    owner: str,
+    job: Job,
+    once: RunOnce | None,
+    prefs: Preferences,
+) -> web.StreamResponse:
+    record = _record(ctx, owner, "queued", None)
+    if once is None:
+        await store.create(record, job)
+        return await _accepted(store, record.task, prefs.wait_s)
+    name, request_print = _name(config, once, owner, job, record.task.id)
+    record = msgspec.structs.replace(record, once=name)
+    held = await store.find_or_create(record, job, None, name)
+    if held is None:
+        return await _accepted(store, record.task, prefs.wait_s)
+    response = await _accepted(store, await _found(store, once, request_print, held), prefs.wait_s)
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+async def _accepted(store: TaskStore, task: Task, wait_s: float | None) -> web.StreamResponse:
+    """202 with the task, or the ordinary answer if it ends within `wait_s`."""
+    if wait_s:
+        ended = await wait_terminal(store, task.id, wait_s)
+        if ended is not None and (answer := await store.result(task.id)) is not None:
+            return replay(answer)
+    response = task_response(task, status=202)
+    response.headers.update(
+        {
+            "Location": f"/v1/tasks/{task.id}",
+            "Preference-Applied": "respond-async",
+            "Vary": "Prefer",
+        }
+    )
+    return response
+
+
+async def _run_once_here(
+    request: web.Request, ctx: RequestContext, owner: str, job: Job, once: RunOnce
+) -> web.StreamResponse | None:
+    """Run the call here, or attach to the run of an earlier request of it; the answer as the
+    sync call would have given it. The run goes on if the caller leaves: its retry attaches."""
+    config: Config = request.app[CONFIG]
+    store = request.app[TASKS].store
+    # A sync SDK call's answer is kept only as long as its retries can come for it.
+    kept_s = config.idempotency.sdk_window_s if once.key is None else None
+    for run in range(_MAX_RUNS):
+        record = _record(ctx, owner, "in_progress", None)
+        name, request_print = _name(config, once, owner, job, record.task.id)
+        record = msgspec.structs.replace(record, once=name)
+        try:
+            held = await store.find_or_create(record, job, kept_s, name, here=True)
+        except StoreUnavailable:
+            if once.key is not None or run > 0:
+                raise  # a key promises one run: without the store it cannot be kept
+            _say_store_down(request)
+            return None
+        if held is None:
+            credential = request.app[AUTH].caller_key(request) or ""
+            ran = request.app[WORKER_POOL].run_here(Claim(record, job), credential)
+            if (outcome := await asyncio.shield(ran)) is not None:
+                return replay(outcome[0])
+            task = record.task  # cancelled, or (its lease lost) run by another worker
+        else:
+            task = await _found(store, once, request_print, held)
+        ended = await wait_terminal(store, task.id, _SYNC_WAIT_S)
+        if ended is None:
+            raise UpstreamTimeout()
+        if ended.status == "cancelled":
+            raise TaskCancelled()
+        answer = await store.result(task.id)
+        if answer is None:
+            raise NotFound("The call's answer is no longer kept.")
+        if kept_for_retries(ended.error) or run == _MAX_RUNS - 1:
+            response = replay(answer)
+            response.headers["Idempotent-Replayed"] = "true"
+            return response
+        # The run this request attached to ended in what a retry runs again (a 429, a 503):
+        # its own caller has that answer; this request runs the call anew.
+    raise AssertionError("unreachable")
+
+
+def _say_store_down(request: web.Request) -> None:
+    request.app[METRICS].run_once_bypassed.inc()
+    if _store_down_said():
+        logger.warning(
+            "task store unreachable: SDK calls go upstream as plain calls (their retries "
+            "cannot attach to a running generation until it is back)"
+        )
+
+
+def _name(
+    config: Config, once: RunOnce, owner: str, job: Job, task_id: str
+) -> tuple[OnceName, str]:
+    """The name a call's task is found again by, and the request's fingerprint."""
+    request_print = fingerprint(job.method, job.path_qs, owner, job.body)
+    name = once.name(owner, request_print)
+    if once.key is not None:
+        value = f"{request_print} {task_id}"
+        return OnceName(name, value, config.idempotency.retention_s), request_print
+    # The SDK's first attempt is a new generation (a user may re-roll a prompt on purpose);
+    # only its retries attach.
+    window_s = config.idempotency.sdk_window_s
+    return OnceName(name, task_id, window_s, replace=once.sdk_retry == 0), request_print
+
+
+async def _found(store: TaskStore, once: RunOnce, request_print: str, held: str) -> Task:
+    """The task an earlier request of this call made, from what its name holds."""
+    found_print, _, found_id = held.rpartition(" ")
+    if once.key is not None and not hmac.compare_digest(found_print, request_print):
+        raise IdempotencyMismatch()
+    earlier = await store.get(found_id)
+    if earlier is None:
+        raise NotFound("The call's answer is no longer kept.")
+    return earlier.task

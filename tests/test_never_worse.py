@@ -1,0 +1,185 @@
+"""Never worse than a plain call: the run-once extras, met with the official OpenAI SDK over real
+sockets, on both stores. SDK calls are not capped by the task workers, retries after a 429 or
+a 503 go upstream again, an answer that is ready comes back at once, and without its store the
+SDK call still works."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from gateway.fake import png
+from tests.conftest import Fake, GatewayFactory
+from tests.redis_server import RedisServer
+
+IMAGE = png(64 * 1024)  # what the stand-in of these tests generates
+
+
+def _sdk(url: str, key: str = "sk-caller", **options: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, **options)
+
+
+async def test_sdk_calls_are_not_capped_by_the_task_workers(
+    gateway_factory: GatewayFactory, fake: Fake, store: dict[str, Any]
+) -> None:
+    # Two task workers; twelve SDK calls of 1 s at once. As queued tasks they would take six
+    # rounds; run by the replica that holds each caller, one round, as plain calls do.
+    gateway = await gateway_factory(tasks={**store, "workers": 2})
+    async with _sdk(gateway.url) as sdk:
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(
+                sdk.images.generate(
+                    model="gpt-image-1",
+                    prompt=f"lighthouse {i}",
+                    extra_headers={"X-Fake-Latency": "1"},
+                )
+                for i in range(12)
+            )
+        )
+        elapsed = time.monotonic() - started
+    assert all(base64.b64decode(r.data[0].b64_json or "") == IMAGE for r in results if r.data)
+    assert fake.stats.peak_running == 12
+    assert elapsed < 2.5
+
+
+@pytest.mark.parametrize("fault", ["429", "503", "500"])
+async def test_sdk_retries_after_a_refusal_reach_the_upstream_again(
+    gateway_factory: GatewayFactory, fake: Fake, store: dict[str, Any], fault: str
+) -> None:
+    # The upstream refuses the first attempt; straight to APIYI the SDK's retry would succeed,
+    # and so it must through the gateway: a refusal is not kept for replay.
+    gateway = await gateway_factory(tasks=store)
+    headers = {"X-Fake-Fault": fault, "X-Fake-Fault-Times": "1", "X-Fake-Retry-After": "0"}
+    async with _sdk(gateway.url) as sdk:
+        result = await sdk.images.generate(
+            model="gpt-image-1", prompt="a lighthouse", extra_headers=headers
+        )
+    assert result.data is not None
+    assert base64.b64decode(result.data[0].b64_json or "") == IMAGE
+    assert fake.stats.requests == 2  # the refused attempt and the retry that succeeded
+
+
+async def test_a_keyed_call_refused_upstream_runs_again_with_its_key(
+    gateway_factory: GatewayFactory, fake: Fake, store: dict[str, Any], http: aiohttp.ClientSession
+) -> None:
+    gateway = await gateway_factory(tasks=store)
+    headers = {
+        "Authorization": "Bearer sk-caller",
+        "Idempotency-Key": "order-7",
+        "X-Fake-Fault": "429",
+        "X-Fake-Fault-Times": "1",
+    }
+    body = {"model": "gpt-image-1", "prompt": "a lighthouse"}
+    statuses = []
+    for _ in range(3):
+        async with http.post(
+            f"{gateway.url}/v1/images/generations", json=body, headers=headers
+        ) as resp:
+            statuses.append((resp.status, resp.headers.get("Idempotent-Replayed")))
+    # Refused, then run (the refusal was not kept), then that success replayed.
+    assert statuses == [(429, None), (200, None), (200, "true")]
+    assert fake.stats.requests == 2
+
+
+async def test_answers_of_an_instant_upstream_come_back_at_once_on_every_path(
+    gateway_factory: GatewayFactory, store: dict[str, Any], http: aiohttp.ClientSession
+) -> None:
+    gateway = await gateway_factory(tasks=store)
+    url = f"{gateway.url}/v1/images/generations"
+    body = {"model": "gpt-image-1", "prompt": "a lighthouse"}
+    key = {"Authorization": "Bearer sk-caller"}
+    paths: dict[str, dict[str, str]] = {
+        "plain": {},
+        "sdk": {"x-stainless-retry-count": "0"},
+        "keyed": {"Idempotency-Key": "k"},
+        "wait": {"Prefer": "respond-async, wait=10"},
+    }
+    for name, extra in paths.items():
+        for i in range(5):
+            headers = {**key, **extra}
+            if "Idempotency-Key" in headers:
+                headers["Idempotency-Key"] = f"k-{i}"
+            started = time.monotonic()
+            async with http.post(url, json={**body, "n": i + 1}, headers=headers) as resp:
+                assert resp.status == 200, name
+                await resp.read()
+            assert time.monotonic() - started < 0.5, name
+
+
+async def test_sdk_calls_work_while_the_store_is_down_and_keyed_calls_say_so(
+    gateway_factory: GatewayFactory, fake: Fake, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    redis = RedisServer(tmp_path)
+    gateway = await gateway_factory(tasks={"redis_url": redis.url})
+    redis.stop()
+    try:
+        async with _sdk(gateway.url, max_retries=0) as sdk:
+            for _ in range(3):
+                result = await sdk.images.generate(model="gpt-image-1", prompt="a lighthouse")
+                assert result.data is not None
+        started = time.monotonic()
+        async with http.post(
+            f"{gateway.url}/v1/images/generations",
+            json={"model": "gpt-image-1", "prompt": "a lighthouse"},
+            headers={"Authorization": "Bearer sk-caller", "Idempotency-Key": "order-8"},
+        ) as resp:
+            assert resp.status == 503
+            assert resp.headers["Retry-After"] == "1"
+            assert (await resp.json())["error"]["code"] == "store_unavailable"
+        assert time.monotonic() - started < 1.0
+        async with http.get(f"{gateway.url}/metrics") as resp:
+            assert "gateway_run_once_bypassed_total 3.0" in await resp.text()
+    finally:
+        redis.stop()
+    assert fake.stats.requests == 3
+
+
+async def test_google_genai_paths_under_v1_are_gemini_calls(
+    gateway_factory: GatewayFactory, fake: Fake, store: dict[str, Any], http: aiohttp.ClientSession
+) -> None:
+    # google-genai with api_version="v1" calls /v1/models/{model}:generateContent.
+    gateway = await gateway_factory(
+        tasks=store, timeouts={"models": {"gemini-2.5-flash-image": 77.0}}
+    )
+    url = f"{gateway.url}/v1/models/gemini-2.5-flash-image:generateContent"
+    body = {"contents": [{"parts": [{"text": "a lighthouse"}]}]}
+    headers = {"x-goog-api-key": "sk-caller", "Prefer": "respond-async"}
+    async with http.post(url, json=body, headers=headers) as resp:
+        assert resp.status == 202
+        task = await resp.json()
+    assert task["model"] == "gemini-2.5-flash-image"
+    async with http.get(f"{gateway.url}/metrics") as resp:
+        metrics = await resp.text()
+    assert (
+        'gateway_requests_total{mode="async",model="gemini-2.5-flash-image",'
+        'route="/v1/models/{model}:generateContent",status="202"} 1.0'
+    ) in metrics
+
+
+async def test_one_tenants_backlog_does_not_hold_up_another(
+    gateway_factory: GatewayFactory, fake: Fake, store: dict[str, Any], http: aiohttp.ClientSession
+) -> None:
+    # Two workers; tenant A queues 60 tasks of 0.5 s (15 s of work). Tenant B's one task
+    # waits for one free worker, not for A's backlog.
+    gateway = await gateway_factory(tasks={**store, "workers": 2})
+    url = f"{gateway.url}/v1/images/generations"
+    body = {"model": "gpt-image-1", "prompt": "a lighthouse"}
+    flood = {"Authorization": "Bearer sk-tenant-a", "Prefer": "respond-async"}
+    for _ in range(60):
+        async with http.post(url, json=body, headers={**flood, "X-Fake-Latency": "0.5"}) as resp:
+            assert resp.status == 202
+    started = time.monotonic()
+    headers = {"Authorization": "Bearer sk-tenant-b", "Prefer": "respond-async, wait=10"}
+    async with http.post(url, json=body, headers=headers) as resp:
+        assert resp.status == 200  # its answer, within the wait
+        await resp.read()
+    assert time.monotonic() - started < 1.5
+    assert fake.stats.requests < 10  # A's backlog is still there: B did not wait it out
