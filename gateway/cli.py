@@ -31,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     # --log-level is taken before or after the subcommand (`gateway serve --log-level debug`).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING (default INFO)"
+        "--log-level",
+        default=argparse.SUPPRESS,
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="DEBUG, INFO, WARNING or ERROR (default INFO)",
     )
     parser = argparse.ArgumentParser(
         prog="gateway",
@@ -92,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.log_level = getattr(args, "log_level", "INFO")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    logging.basicConfig(level=args.log_level, handlers=[handler])
     # The access log writes a record per request: skip computing the record fields our format
     # never shows (the logging HOWTO's "Optimization" section).
     logging.logThreads = False

@@ -183,3 +183,116 @@ async def test_one_tenants_backlog_does_not_hold_up_another(
         await resp.read()
     assert time.monotonic() - started < 1.5
     assert fake.stats.requests < 10  # A's backlog is still there: B did not wait it out
+
+
+async def test_an_open_event_stream_ends_cleanly_when_the_store_goes(
+    gateway_factory: GatewayFactory, fake: Fake, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    redis = RedisServer(tmp_path)
+    try:
+        gateway = await gateway_factory(tasks={"redis_url": redis.url})
+        key = {"Authorization": "Bearer sk-caller"}
+        async with http.post(
+            f"{gateway.url}/v1/images/generations",
+            json={"model": "gpt-image-1", "prompt": "a lighthouse"},
+            headers={**key, "Prefer": "respond-async", "X-Fake-Latency": "30"},
+        ) as resp:
+            task = await resp.json()
+        async with http.get(f"{gateway.url}{task['events_url']}", headers=key) as stream:
+            assert stream.status == 200
+            first = await stream.content.readuntil(b"\r\n\r\n")
+            assert b"event: queued" in first or b"event: in_progress" in first
+            redis.stop()
+            started = time.monotonic()
+            rest = await asyncio.wait_for(stream.content.read(), 10)  # to the end: EOF
+        assert time.monotonic() - started < 5
+        assert b": the task store is unreachable; resume with Last-Event-ID" in rest
+        assert b"HTTP/1.1" not in rest  # no second response inside this one
+    finally:
+        redis.stop()
+
+
+async def test_tasks_carry_their_links_and_a_result_can_be_waited_for(
+    gateway_factory: GatewayFactory, store: dict[str, Any], http: aiohttp.ClientSession
+) -> None:
+    gateway = await gateway_factory(tasks=store)
+    key = {"Authorization": "Bearer sk-caller"}
+    async with http.post(
+        f"{gateway.url}/v1/images/generations",
+        json={"model": "gpt-image-1", "prompt": "a lighthouse"},
+        headers={**key, "Prefer": "respond-async", "X-Fake-Latency": "0.5"},
+    ) as resp:
+        task = await resp.json()
+    path = f"/v1/tasks/{task['id']}"
+    assert (task["url"], task["events_url"], task["result_url"]) == (
+        path,
+        f"{path}/events",
+        f"{path}/result",
+    )
+    async with http.get(f"{gateway.url}{task['result_url']}", headers=key) as resp:
+        assert resp.status == 202  # still running, and said at once
+    started = time.monotonic()
+    waiting = {**key, "Prefer": "wait=5"}
+    async with http.get(f"{gateway.url}{task['result_url']}", headers=waiting) as resp:
+        assert resp.status == 200
+        assert base64.b64decode((await resp.json())["data"][0]["b64_json"]) == IMAGE
+    assert time.monotonic() - started < 2
+
+
+async def test_the_readme_sdk_recipes_work(
+    gateway_factory: GatewayFactory, fake: Fake, store: dict[str, Any]
+) -> None:
+    # The README's recipe, sync and async: submit with Prefer, read the result into the SDK's
+    # own type with Prefer: wait on the result link joined to base_url.
+    from openai.types import ImagesResponse
+
+    gateway = await gateway_factory(tasks=store)
+    headers = {"Prefer": "respond-async", "Idempotency-Key": "poster-42", "X-Fake-Latency": "1"}
+
+    def sync_recipe() -> ImagesResponse:
+        client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-caller")
+        task = client.images.with_raw_response.generate(
+            model="gpt-image-1", prompt="a lighthouse", extra_headers=headers
+        ).http_response.json()
+        result_url = str(client.base_url.join(task["result_url"]))
+        answer: Any = {"object": "task"}
+        while answer.get("object") == "task":
+            answer = client.get(
+                result_url, cast_to=object, options={"headers": {"Prefer": "wait=50"}}
+            )
+        return ImagesResponse.model_validate(answer)
+
+    image = await asyncio.to_thread(sync_recipe)
+    assert image.data is not None
+    assert base64.b64decode(image.data[0].b64_json or "") == IMAGE
+    async with _sdk(gateway.url) as client:
+        raw = await client.images.with_raw_response.generate(
+            model="gpt-image-1", prompt="a lighthouse", extra_headers=headers
+        )
+        task = raw.http_response.json()
+        assert raw.http_response.headers["Idempotent-Replayed"] == "true"  # the same key
+        answer = await client.get(
+            str(client.base_url.join(task["result_url"])),
+            cast_to=object,
+            options={"headers": {"Prefer": "wait=50"}},
+        )
+        again = ImagesResponse.model_validate(answer)
+    assert again.data == image.data
+    assert fake.stats.requests == 1
+
+
+async def test_the_stand_in_answers_by_address_when_asked(
+    gateway: Any, http: aiohttp.ClientSession
+) -> None:
+    async with _sdk(gateway.url) as sdk:
+        result = await sdk.images.generate(
+            model="gpt-image-1", prompt="a lighthouse", response_format="url"
+        )
+    assert result.data is not None
+    url = result.data[0].url
+    assert url is not None
+    assert result.data[0].b64_json is None
+    async with http.get(url) as resp:
+        assert resp.status == 200
+        assert resp.content_type == "image/png"
+        assert await resp.read() == IMAGE

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,6 +47,51 @@ def test_bad_config_stops_start_up_naming_the_key(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "max_body" in done.stderr
     assert "bad.toml" in done.stderr
+
+
+def _gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=None if env is None else {**os.environ, **env},
+    )
+
+
+def test_a_port_in_use_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _gateway("serve", "--host", "127.0.0.1", "--port", str(port))
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"gateway: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+
+
+def test_a_bad_upstream_url_in_the_environment_names_the_variable(tmp_path: Path) -> None:
+    done = _gateway("serve", env={"GATEWAY_UPSTREAM_URL": "api.apiyi.com/v1"})
+    assert done.returncode == 2
+    assert "GATEWAY_UPSTREAM_URL must be an http(s) URL" in done.stderr
+    assert "gateway.toml" not in done.stderr
+
+
+async def test_help_names_the_environment_and_log_level_goes_anywhere(tmp_path: Path) -> None:
+    done = _gateway("serve", "--help")
+    for var in ("GATEWAY_UPSTREAM_URL", "GATEWAY_UPSTREAM_API_KEY", "GATEWAY_REDIS_URL"):
+        assert var in done.stdout
+    done = _gateway("hash-key", "--log-level", "loud")
+    assert done.returncode == 2
+    assert "invalid choice: 'LOUD'" in done.stderr
+    port = free_port()
+    proc = GatewayProcess(["serve", "--port", str(port), "--log-level", "warning"], tmp_path / "l")
+    try:
+        await proc.wait_listening(port)
+        assert " INFO " not in proc.output()  # the start-up lines are INFO: not shown
+    finally:
+        proc.close()
 
 
 def test_hash_key_prints_the_digest_for_the_config() -> None:

@@ -43,7 +43,12 @@ MODELS = (
 
 
 def _usage() -> dict[str, Any]:
-    return {"input_tokens": 12, "output_tokens": 4160, "total_tokens": 4172}
+    return {
+        "input_tokens": 12,
+        "input_tokens_details": {"image_tokens": 0, "text_tokens": 12},
+        "output_tokens": 4160,
+        "total_tokens": 4172,
+    }
 
 
 def _image_events(prefix: str, image_b64: str, partials: int) -> list[bytes]:

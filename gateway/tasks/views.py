@@ -151,7 +151,7 @@ async def events_view(request: web.Request) -> web.StreamResponse:
 async def _end_early(sse: EventSourceResponse, why: str) -> None:
     """A last comment saying why, then the end of the stream (EventSource reconnects)."""
     with contextlib.suppress(ConnectionError):
-        await sse.write(f": {why}; resume with Last-Event-ID\n\n".encode())
+        await sse.write(f": {why}; resume with Last-Event-ID\r\n\r\n".encode())
 
 
 async def _stream(
