@@ -90,6 +90,11 @@ class StoreUnavailable(GatewayError):
     retry_after_s = 1
     default_message = "The task store is unreachable; async calls cannot be accepted right now."
 
+    def __init__(self, message: str | None = None, *, unsent: bool = False) -> None:
+        super().__init__(message)
+        # The command surely never reached the store: nothing of it can have been done.
+        self.unsent = unsent
+
 
 class QueueFull(GatewayError):
     """The caller has as much queued as one caller may: nothing was stored, retry later."""

@@ -26,11 +26,6 @@ class CannotListen(Exception):
 async def start(app: web.Application, config: Config) -> web.AppRunner:
     """Serve `app` on the configured address (port 0 picks a free one: `runner.addresses`)."""
     quiet_bad_requests()
-    host, port = config.server.host, config.server.port
-    try:  # before anything starts, so nothing is left to clean up
-        sock = listening_socket(host, port, config.tcp_keepalive)
-    except OSError as exc:
-        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     runner = web.AppRunner(
         app,
         # A caller that hangs up must stop its upstream call now, not when it would have ended.
@@ -44,6 +39,12 @@ async def start(app: web.Application, config: Config) -> web.AppRunner:
         shutdown_timeout=config.server.drain_timeout_s,
     )
     await runner.setup()
+    host, port = config.server.host, config.server.port
+    try:  # after set-up: a caller that reaches the port finds the app ready
+        sock = listening_socket(host, port, config.tcp_keepalive)
+    except OSError as exc:
+        await runner.cleanup()
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     await web.SockSite(runner, sock).start()
     return runner
 

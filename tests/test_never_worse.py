@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from redis.asyncio import Redis
 
 from gateway.fake import png
 from tests.conftest import Fake, GatewayFactory
@@ -296,3 +297,66 @@ async def test_the_stand_in_answers_by_address_when_asked(
         assert resp.status == 200
         assert resp.content_type == "image/png"
         assert await resp.read() == IMAGE
+
+
+async def test_an_answer_reaches_its_caller_though_the_store_goes_mid_call(
+    gateway_factory: GatewayFactory, fake: Fake, tmp_path: Path
+) -> None:
+    redis = RedisServer(tmp_path)
+    try:
+        gateway = await gateway_factory(tasks={"redis_url": redis.url, "lease_s": 30.0})
+        async with _sdk(gateway.url, max_retries=0) as sdk:
+            call = asyncio.ensure_future(
+                sdk.images.generate(
+                    model="gpt-image-1",
+                    prompt="a lighthouse",
+                    extra_headers={"X-Fake-Latency": "1"},
+                )
+            )
+            await asyncio.sleep(0.5)
+            redis.stop()  # the upstream answers in 0.5 s; keeping it would wait out a lease
+            started = time.monotonic()
+            result = await call
+        assert time.monotonic() - started < 2
+        assert result.data is not None
+        assert fake.stats.requests == 1
+    finally:
+        redis.stop()
+
+
+async def test_a_replica_starts_and_serves_sdk_calls_while_its_store_is_down(
+    gateway_factory: GatewayFactory, fake: Fake, tmp_path: Path
+) -> None:
+    redis = RedisServer(tmp_path)
+    redis.stop()
+    gateway = await gateway_factory(tasks={"redis_url": redis.url})
+    async with _sdk(gateway.url, max_retries=0) as sdk:
+        result = await sdk.images.generate(model="gpt-image-1", prompt="a lighthouse")
+    assert result.data is not None
+    assert fake.stats.requests == 1
+
+
+async def test_a_full_redis_is_a_store_outage_not_a_failed_call(
+    gateway_factory: GatewayFactory, fake: Fake, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    redis = RedisServer(tmp_path)
+    try:
+        gateway = await gateway_factory(tasks={"redis_url": redis.url})
+        client = Redis.from_url(redis.url)
+        await client.config_set("maxmemory", 1)  # every write now fails with OOM
+        try:
+            async with _sdk(gateway.url, max_retries=0) as sdk:
+                result = await sdk.images.generate(model="gpt-image-1", prompt="a lighthouse")
+            assert result.data is not None  # went upstream plainly
+            async with http.post(
+                f"{gateway.url}/v1/images/generations",
+                json={"model": "gpt-image-1", "prompt": "a lighthouse"},
+                headers={"Authorization": "Bearer sk-caller", "Prefer": "respond-async"},
+            ) as resp:
+                assert resp.status == 503
+                assert (await resp.json())["error"]["code"] == "store_unavailable"
+        finally:
+            await client.config_set("maxmemory", 0)
+            await client.aclose()
+    finally:
+        redis.stop()

@@ -185,6 +185,17 @@ async def test_a_caller_over_its_queue_caps_is_refused_and_others_are_not(
     assert await store.queue_depth() == 51
 
 
+async def test_tasks_with_empty_bodies_are_taken_like_any_other(store: TaskStore) -> None:
+    empty = msgspec.structs.replace(JOB, body=b"")
+    for i in range(3):
+        await store.create(record(f"e{i}", owner="tenant-e"), empty)
+    for i in range(3):
+        claim = await store.claim(1.0)
+        assert claim is not None
+        assert claim.record.task.id == f"e{i}"
+    assert await store.queue_depth() == 0
+
+
 async def test_event_readers_resume_and_wake_at_once(store: TaskStore) -> None:
     await store.create(record(), JOB)
     first = await store.events("t1", None, 0)
@@ -316,3 +327,22 @@ async def test_a_dead_workers_task_behind_many_healthy_ones_is_still_found(
     finally:
         for store in (healthy, dead, rescuer):
             await store.close()
+
+
+async def test_a_redis_that_forgot_its_scripts_still_creates_and_finds_in_order(
+    redis_server: RedisServer,
+) -> None:
+    store = await _redis_store(redis_server, "worker-a")
+    try:
+        await store._redis.flushall()
+        await store.create(record("t0"), JOB)  # every script loaded once
+        await store._redis.script_flush()  # as after a restart or a failover
+        once = OnceName("order-9", "print t1", 60.0)
+        assert await store.find_or_create(record("t1"), JOB, None, once) is None
+        assert await store.find_or_create(record("t2"), JOB, None, once) == "print t1"
+        assert await store.get("t1") is not None
+        await store._redis.script_flush()
+        claimed = [(await store.claim(1.0)), (await store.claim(1.0))]
+        assert sorted(c.record.task.id for c in claimed if c) == ["t0", "t1"]
+    finally:
+        await store.close()

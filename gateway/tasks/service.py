@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 from collections.abc import AsyncIterator
@@ -14,11 +15,13 @@ from yarl import URL
 
 from gateway.auth import Auth
 from gateway.config import Config
-from gateway.errors import NotFound, Unauthorized
+from gateway.errors import NotFound, StoreUnavailable, Unauthorized
 from gateway.metrics import METRICS, Metrics
 from gateway.tasks import redis
 from gateway.tasks.memory import MemoryStore
 from gateway.tasks.models import TaskRecord, TaskStore
+
+logger = logging.getLogger(__name__)
 
 
 class TaskService:
@@ -31,13 +34,20 @@ class TaskService:
         self.closing = asyncio.Event()  # set on shutdown: open event streams end
 
     async def start(self) -> None:
-        self._owner_key = await self.store.owner_key()
+        """Fetch the owner key now if the store answers; a replica that starts while Redis is
+        down still serves plain calls, and fetches the key on first use."""
+        try:
+            self._owner_key = await self.store.owner_key()
+        except StoreUnavailable:
+            logger.warning("task store unreachable at start-up; plain calls are served")
 
-    def owner(self, request: web.Request) -> str:
+    async def owner(self, request: web.Request) -> str:
         """The caller's credential as a keyed hash: who may see a task."""
         key = self._auth.caller_key(request)
         if key is None:
             raise Unauthorized("Async tasks belong to a credential: send an API key.")
+        if not self._owner_key:
+            self._owner_key = await self.store.owner_key()
         return self._digest(key)
 
     def upstream_credential(self, request: web.Request) -> str:
@@ -51,7 +61,7 @@ class TaskService:
     async def visible(self, request: web.Request) -> TaskRecord:
         """The task named in the path, if the caller's credential made it; 404 otherwise, so
         another tenant cannot even learn that it exists."""
-        owner = self.owner(request)
+        owner = await self.owner(request)
         task_id = request.match_info["task_id"]
         record = await self.store.get(task_id) if TASK_ID.fullmatch(task_id) else None
         if record is None or not hmac.compare_digest(record.owner, owner):

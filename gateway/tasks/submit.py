@@ -76,7 +76,13 @@ async def submit(
         raise BadRequest(
             f"X-Request-Timeout under {_MIN_TASK_DEADLINE_S:g} s leaves a task no time to run."
         )
-    owner = tasks.owner(request)
+    try:
+        owner = await tasks.owner(request)
+    except StoreUnavailable:
+        if (prefs is not None and prefs.respond_async) or once is None or once.key is not None:
+            raise
+        _say_store_down(request)
+        return None
     _check_body(request.headers.get("Content-Type", ""), body)
     job = _job(request, ctx, target, body, owner)
     ctx.call_goes_on = True
@@ -196,9 +202,11 @@ async def _run_once_here(
         record = msgspec.structs.replace(record, once=name)
         try:
             held = await store.find_or_create(record, job, kept_s, name, here=True)
-        except StoreUnavailable:
-            if once.key is not None or run > 0:
-                raise  # a key promises one run: without the store it cannot be kept
+        except StoreUnavailable as exc:
+            # A key promises one run: without the store it cannot be kept. A store that may
+            # have taken the task (the answer was lost) will run it: the retry attaches.
+            if once.key is not None or run > 0 or not exc.unsent:
+                raise
             _say_store_down(request)
             return None
         if held is None:

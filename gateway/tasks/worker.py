@@ -102,12 +102,31 @@ class Worker:
                 logger.exception("task worker failed")
                 await asyncio.sleep(_RETRY_S)
 
-    async def run_here(self, claim: Claim, credential: str) -> Outcome | None:
+    async def run_here(
+        self, claim: Claim, credential: str, answered: asyncio.Future[Outcome | None]
+    ) -> None:
         """A sync call's task, run by the replica that holds its caller: under the limits a
-        plain call meets (`admission`), not the task slots. None if it was cancelled."""
-        return await self._run(claim, credential)
+        plain call meets (`admission`), not the task slots. `answered` gets the upstream's
+        answer as soon as it is in (None if the task was cancelled), before it is kept: a store
+        outage then delays the caller's retries, never the caller."""
+        try:
+            await self._run(claim, credential, answered)
+        except StoreUnavailable:
+            logger.warning(
+                "%s answered, but the task store could not keep it", claim.record.task.id
+            )
+        except Exception:
+            logger.exception("%s run failed", claim.record.task.id)
+        finally:
+            if not answered.done():
+                answered.set_result(None)
 
-    async def _run(self, claim: Claim, credential: str | None = None) -> Outcome | None:
+    async def _run(
+        self,
+        claim: Claim,
+        credential: str | None = None,
+        answered: asyncio.Future[Outcome | None] | None = None,
+    ) -> None:
         task_id, attempt = claim.record.task.id, claim.record.attempt
         model = self._metrics.model_label(claim.record.task.model)
         if attempt == 1:
@@ -116,6 +135,8 @@ class Worker:
         handover = False
         try:
             outcome = await self._outcome(claim, credential)
+            if answered is not None and not answered.done():
+                answered.set_result(outcome)
             if outcome is None:
                 logger.info("%s cancelled or ended elsewhere; upstream call aborted", task_id)
             elif status := await self._finish(task_id, attempt, *outcome):
@@ -128,7 +149,6 @@ class Worker:
         finally:
             with contextlib.suppress(StoreUnavailable):  # else the lease lapses by itself
                 await self._store.release(task_id, handover=handover)
-        return outcome
 
     async def _outcome(self, claim: Claim, credential: str | None) -> Outcome | None:
         """The upstream call's answer, or None if the task was cancelled while it ran."""
@@ -255,7 +275,7 @@ class WorkerPool:
         self._config = config
         self._worker: Worker | None = None
         self._loops: list[asyncio.Task[None]] = []
-        self._here: set[asyncio.Task[Outcome | None]] = set()
+        self._here: set[asyncio.Task[None]] = set()
         self._drain_until = 0.0
 
     def stop(self) -> None:
@@ -266,14 +286,16 @@ class WorkerPool:
                 asyncio.get_running_loop().time() + self._config.server.drain_timeout_s
             )
 
-    def run_here(self, claim: Claim, credential: str) -> asyncio.Task[Outcome | None]:
+    def run_here(self, claim: Claim, credential: str) -> asyncio.Future[Outcome | None]:
         """Run a sync call's task (created `here`) to its end, whether or not its caller stays:
-        a retry attaches to it. Its own asyncio task, so a caller that leaves cancels nothing."""
+        a retry attaches to it. Its own asyncio task, so a caller that leaves cancels nothing;
+        the future is its answer, as soon as the upstream gave it."""
         assert self._worker is not None
-        run = asyncio.create_task(self._worker.run_here(claim, credential))
+        answered: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+        run = asyncio.create_task(self._worker.run_here(claim, credential, answered))
         self._here.add(run)
         run.add_done_callback(self._here.discard)
-        return run
+        return answered
 
     async def ctx(self, app: web.Application) -> AsyncIterator[None]:
         self._worker = Worker(

@@ -1,13 +1,14 @@
 """Soak with chaos: mixed traffic on two replicas and one Redis while things break, checked by
 invariants at the end.
 
-    python -m tests.perf.soak [--seconds 120] [--rate 30]
+    python -m tests.perf.soak [--seconds 120] [--rate 30] [--flood 20]
 
 Replicas A and B (each running workers) share a real Redis (AOF on) and the stand-in process.
 Traffic: sync calls (some with stand-in faults: 503, 429, reset, hang, trickle), async tasks
 (some followed over SSE and dropped mid-stream), async calls with an Idempotency-Key sent twice,
-streamed chat, multipart edits, and callers that hang up mid-call. Chaos, in turn: A killed with
-SIGKILL and started again, Redis stopped and started again.
+streamed chat, multipart edits, and callers that hang up mid-call; beside them a second tenant
+floods the queue with `--flood` async tasks a second, which must not hold the first one up.
+Chaos, in turn: A killed with SIGKILL and started again, Redis stopped and started again.
 
 Invariants: every accepted task ends in exactly one terminal state; a completed task's image is
 byte for byte the upstream's; a keyed call reaches the upstream no more often than its task was
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import contextlib
 import random
 import signal
 import sys
@@ -63,8 +65,8 @@ def rss_mb(pid: int) -> float:
 
 
 class Soak:
-    def __init__(self, tmp: Path, seconds: float, rate: float) -> None:
-        self.tmp, self.seconds, self.rate = tmp, seconds, rate
+    def __init__(self, tmp: Path, seconds: float, rate: float, flood: float = 0.0) -> None:
+        self.tmp, self.seconds, self.rate, self.flood_rate = tmp, seconds, rate, flood
         self.redis = RedisServer(tmp)
         self.fake_port = free_port()
         self.fake = GatewayProcess(
@@ -213,6 +215,17 @@ class Soak:
         except TimeoutError:
             self.counts["callers hung up mid-call"] += 1
 
+    async def flood(self, http: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+        """A second tenant queueing far more than the workers run: it gets its turns (and 429s
+        past its caps), the soak's own tasks still end within the check's minute."""
+        request = self._generate(2_000, **{"Prefer": "respond-async", "X-Fake-Latency": "1"})
+        request["headers"]["Authorization"] = "Bearer sk-flood"
+        while not stop.is_set():
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with http.post(f"{self.url()}/v1/images/generations", **request) as resp:
+                    self.counts[f"flood tenant submits answered {resp.status}"] += 1
+            await asyncio.sleep(random.expovariate(self.flood_rate))
+
     async def chaos(self) -> None:
         step = self.seconds / 5
         await asyncio.sleep(step)
@@ -283,12 +296,18 @@ class Soak:
             await asyncio.sleep(1)
             baseline = rss_mb(self.procs["B"].proc.pid)
             chaos = asyncio.ensure_future(self.chaos())
+            stop_flood = asyncio.Event()
+            flood = asyncio.ensure_future(
+                self.flood(http, stop_flood) if self.flood_rate else stop_flood.wait()
+            )
             load: list[asyncio.Future[None]] = []
             started = time.monotonic()
             while time.monotonic() - started < self.seconds:
                 load.append(asyncio.ensure_future(self.one(http)))
                 await asyncio.sleep(random.expovariate(self.rate))
             await asyncio.gather(*load)
+            stop_flood.set()
+            await flood
             await chaos
             await self.check(http)
             await asyncio.sleep(2)
@@ -315,9 +334,10 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--rate", type=float, default=30, help="new calls per second")
+    parser.add_argument("--flood", type=float, default=20, help="the second tenant's tasks/s")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        soak = Soak(Path(tmp), args.seconds, args.rate)
+        soak = Soak(Path(tmp), args.seconds, args.rate, args.flood)
         try:
             return await soak.run()
         finally:

@@ -8,11 +8,31 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
+from redis.exceptions import (
+    BusyLoadingError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.aio import cancel_requests, raise_if_cancelled_since
 from gateway.errors import StoreUnavailable
+
+# A Redis that answers but cannot serve now: out of memory, a replica after a failover, loading
+# its data, a script running too long. As unreachable as one that does not answer.
+_UNAVAILABLE = (ReadOnlyError, OutOfMemoryError, BusyLoadingError, MasterDownError, TryAgainError)
+
+
+def _unsent(exc: BaseException) -> bool:
+    """Whether the command surely never reached Redis: no connection could be made (a failure
+    after writing, or a timeout waiting for the answer, may have changed something)."""
+    if isinstance(exc, _UNAVAILABLE):
+        return True  # refused: Redis answered and did nothing
+    return isinstance(exc, RedisConnectionError) and "connecting to" in str(exc)
+
 
 # Told of every store call: the operation, its seconds, whether Redis was reached.
 Observer = Callable[[str, float, bool], None]
@@ -36,9 +56,9 @@ def store_call(
         started = time.monotonic()
         try:
             result = await method(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, OSError, *_UNAVAILABLE) as exc:
             observe(op, time.monotonic() - started, False)
-            raise StoreUnavailable() from exc
+            raise StoreUnavailable(unsent=_unsent(exc)) from exc
         observe(op, time.monotonic() - started, True)
         raise_if_cancelled_since(seen)
         return result

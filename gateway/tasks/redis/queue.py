@@ -33,11 +33,12 @@ class Entry(msgspec.Struct, frozen=True):
 
 
 _FAIR = script("fair")
-_REQUEUE_LOST, _ENQUEUE, _TAKE, _UNQUEUE = (
+_REQUEUE_LOST, _ENQUEUE, _TAKE, _UNQUEUE, _PUT_BACK = (
     script("requeue_lost"),
     _FAIR + script("enqueue"),
     _FAIR + script("take"),
     _FAIR + script("unqueue"),
+    _FAIR + script("put_back"),
 )
 
 
@@ -60,6 +61,7 @@ class Queue:
         self.enqueue_script = redis.register_script(_ENQUEUE)
         self._take = redis.register_script(_TAKE)
         self._unqueue = redis.register_script(_UNQUEUE)
+        self._put_back = redis.register_script(_PUT_BACK)
         self._consumer = consumer
         self._lease_ms = lease_ms
         self._max_deliveries = max_deliveries
@@ -73,14 +75,14 @@ class Queue:
         return {b"task": task_id.encode(), b"takeover": b"1" if takeover else b"0"}
 
     def enqueue_call(
-        self, task_id: str, caller: str, size: int, check: bool = True
+        self, task_id: str, caller: str, size: int
     ) -> tuple[list[str], list[str | int]]:
         """`enqueue.lua`'s keys and arguments: 1 if queued, 0 if over the caller's caps."""
         keys = [self._keys.order, self._keys.fair]
-        return keys, [task_id, caller, size, *self._caps, "1" if check else "0", self._keys.wake]
+        return keys, [task_id, caller, size, *self._caps, self._keys.wake]
 
-    async def enqueue(self, task_id: str, caller: str, size: int, check: bool = True) -> bool:
-        keys, args = self.enqueue_call(task_id, caller, size, check)
+    async def enqueue(self, task_id: str, caller: str, size: int) -> bool:
+        keys, args = self.enqueue_call(task_id, caller, size)
         return bool(await self.enqueue_script(keys=keys, args=args))
 
     async def unqueue(self, task_id: str) -> None:
@@ -168,8 +170,10 @@ class Queue:
         if entry.takeover:
             await self.hand_over(entry.id, entry.task_id)
             return
-        await self.done(entry.id)
-        await self.enqueue(entry.task_id, caller, size, check=False)
+        await self._put_back(
+            keys=[self._keys.order, self._keys.fair, self.key],
+            args=[entry.id, _GROUP, entry.task_id, caller, size, self._keys.wake],
+        )
 
     async def let_go_here(self, task_id: str, handover: bool) -> None:
         """A task run here ended its run: its lease goes, and with `handover` (its replica is

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import msgspec
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from gateway.aio import cancel_requests, raise_if_cancelled_since
 from gateway.errors import QueueFull
@@ -157,20 +157,16 @@ class RedisStore:
         return lambda pipe: pipe.set(name, once.value, px=px, nx=not once.replace, get=True)
 
     async def _pipelined(self, steps: list[_Step]) -> list[Any]:
-        """Scripts and commands in one round trip (a Script object in a pipeline would add a
-        SCRIPT EXISTS first); a script a restarted Redis forgot is loaded and run again."""
+        """Scripts and commands in one round trip, in order. Scripts go as EVAL, not EVALSHA:
+        a Redis that restarted or failed over has forgotten its scripts, and a step re-run
+        after the others would break the order that makes a name find its task."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for step in steps:
                 if step.script is None:
                     step.command(pipe)
                 else:
-                    pipe.evalsha(step.script.sha, len(step.keys), *step.keys, *step.args)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-        for i, (step, reply) in enumerate(zip(steps, replies, strict=True)):
-            if isinstance(reply, NoScriptError) and step.script is not None:
-                replies[i] = await step.script(keys=step.keys, args=step.args)
-            elif isinstance(reply, Exception):
-                raise reply
+                    pipe.eval(step.script.script, len(step.keys), *step.keys, *step.args)
+            replies: list[Any] = await pipe.execute()
         return replies
 
     @store_call
@@ -200,7 +196,12 @@ class RedisStore:
         if (reclaimed := await self._reclaim()) is not None:
             return reclaimed
         woken = await self._wakeups.worker_waiter()
-        if (entry := await self._queue.take()) is not None:
+        try:
+            entry = await self._queue.take()
+        except BaseException:
+            self._wakeups.pass_on(woken)  # a wake-up it took must reach a worker that waits
+            raise
+        if entry is not None:
             self._wakeups.pass_on(woken)
             return entry
         with contextlib.suppress(TimeoutError):
@@ -285,13 +286,13 @@ class RedisStore:
         record = held.record if held is not None else await self._transitions.read(task_id)
         if record is None:
             return None
-        if not keep_name and record.once is not None:
-            name = self._keys.once(record.once.name)
-            await self._forget_name(keys=[name], args=[record.once.value])
         status: Status = "completed" if error is None else "failed"
         ended = await self._transitions.end(record, attempt, status, response, error)
         if ended is None:
-            return None
+            return None  # fenced out or cancelled: the name still finds the run that counts
+        if not keep_name and record.once is not None:
+            name = self._keys.once(record.once.name)
+            await self._forget_name(keys=[name], args=[record.once.value])
         task, entry_id = ended
         # Only the run that ended the task acknowledges an entry, its own: a worker fenced out
         # by a takeover must not touch the entry the new run holds.

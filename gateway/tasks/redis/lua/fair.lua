@@ -2,8 +2,8 @@
 -- scored by a virtual start tag. A caller's next task is tagged one past the later of its own
 -- last tag and the tag last served, so callers are served in turn: one with a single task
 -- waits for at most one free worker, whatever another has queued. The hash `fair` keeps the
--- tag last served (`vt`), each caller's last tag, and what each caller has queued (counted
--- against its caps).
+-- tag last served (`vt`), each caller's last tag while it has tasks waiting, and what each
+-- caller has waiting (counted against its caps).
 
 local function unqueued(fair_key, task_id)
   -- A task left the waiting set: it no longer counts against its caller's caps.
@@ -12,8 +12,26 @@ local function unqueued(fair_key, task_id)
   local caller, size = string.match(meta, '^(.*) (%d+)$')
   redis.call('HDEL', fair_key, 'task:' .. task_id)
   if redis.call('HINCRBY', fair_key, 'count:' .. caller, -1) <= 0 then
-    redis.call('HDEL', fair_key, 'count:' .. caller, 'bytes:' .. caller)
-  else
+    -- Nothing of this caller waits: its tag is behind `vt` and need not be kept.
+    redis.call('HDEL', fair_key, 'count:' .. caller, 'bytes:' .. caller, 'last:' .. caller)
+  elseif tonumber(size) > 0 then
     redis.call('HINCRBY', fair_key, 'bytes:' .. caller, -tonumber(size))
   end
+end
+
+local function enqueue(order_key, fair_key, task_id, caller, size, max_count, max_bytes, check,
+                       wake_channel)
+  -- Queue a task at the end of its caller's line; false over the caller's caps when `check`.
+  local count = tonumber(redis.call('HGET', fair_key, 'count:' .. caller) or '0')
+  local bytes = tonumber(redis.call('HGET', fair_key, 'bytes:' .. caller) or '0')
+  if check and (count >= max_count or bytes + size > max_bytes) then return false end
+  local served = tonumber(redis.call('HGET', fair_key, 'vt') or '0')
+  local last = tonumber(redis.call('HGET', fair_key, 'last:' .. caller) or '0')
+  local tag = math.max(served, last) + 1
+  redis.call('ZADD', order_key, tag, task_id)
+  redis.call('HSET', fair_key, 'last:' .. caller, tag, 'task:' .. task_id, caller .. ' ' .. size)
+  redis.call('HINCRBY', fair_key, 'count:' .. caller, 1)
+  redis.call('HINCRBY', fair_key, 'bytes:' .. caller, size)
+  redis.call('PUBLISH', wake_channel, 'queue')
+  return true
 end
