@@ -31,6 +31,8 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
     except asyncio.CancelledError:
         if request.transport is None or request.transport.is_closing():
             count_disconnect(metrics, ctx)
+            # aiohttp logs no access line for a handler it cancelled: the 499 gets one here.
+            request.protocol.log_access(request, web.Response(status=499), ctx.started)
         raise
     except Exception:
         logger.exception("%s unexpected failure", ctx.request_id)

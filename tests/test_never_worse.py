@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.fake import png
+from gateway.metrics import METRICS
 from tests.conftest import Fake, GatewayFactory
 from tests.redis_server import RedisServer
 
@@ -113,6 +114,14 @@ async def test_answers_of_an_instant_upstream_come_back_at_once_on_every_path(
                 assert resp.status == 200, name
                 await resp.read()
             assert time.monotonic() - started < 0.5, name
+    for _ in range(3):  # and followed over SSE: submit, then the events to the last one
+        started = time.monotonic()
+        async with http.post(url, json=body, headers={**key, "Prefer": "respond-async"}) as resp:
+            task = await resp.json()
+        async with http.get(f"{gateway.url}{task['events_url']}", headers=key) as stream:
+            events = await stream.read()
+        assert b"event: completed" in events
+        assert time.monotonic() - started < 0.5, "sse"
 
 
 async def test_sdk_calls_work_while_the_store_is_down_and_keyed_calls_say_so(
@@ -360,3 +369,36 @@ async def test_a_full_redis_is_a_store_outage_not_a_failed_call(
             await client.aclose()
     finally:
         redis.stop()
+
+
+@pytest.mark.parametrize("api_version", ["v1beta", "v1"])
+async def test_google_genai_works_through_the_gateway_as_the_readme_says(
+    gateway_factory: GatewayFactory, fake: Fake, api_version: str
+) -> None:
+    from google import genai
+    from google.genai import types
+
+    gateway = await gateway_factory(timeouts={"models": {"gemini-2.5-flash-image": 77.0}})
+    client = genai.Client(
+        api_key="sk-caller",
+        http_options=types.HttpOptions(
+            base_url=gateway.url, api_version=api_version, timeout=600_000
+        ),
+    )
+    reply = await asyncio.to_thread(
+        client.models.generate_content, model="gemini-2.5-flash-image", contents="a lighthouse"
+    )
+    assert reply.candidates
+    content = reply.candidates[0].content
+    assert content is not None
+    assert content.parts
+    data = content.parts[0].inline_data
+    assert data is not None
+    assert data.mime_type == "image/png"
+    assert fake.stats.by_path == {
+        f"/{api_version}/models/gemini-2.5-flash-image:generateContent": 1
+    }
+    metrics = gateway.app[METRICS].registry
+    route = f"/{api_version}/models/{{model}}:generateContent"
+    labels = {"route": route, "model": "gemini-2.5-flash-image", "status": "200", "mode": "sync"}
+    assert metrics.get_sample_value("gateway_requests_total", labels) == 1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -121,3 +122,25 @@ async def test_a_served_gateway_writes_one_access_line_per_call_like_its_other_l
     ]
     assert [match.group(1) for match in access if match] == [f"call-{i}" for i in range(5)]
     assert all(access)
+
+
+async def test_a_caller_that_leaves_gets_an_access_line_and_an_honest_log(
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = await gateway_factory()
+    caplog.set_level(logging.INFO)
+    for extra in ({}, {"x-stainless-retry-count": "0"}):  # a plain call, then an SDK call
+        headers = {"Authorization": "Bearer sk-a", "X-Fake-Latency": "1", **extra}
+        with contextlib.suppress(TimeoutError):
+            async with http.post(
+                f"{gateway.url}/v1/images/generations",
+                json={"model": "gpt-image-1", "prompt": "a lighthouse"},
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=0.3),
+            ) as resp:
+                await resp.read()
+    await asyncio.sleep(0.3)
+    access = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    assert sum(" status=499 " in line for line in access) == 2
+    assert "caller disconnected; upstream call cancelled" in caplog.text  # the plain call
+    assert "caller disconnected; the call goes on for its retry" in caplog.text  # the SDK's
