@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from gateway.fake import png
 from gateway.metrics import METRICS
+from tests.capture import raw_request
 from tests.conftest import Fake, GatewayFactory
 from tests.redis_server import RedisServer
 
@@ -402,3 +403,21 @@ async def test_google_genai_works_through_the_gateway_as_the_readme_says(
     route = f"/{api_version}/models/{{model}}:generateContent"
     labels = {"route": route, "model": "gemini-2.5-flash-image", "status": "200", "mode": "sync"}
     assert metrics.get_sample_value("gateway_requests_total", labels) == 1.0
+
+
+async def test_an_oversized_async_upload_is_refused_before_its_body_is_read(
+    gateway_factory: GatewayFactory, fake: Fake, store: dict[str, Any]
+) -> None:
+    # 140 MiB declared, 1 KiB sent: the 413 comes from the headers alone.
+    gateway = await gateway_factory(server={"max_body_bytes": 100 * 2**20}, tasks=store)
+    head = (
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: g\r\n"
+        b"Authorization: Bearer sk-caller\r\nPrefer: respond-async\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 146800640"
+    )
+    started = time.monotonic()
+    status, answer = await raw_request(gateway.url, head, b"{" * 1024)
+    assert status == 413
+    assert b"request_too_large" in answer
+    assert time.monotonic() - started < 1
+    assert fake.stats.requests == 0
