@@ -21,6 +21,7 @@ from gateway.fake import STATS, FakeSettings, FakeStats, start_fake
 from gateway.metrics import METRICS, Metrics
 from gateway.server import start
 from tests.procs import GatewayProcess, free_port
+from tests.redis_cluster import ClusterNodes
 from tests.redis_server import RedisServer
 
 
@@ -67,13 +68,25 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store(request: pytest.FixtureRequest, redis_server: RedisServer) -> dict[str, Any]:
-    """The [tasks] config of the store under test: a test using it runs on both stores."""
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterNodes]:
+    """A real six-node Redis Cluster (three primaries, three replicas), shared by the tests."""
+    cluster = ClusterNodes(tmp_path_factory.mktemp("cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def store(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The [tasks] config of the store under test: a test using it runs on every store (the
+    embedded one, a standalone Redis, a Redis Cluster)."""
     if request.param == "memory":
         return {}
+    server = request.getfixturevalue(
+        "redis_cluster" if request.param == "cluster" else "redis_server"
+    )
     prefix = f"test-{uuid.uuid4().hex[:8]}"  # a fresh key space per test on the shared server
-    return {"redis_url": redis_server.url, "key_prefix": prefix}
+    return {"redis_url": server.url, "key_prefix": prefix}
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ from tests.procs import free_port
 
 
 class RedisServer:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *extra: str, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed: .ci/run installs it (apt-get)"
-        self.port = free_port()
+        self.port = free_port() if port is None else port
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._args = [
             binary,
@@ -29,6 +29,7 @@ class RedisServer:
             "yes",
             "--dir",
             str(directory),
+            *extra,
         ]
         self.proc = self._spawn()
 

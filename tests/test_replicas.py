@@ -16,13 +16,23 @@ from typing import Any
 import aiohttp
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.fake import png
 from tests.conftest import Fake, Spawn
+from tests.redis_cluster import ClusterNodes
 from tests.redis_server import RedisServer
 
 KEY = {"Authorization": "Bearer sk-tenant-a"}
 IMAGE_BYTES = 50_000
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def shared_redis(request: pytest.FixtureRequest) -> Any:
+    """The Redis the replicas of a test share: a standalone one, or a Redis Cluster."""
+    return request.getfixturevalue(
+        "redis_cluster" if request.param == "cluster" else "redis_server"
+    )
 
 
 @pytest.fixture
@@ -119,11 +129,11 @@ async def _assert_completed_once(http: aiohttp.ClientSession, url: str, task_id:
 
 
 async def test_a_client_on_one_replica_follows_a_task_run_by_another(
-    spawn: Spawn, fake: Fake, redis_server: RedisServer
+    spawn: Spawn, fake: Fake, shared_redis: Any
 ) -> None:
     prefix = _prefix()
-    _, runner = await spawn(_config(fake, redis_server, prefix, workers=4))
-    _, watcher = await spawn(_config(fake, redis_server, prefix, workers=0))  # runs nothing
+    _, runner = await spawn(_config(fake, shared_redis, prefix, workers=4))
+    _, watcher = await spawn(_config(fake, shared_redis, prefix, workers=0))  # runs nothing
     async with aiohttp.ClientSession() as http:
         task_id = await _submit(http, watcher, latency_s=0.5)
         events = await _events(http, watcher, task_id)
@@ -136,14 +146,14 @@ async def test_a_client_on_one_replica_follows_a_task_run_by_another(
 
 
 async def test_tasks_of_a_replica_killed_mid_run_complete_on_another_exactly_once(
-    spawn: Spawn, fake: Fake, redis_server: RedisServer
+    spawn: Spawn, fake: Fake, shared_redis: Any
 ) -> None:
     prefix = _prefix()
-    victim, victim_url = await spawn(_config(fake, redis_server, prefix, workers=16, lease_s=2))
+    victim, victim_url = await spawn(_config(fake, shared_redis, prefix, workers=16, lease_s=2))
     async with aiohttp.ClientSession() as http:
         task_ids = [await _submit(http, victim_url, latency_s=1.5) for _ in range(8)]
         await fake.until_running(8)
-        _, survivor = await spawn(_config(fake, redis_server, prefix, workers=16, lease_s=2))
+        _, survivor = await spawn(_config(fake, shared_redis, prefix, workers=16, lease_s=2))
         victim.proc.send_signal(signal.SIGKILL)
         assert await victim.wait_exit(within_s=5) == -signal.SIGKILL
         tasks = await _until_all_ended(http, survivor, task_ids, within_s=30)
@@ -151,22 +161,25 @@ async def test_tasks_of_a_replica_killed_mid_run_complete_on_another_exactly_onc
         for task_id in task_ids:
             await _assert_completed_once(http, survivor, task_id)
     assert fake.stats.requests == 16  # each generation was cut once, then run to the end once
-    async with Redis.from_url(redis_server.url) as redis:
+    client = (RedisCluster if isinstance(shared_redis, ClusterNodes) else Redis).from_url(
+        shared_redis.url
+    )
+    async with client as redis:
         assert await redis.xlen(f"{prefix}:{{queue}}") == 0  # nothing left queued or pending
 
 
 async def test_sigterm_hands_running_tasks_over_and_ends_event_streams_cleanly(
-    spawn: Spawn, fake: Fake, redis_server: RedisServer
+    spawn: Spawn, fake: Fake, shared_redis: Any
 ) -> None:
     prefix = _prefix()
     # The default 30 s lease: finishing well inside it proves the hand-over, not a lapse.
-    leaving, leaving_url = await spawn(_config(fake, redis_server, prefix, workers=4))
+    leaving, leaving_url = await spawn(_config(fake, shared_redis, prefix, workers=4))
     async with aiohttp.ClientSession() as http:
         task_ids = [await _submit(http, leaving_url, latency_s=6) for _ in range(3)]
         await fake.until_running(3)
         async with http.get(f"{leaving_url}/v1/tasks/{task_ids[0]}/events", headers=KEY) as sse:
             first = await sse.content.readuntil(b"\r\n\r\n")  # queued
-            _, staying = await spawn(_config(fake, redis_server, prefix, workers=4))
+            _, staying = await spawn(_config(fake, shared_redis, prefix, workers=4))
             leaving.proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             rest = await sse.content.read()  # must end by itself, cleanly, without an error
@@ -239,11 +252,11 @@ async def test_a_redis_outage_fails_async_fast_keeps_sync_working_then_recovers(
 
 
 async def test_gateway_worker_runs_tasks_that_a_serving_replica_accepted(
-    spawn: Spawn, fake: Fake, redis_server: RedisServer
+    spawn: Spawn, fake: Fake, shared_redis: Any
 ) -> None:
     prefix = _prefix()
-    _, url = await spawn(_config(fake, redis_server, prefix, workers=0))
-    worker, _ = await spawn(_config(fake, redis_server, prefix, workers=2), command="worker")
+    _, url = await spawn(_config(fake, shared_redis, prefix, workers=0))
+    worker, _ = await spawn(_config(fake, shared_redis, prefix, workers=2), command="worker")
     async with aiohttp.ClientSession() as http:
         task_id = await _submit(http, url, latency_s=0.2)
         await _until_all_ended(http, url, [task_id], within_s=15)
@@ -259,11 +272,11 @@ async def test_gateway_worker_without_redis_refuses_to_start(spawn: Spawn) -> No
 
 
 async def test_the_same_key_racing_on_two_replicas_makes_one_upstream_call(
-    spawn: Spawn, fake: Fake, redis_server: RedisServer
+    spawn: Spawn, fake: Fake, shared_redis: Any
 ) -> None:
     prefix = _prefix()
-    _, first = await spawn(_config(fake, redis_server, prefix, workers=4))
-    _, second = await spawn(_config(fake, redis_server, prefix, workers=4))
+    _, first = await spawn(_config(fake, shared_redis, prefix, workers=4))
+    _, second = await spawn(_config(fake, shared_redis, prefix, workers=4))
 
     async def call(http: aiohttp.ClientSession, url: str) -> bytes:
         async with http.post(
@@ -283,3 +296,19 @@ async def test_the_same_key_racing_on_two_replicas_makes_one_upstream_call(
         images = await asyncio.gather(*(call(http, url) for url in (first, second) * 3))
     assert all(image == png(IMAGE_BYTES) for image in images)
     assert fake.stats.requests == 1
+
+
+async def test_the_store_is_told_apart_at_start_up_from_any_cluster_node(
+    spawn: Spawn, fake: Fake, redis_cluster: ClusterNodes, redis_server: RedisServer
+) -> None:
+    # Every node of the cluster will do, replicas too; the log says which kind of Redis it is.
+    for node in redis_cluster.nodes:
+        proc, gateway = await spawn(_config(fake, node, _prefix(), workers=2))
+        assert f"task store: Redis Cluster at 127.0.0.1:{node.port}" in proc.output()
+        async with aiohttp.ClientSession() as http:
+            task_id = await _submit(http, gateway, latency_s=0.1)
+            await _until_all_ended(http, gateway, [task_id], within_s=10)
+            await _assert_completed_once(http, gateway, task_id)
+        proc.close()
+    proc, _ = await spawn(_config(fake, redis_server, _prefix(), workers=1))
+    assert f"task store: standalone Redis at 127.0.0.1:{redis_server.port}" in proc.output()

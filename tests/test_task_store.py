@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from gateway.errors import QueueFull
 from gateway.tasks.memory import MemoryStore
@@ -34,23 +36,29 @@ JOB = Job(
 ANSWER = StoredResponse(status=200, headers=[("Content-Type", "application/json")], body=b"{}")
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(
-    request: pytest.FixtureRequest, redis_server: RedisServer
-) -> AsyncIterator[TaskStore]:
+@pytest.fixture(params=["memory", "redis", "cluster"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[TaskStore]:
     made: TaskStore
+    caps: dict[str, Any] = {"max_queued_per_caller": 50, "max_queued_bytes_per_caller": 2**20}
     if request.param == "memory":
-        made = MemoryStore(60.0, max_queued_per_caller=50, max_queued_bytes_per_caller=2**20)
+        made = MemoryStore(60.0, **caps)
     else:
-        client = Redis.from_url(redis_server.url)
+        cluster = request.param == "cluster"
+        client: Any
+        if cluster:
+            server: Any = request.getfixturevalue("redis_cluster")
+            client = AsyncRedisCluster.from_url(server.url)
+        else:
+            server = request.getfixturevalue("redis_server")
+            client = Redis.from_url(server.url)
         await client.flushall()
         made = RedisStore(
             client,
             consumer="test-worker",
             retention_s=60.0,
             lease_s=0.5,
-            max_queued_per_caller=50,
-            max_queued_bytes_per_caller=2**20,
+            cluster=cluster,
+            **caps,
         )
     yield made
     await made.close()

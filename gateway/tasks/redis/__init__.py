@@ -6,11 +6,17 @@ group), `slots`
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
+from typing import Any
 
+from redis import Redis as SyncRedis
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
+from yarl import URL
 
 from gateway.config import TasksConfig
 from gateway.tasks.redis.observed import Observer
@@ -18,24 +24,38 @@ from gateway.tasks.redis.store import RedisStore
 
 __all__ = ["RedisStore", "connect"]
 
+logger = logging.getLogger(__name__)
 _SPARE_CONNECTIONS = 64
+# A hung Redis must not hang callers; longer than any command the store waits on.
+_SOCKET_TIMEOUT_S = 15.0
 
 
 def connect(tasks: TasksConfig, observe: Observer) -> RedisStore:
-    """The store on `tasks.redis_url`, its client sized for the workers of this process."""
-    assert tasks.redis_url is not None
-    # Each worker blocks on the queue with a connection of its own; requests share the rest.
-    # Past that, a command waits briefly for a free connection rather than failing.
-    pool = BlockingConnectionPool.from_url(
-        tasks.redis_url,
-        max_connections=tasks.workers + _SPARE_CONNECTIONS,
-        timeout=5.0,
-        socket_connect_timeout=2.0,
-        # A hung Redis must not hang callers; longer than a claim's blocking read (5 s).
-        socket_timeout=15.0,
-    )
+    """The store on `tasks.redis_url`: a standalone Redis (or Valkey), or a Redis Cluster found
+    from any one of its nodes; told apart at start-up and logged. `rediss://` and
+    `redis://user:password@` work for both."""
+    url = tasks.redis_url
+    assert url is not None
+    client: Any
+    if cluster := _is_cluster(url):
+        client = RedisCluster.from_url(
+            url,
+            max_connections=tasks.workers + _SPARE_CONNECTIONS,
+            socket_connect_timeout=2.0,
+            socket_timeout=_SOCKET_TIMEOUT_S,
+        )
+    else:
+        # Requests share the pool; past it, a command waits briefly for a free connection.
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=tasks.workers + _SPARE_CONNECTIONS,
+            timeout=5.0,
+            socket_connect_timeout=2.0,
+            socket_timeout=_SOCKET_TIMEOUT_S,
+        )
+        client = Redis.from_pool(pool)  # owns the pool: closing the client closes it
     return RedisStore(
-        Redis.from_pool(pool),  # owns the pool: closing the client closes it
+        client,
         # Unique per process: a restarted worker must not inherit its predecessor's claims.
         consumer=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}",
         retention_s=tasks.retention_s,
@@ -45,4 +65,23 @@ def connect(tasks: TasksConfig, observe: Observer) -> RedisStore:
         observe=observe,
         max_queued_per_caller=tasks.max_queued_per_caller,
         max_queued_bytes_per_caller=tasks.max_queued_bytes_per_caller,
+        cluster=cluster,
     )
+
+
+def _is_cluster(url: str) -> bool:
+    """Whether `url` names a node of a Redis Cluster. Asked once, at start-up, before the event
+    loop serves anything; a Redis unreachable then is taken for a standalone one (a cluster
+    would then answer MOVED, which fails its calls loudly until the gateway restarts)."""
+    where = f"{URL(url).host}:{URL(url).port}"
+    probe = SyncRedis.from_url(url, socket_connect_timeout=2.0, socket_timeout=2.0)
+    try:
+        info = probe.info("cluster")
+    except RedisError as exc:
+        logger.warning("task store: Redis at %s unreachable (%s); taken for standalone", where, exc)
+        return False
+    finally:
+        probe.close()
+    cluster = bool(info.get("cluster_enabled"))
+    logger.info("task store: %s at %s", "Redis Cluster" if cluster else "standalone Redis", where)
+    return cluster

@@ -33,8 +33,9 @@ class Entry(msgspec.Struct, frozen=True):
 
 
 _FAIR = script("fair")
-_REQUEUE_LOST, _ENQUEUE, _TAKE, _UNQUEUE, _PUT_BACK = (
+_REQUEUE_LOST, _REQUEUE, _ENQUEUE, _TAKE, _UNQUEUE, _PUT_BACK = (
     script("requeue_lost"),
+    script("requeue"),
     _FAIR + script("enqueue"),
     _FAIR + script("take"),
     _FAIR + script("unqueue"),
@@ -58,6 +59,7 @@ class Queue:
         self._here = keys.here
         self._caps = caps  # most tasks, most request bytes one caller may have waiting
         self._requeue_lost = redis.register_script(_REQUEUE_LOST)
+        self._requeue = redis.register_script(_REQUEUE)
         self.enqueue_script = redis.register_script(_ENQUEUE)
         self._take = redis.register_script(_TAKE)
         self._unqueue = redis.register_script(_UNQUEUE)
@@ -157,12 +159,9 @@ class Queue:
     async def hand_over(self, entry_id: bytes, task_id: str) -> None:
         """A running task goes to another worker at once (this one is stopping): a fresh entry
         that may take it over, ahead of the waiting tasks."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.key, self.fields(task_id, takeover=True))
-            pipe.xack(self.key, _GROUP, entry_id)
-            pipe.xdel(self.key, entry_id)
-            pipe.publish(self._keys.wake, "queue")
-            await pipe.execute()
+        await self._requeue(
+            keys=[self.key, self._here], args=[entry_id, _GROUP, task_id, self._keys.wake, "1"]
+        )
 
     async def put_back(self, entry: Entry, caller: str, size: int) -> None:
         """A task whose concurrency slot is full waits again, at the end of its caller's line
@@ -178,12 +177,10 @@ class Queue:
     async def let_go_here(self, task_id: str, handover: bool) -> None:
         """A task run here ended its run: its lease goes, and with `handover` (its replica is
         shutting down mid-run) it joins the queue as an entry that may take it over."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self._here, task_id)
-            if handover:
-                pipe.xadd(self.key, self.fields(task_id, takeover=True))
-                pipe.publish(self._keys.wake, "queue")
-            await pipe.execute()
+        hand = "1" if handover else "0"
+        await self._requeue(
+            keys=[self.key, self._here], args=[b"", _GROUP, task_id, self._keys.wake, hand]
+        )
 
     async def depth(self) -> int:
         """Tasks waiting for a worker: the waiting set, and entries not yet delivered."""

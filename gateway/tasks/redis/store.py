@@ -73,10 +73,14 @@ class RedisStore:
         observe: Observer = unobserved,
         max_queued_per_caller: int = 1000,
         max_queued_bytes_per_caller: int = 256 * 2**20,
+        cluster: bool = False,
     ) -> None:
         # redis-py types its replies as unions over decode_responses; this store always works
         # in bytes, so the client is used untyped rather than narrowed at every call.
         self._redis: Any = redis
+        # In a Redis Cluster a pipeline's commands for different slots go to different nodes,
+        # in no order: steps whose order matters are sent one after the other there.
+        self._ordered_pipelines = not cluster
         self.observe = observe
         keys = self._keys = Keys(prefix)
         lease_ms = int(lease_s * 1000)
@@ -160,14 +164,25 @@ class RedisStore:
         """Scripts and commands in one round trip, in order. Scripts go as EVAL, not EVALSHA:
         a Redis that restarted or failed over has forgotten its scripts, and a step re-run
         after the others would break the order that makes a name find its task."""
+        replies: list[Any] = []
+        if not self._ordered_pipelines:
+            for step in steps:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    self._queue_step(pipe, step)
+                    replies += await pipe.execute()
+            return replies
         async with self._redis.pipeline(transaction=False) as pipe:
             for step in steps:
-                if step.script is None:
-                    step.command(pipe)
-                else:
-                    pipe.eval(step.script.script, len(step.keys), *step.keys, *step.args)
-            replies: list[Any] = await pipe.execute()
+                self._queue_step(pipe, step)
+            replies += await pipe.execute()
         return replies
+
+    @staticmethod
+    def _queue_step(pipe: Any, step: _Step) -> None:
+        if step.script is None:
+            step.command(pipe)
+        else:
+            pipe.eval(step.script.script, len(step.keys), *step.keys, *step.args)
 
     @store_call
     async def get(self, task_id: str) -> TaskRecord | None:
