@@ -43,6 +43,10 @@ class ClusterNodes:
                     # A primary that stops answering is replaced within seconds.
                     "--cluster-node-timeout",
                     "2000",
+                    # Replicas sync at once (the default waits 5 s for more of them): a replica
+                    # that never synced is never promoted.
+                    "--repl-diskless-sync-delay",
+                    "0",
                     port=_cluster_port(),
                 )
             )
@@ -78,7 +82,19 @@ class ClusterNodes:
                 ).stdout
                 for node in self.nodes
             ]
-            if all("cluster_state:ok" in state for state in states):
+            links = [
+                subprocess.run(
+                    [cli, "-p", str(node.port), "info", "replication"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
+                for node in self.nodes
+            ]
+            replicas_synced = all(
+                "master_link_status:up" in link for link in links if "role:slave" in link
+            )
+            if all("cluster_state:ok" in state for state in states) and replicas_synced:
                 return
             time.sleep(0.2)
         raise AssertionError("the Redis Cluster did not become ready")

@@ -10,9 +10,13 @@ from typing import Any, ParamSpec, TypeVar
 
 from redis.exceptions import (
     BusyLoadingError,
+    ClusterDownError,
+    ClusterError,
     MasterDownError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -22,8 +26,19 @@ from gateway.aio import cancel_requests, raise_if_cancelled_since
 from gateway.errors import StoreUnavailable
 
 # A Redis that answers but cannot serve now: out of memory, a replica after a failover, loading
-# its data, a script running too long. As unreachable as one that does not answer.
-_UNAVAILABLE = (ReadOnlyError, OutOfMemoryError, BusyLoadingError, MasterDownError, TryAgainError)
+# its data, a cluster down or without a primary for a slot (mid-failover). As unreachable as
+# one that does not answer.
+_UNAVAILABLE = (
+    ReadOnlyError,
+    OutOfMemoryError,
+    BusyLoadingError,
+    MasterDownError,
+    TryAgainError,
+    ClusterDownError,
+    SlotNotCoveredError,
+)
+# The cluster client gave up on a slot after its own retries: it may have sent the command.
+_GAVE_UP = (ClusterError, RedisClusterException)
 
 
 def _unsent(exc: BaseException) -> bool:
@@ -56,7 +71,7 @@ def store_call(
         started = time.monotonic()
         try:
             result = await method(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError, OSError, *_UNAVAILABLE) as exc:
+        except (RedisConnectionError, RedisTimeoutError, OSError, *_UNAVAILABLE, *_GAVE_UP) as exc:
             observe(op, time.monotonic() - started, False)
             raise StoreUnavailable(unsent=_unsent(exc)) from exc
         observe(op, time.monotonic() - started, True)

@@ -13,6 +13,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from gateway.accesslog import OncePer
+
 logger = logging.getLogger(__name__)
 
 
@@ -23,6 +25,7 @@ class Wakeups:
         self._waiting: dict[str, asyncio.Event] = {}
         self._idle_workers: collections.deque[asyncio.Future[None]] = collections.deque()
         self._listener: asyncio.Task[None] | None = None
+        self._warned = OncePer(60.0)
 
     async def _listen(self) -> None:
         if self._listener is None or self._listener.done():  # none yet, or lost with Redis
@@ -66,15 +69,17 @@ class Wakeups:
                     self._wake_a_worker()
                 elif (waiter := self._waiting.pop(message["data"].decode(), None)) is not None:
                     waiter.set()
-        except RedisError:
-            logger.warning("task wake-ups lost with Redis; resubscribing on next use")
+        except (RedisError, OSError, RuntimeError):  # RuntimeError: a transport gone under it
+            if self._warned():
+                logger.warning("task wake-ups lost with Redis; resubscribing on next use")
         finally:
             for waiter in self._waiting.values():
                 waiter.set()
             self._waiting.clear()
             while self._idle_workers:
                 self._wake_a_worker()
-            with contextlib.suppress(RedisError):
+            # A connection a dead node left behind may fail to close in any way at all.
+            with contextlib.suppress(Exception):
                 await pubsub.aclose()
 
     async def close(self) -> None:
