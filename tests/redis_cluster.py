@@ -28,9 +28,24 @@ def _cluster_port() -> int:
 
 
 class ClusterNodes:
-    def __init__(self, directory: Path, nodes: int = 6) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *extra: str,
+        nodes: int = 6,
+        cli_auth: tuple[str, ...] = (),
+        tls: tuple[str, ...] = (),
+    ) -> None:
+        """`extra`: more redis-server options for every node; `cli_auth`: redis-cli's options
+        to log in with (an ACL test's `--user`, `--pass`, a TLS test's `--tls`, `--cacert`);
+        `tls`: the TLS options of every node, which then serve clients, replicas and the bus
+        over TLS (each keeps a plain port for the tests' own readiness check)."""
+        self._cli_auth = cli_auth
         self.nodes: list[RedisServer] = []
+        self.client_ports: list[int] = []
         for i in range(nodes):
+            tls_port = _cluster_port() if tls else 0
+            per_node = ("--tls-port", str(tls_port), *tls) if tls else ()
             node_dir = directory / f"node-{i}"
             node_dir.mkdir(parents=True, exist_ok=True)
             self.nodes.append(
@@ -47,17 +62,21 @@ class ClusterNodes:
                     # that never synced is never promoted.
                     "--repl-diskless-sync-delay",
                     "0",
+                    *extra,
+                    *per_node,
                     port=_cluster_port(),
                 )
             )
+            self.client_ports.append(tls_port or self.nodes[-1].port)
         cli = shutil.which("redis-cli")
         assert cli, "redis-cli is not installed: .ci/run installs it with redis-server"
         subprocess.run(
             [
                 cli,
+                *cli_auth,
                 "--cluster",
                 "create",
-                *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                *(f"127.0.0.1:{port}" for port in self.client_ports),
                 "--cluster-replicas",
                 "1",
                 "--cluster-yes",
@@ -75,21 +94,21 @@ class ClusterNodes:
         while time.monotonic() < deadline:
             states = [
                 subprocess.run(
-                    [cli, "-p", str(node.port), "cluster", "info"],
+                    [cli, *self._cli_auth, "-p", str(port), "cluster", "info"],
                     capture_output=True,
                     text=True,
                     timeout=5,
                 ).stdout
-                for node in self.nodes
+                for port in self.client_ports
             ]
             links = [
                 subprocess.run(
-                    [cli, "-p", str(node.port), "info", "replication"],
+                    [cli, *self._cli_auth, "-p", str(port), "info", "replication"],
                     capture_output=True,
                     text=True,
                     timeout=5,
                 ).stdout
-                for node in self.nodes
+                for port in self.client_ports
             ]
             replicas_synced = all(
                 "master_link_status:up" in link for link in links if "role:slave" in link

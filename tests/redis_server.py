@@ -40,7 +40,8 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), 0.2) as sock:
                     sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
+                    # NOAUTH: alive, and closed to the default user (an ACL test's server).
+                    if sock.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                         return proc
             except OSError:
                 time.sleep(0.05)
