@@ -132,6 +132,10 @@ class TasksConfig(_Section, frozen=True):
     retention_s: float = 86400.0
     # Largest upstream answer kept as a task result; a larger one fails the task clearly.
     result_max_bytes: int = 32 * 2**20
+    # Where results larger than result_inline_bytes live (GATEWAY_RESULTS_URL): unset keeps them
+    # in the task store; file:///dir a directory shared by the replicas.
+    results_url: str | None = None
+    result_inline_bytes: int = 64 * 1024
 
     def limits(
         self, model: str | None, credential: str, caller: str, per_caller: int
@@ -194,6 +198,7 @@ _ENV_OVERRIDES = (
     ("GATEWAY_UPSTREAM_URL", "upstream", "url"),
     ("GATEWAY_UPSTREAM_API_KEY", "auth", "upstream_api_key"),
     ("GATEWAY_REDIS_URL", "tasks", "redis_url"),
+    ("GATEWAY_RESULTS_URL", "tasks", "results_url"),
 )
 
 
@@ -240,6 +245,11 @@ def _check(config: Config, file: Path, env: Mapping[str, str]) -> None:
         raise ConfigError(f"{file}: server.body_read_timeout_s must be positive")
     if not config.upstream.url.startswith(("http://", "https://")):
         raise ConfigError(f"{where('upstream.url')} must be an http(s) URL")
+    results = config.tasks.results_url
+    if results is not None and not results.startswith("file:///"):
+        raise ConfigError(
+            f"{where('tasks.results_url')}: only file:///absolute/dir is built yet (not s3://)"
+        )
     if config.auth.client_key_sha256 and not config.auth.upstream_api_key:
         raise ConfigError(
             f"{file}: auth.client_key_sha256 is set but no upstream key "

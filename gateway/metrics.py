@@ -155,6 +155,10 @@ class Metrics:
             "run_once_bypassed",
             "SDK calls sent as plain calls because the task store was unreachable.",
         )()
+        self.result_store_errors = self._counter(
+            "result_store_errors",
+            "Task results the results store (GATEWAY_RESULTS_URL) failed to keep.",
+        )()
         self.store_errors = self._counter(
             "store_errors", "Task store (Redis) calls that failed to reach it, by operation.", "op"
         )

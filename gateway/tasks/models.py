@@ -84,6 +84,8 @@ class StoredResponse(msgspec.Struct, frozen=True, kw_only=True):
     status: int
     headers: list[tuple[str, str]]
     body: bytes
+    # The body lives in the results store under this reference instead (`results.py`).
+    body_ref: str | None = None
 
 
 class TaskEvent(msgspec.Struct, frozen=True):

@@ -14,19 +14,21 @@ from aiohttp import web
 from yarl import URL
 
 from gateway.auth import Auth
-from gateway.config import Config
+from gateway.config import CONFIG, Config
 from gateway.errors import NotFound, StoreUnavailable, Unauthorized
 from gateway.metrics import METRICS, Metrics
 from gateway.tasks import redis
 from gateway.tasks.memory import MemoryStore
 from gateway.tasks.models import TaskRecord, TaskStore
+from gateway.tasks.results import FileResults
 
 logger = logging.getLogger(__name__)
 
 
 class TaskService:
-    def __init__(self, store: TaskStore, auth: Auth) -> None:
+    def __init__(self, store: TaskStore, auth: Auth, results: FileResults | None = None) -> None:
         self.store = store
+        self.results = results  # large results, when kept outside the store
         self._auth = auth
         # Owners are keyed hashes, so the store never holds a credential; the key comes from
         # the store (shared by every replica) when the app starts.
@@ -80,8 +82,28 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
 
     metrics.before_scrape.append(queue_depth)
     await service.start()
+    sweeper = None
+    if service.results is not None:
+        retention_s = app[CONFIG].tasks.retention_s
+        sweeper = asyncio.create_task(_sweep(service.results, retention_s))
     yield
+    if sweeper is not None:
+        sweeper.cancel()
     await service.store.close()
+
+
+async def _sweep(results: FileResults, retention_s: float) -> None:
+    """Results go when their tasks do: a look every tenth of the retention (an hour at most)."""
+    while True:
+        await asyncio.sleep(min(retention_s / 10, 3600.0))
+        removed = await asyncio.to_thread(results.sweep, retention_s)
+        if removed:
+            logger.info("%d results past their retention removed", removed)
+
+
+def open_results(config: Config) -> FileResults | None:
+    url = config.tasks.results_url
+    return None if url is None else FileResults.from_url(url)
 
 
 def open_store(config: Config, metrics: Metrics) -> TaskStore:

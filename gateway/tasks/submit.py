@@ -87,7 +87,7 @@ async def submit(
     job = _job(request, ctx, target, body, owner)
     ctx.call_goes_on = True
     if prefs is not None and prefs.respond_async:
-        return await _submit_async(request.app[CONFIG], tasks.store, ctx, owner, job, once, prefs)
+        return await _submit_async(request, ctx, owner, job, once, prefs)
     assert once is not None  # a sync call runs as a task only to run once
     return await _run_once_here(request, ctx, owner, job, once)
 
@@ -148,34 +148,36 @@ def _record(ctx: RequestContext, owner: str, status: Status, once: OnceName | No
 
 
 async def _submit_async(
-    config: Config,
-    store: TaskStore,
+    request: web.Request,
     ctx: RequestContext,
     owner: str,
     job: Job,
     once: RunOnce | None,
     prefs: Preferences,
 ) -> web.StreamResponse:
+    config: Config = request.app[CONFIG]
+    store = request.app[TASKS].store
     record = _record(ctx, owner, "queued", None)
     if once is None:
         await store.create(record, job)
-        return await _accepted(store, record.task, prefs.wait_s)
+        return await _accepted(request, store, record.task, prefs.wait_s)
     name, request_print = _name(config, once, owner, job, record.task.id)
     record = msgspec.structs.replace(record, once=name)
     held = await store.find_or_create(record, job, None, name)
     if held is None:
-        return await _accepted(store, record.task, prefs.wait_s)
-    response = await _accepted(store, await _found(store, once, request_print, held), prefs.wait_s)
-    response.headers["Idempotent-Replayed"] = "true"
-    return response
+        return await _accepted(request, store, record.task, prefs.wait_s)
+    found = await _found(store, once, request_print, held)
+    return await _accepted(request, store, found, prefs.wait_s, replayed=True)
 
 
-async def _accepted(store: TaskStore, task: Task, wait_s: float | None) -> web.StreamResponse:
+async def _accepted(
+    request: web.Request, store: TaskStore, task: Task, wait_s: float | None, replayed: bool = False
+) -> web.StreamResponse:
     """202 with the task, or the ordinary answer if it ends within `wait_s`."""
     if wait_s:
         ended = await wait_terminal(store, task.id, wait_s)
         if ended is not None and (answer := await store.result(task.id)) is not None:
-            return replay(answer)
+            return await replay(request, answer, replayed)
     response = task_response(task, status=202)
     response.headers.update(
         {
@@ -184,6 +186,8 @@ async def _accepted(store: TaskStore, task: Task, wait_s: float | None) -> web.S
             "Vary": "Prefer",
         }
     )
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
     return response
 
 
@@ -213,7 +217,7 @@ async def _run_once_here(
             credential = request.app[AUTH].caller_key(request) or ""
             ran = request.app[WORKER_POOL].run_here(Claim(record, job), credential)
             if (outcome := await asyncio.shield(ran)) is not None:
-                return replay(outcome[0])
+                return await replay(request, outcome[0])
             task = record.task  # cancelled, or (its lease lost) run by another worker
         else:
             task = await _found(store, once, request_print, held)
@@ -226,9 +230,7 @@ async def _run_once_here(
         if answer is None:
             raise NotFound("The call's answer is no longer kept.")
         if kept_for_retries(ended.error) or run == _MAX_RUNS - 1:
-            response = replay(answer)
-            response.headers["Idempotent-Replayed"] = "true"
-            return response
+            return await replay(request, answer, replayed=True)
         # The run this request attached to ended in what a retry runs again (a 429, a 503):
         # its own caller has that answer; this request runs the call anew.
     raise AssertionError("unreachable")

@@ -13,7 +13,7 @@ from aiohttp_sse import EventSourceResponse, sse_response
 from multidict import CIMultiDict
 
 from gateway.aio import until_set
-from gateway.errors import BadRequest, StoreUnavailable, TaskCancelled
+from gateway.errors import BadRequest, NotFound, StoreUnavailable, TaskCancelled
 from gateway.metrics import METRICS
 from gateway.tasks.follow import follow
 from gateway.tasks.models import (
@@ -62,11 +62,29 @@ def task_response(task: Task, status: int = 200) -> web.Response:
     )
 
 
-def replay(answer: StoredResponse) -> web.Response:
-    """The stored answer exactly as the sync call would have returned it."""
+async def replay(
+    request: web.Request, answer: StoredResponse, replayed: bool = False
+) -> web.StreamResponse:
+    """The stored answer exactly as the sync call would have returned it; a body kept in the
+    results store is streamed from there, never whole in memory. Headers are final once it
+    streams: say `replayed` here, not after."""
     headers = CIMultiDict(answer.headers)
     headers.popall("Content-Length", None)
-    return web.Response(status=answer.status, headers=headers, body=answer.body)
+    if replayed:  # another request's answer (a run-once call found again)
+        headers["Idempotent-Replayed"] = "true"
+    if answer.body_ref is None:
+        return web.Response(status=answer.status, headers=headers, body=answer.body)
+    results = request.app[TASKS].results
+    size = None if results is None else results.size(answer.body_ref)
+    if results is None or size is None:
+        raise NotFound("The call's answer is no longer kept.")
+    response = web.StreamResponse(status=answer.status, headers=headers)
+    response.content_length = size
+    await response.prepare(request)
+    async for chunk in results.chunks(answer.body_ref):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 async def wait_terminal(store: TaskStore, task_id: str, within_s: float) -> Task | None:
@@ -113,7 +131,7 @@ async def result_view(request: web.Request) -> web.StreamResponse:
     if task.status == "cancelled":
         raise TaskCancelled()
     answer = await tasks.store.result(task.id) if task.status in TERMINAL else None
-    return replay(answer) if answer is not None else task_response(task, status=202)
+    return await replay(request, answer) if answer is not None else task_response(task, status=202)
 
 
 async def events_view(request: web.Request) -> web.StreamResponse:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import aiohttp
+import msgspec
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -32,6 +33,7 @@ from gateway.metrics import METRICS, Metrics
 from gateway.tasks.follow import follow
 from gateway.tasks.idempotency import kept_for_retries
 from gateway.tasks.models import Claim, Job, Status, StoredResponse, Task, TaskError, TaskStore
+from gateway.tasks.results import FileResults, ResultStoreUnavailable
 from gateway.tasks.service import TASKS
 from gateway.upstream import UPSTREAM, Upstream
 
@@ -62,8 +64,10 @@ class Worker:
         config: Config,
         metrics: Metrics,
         admission: Admission | None = None,
+        results: FileResults | None = None,
     ) -> None:
         self._store = store
+        self._results = results
         self._upstream = upstream
         self._admission = admission
         self._auth = auth
@@ -137,6 +141,8 @@ class Worker:
             outcome = await self._outcome(claim, credential)
             if answered is not None and not answered.done():
                 answered.set_result(outcome)
+            if outcome is not None:
+                outcome = await self._kept(task_id, *outcome)
             if outcome is None:
                 logger.info("%s cancelled or ended elsewhere; upstream call aborted", task_id)
             elif status := await self._finish(task_id, attempt, *outcome):
@@ -184,6 +190,25 @@ class Worker:
                 if asyncio.get_running_loop().time() > give_up:
                     raise
                 await asyncio.sleep(_RETRY_S)
+
+    async def _kept(
+        self, task_id: str, response: StoredResponse, error: TaskError | None
+    ) -> Outcome:
+        """The answer as the store keeps it: a large body goes to the results store first,
+        and the task keeps a reference. An answer that cannot be kept fails the task loudly."""
+        if self._results is None or len(response.body) <= self._config.tasks.result_inline_bytes:
+            return response, error
+        try:
+            ref = await self._results.put(task_id, response.body)
+        except ResultStoreUnavailable as failure:
+            self._metrics.result_store_errors.inc()
+            logger.error(
+                "%s answered, but the results store failed: %s", task_id, failure.__cause__
+            )
+            return stored(failure.response()), TaskError(
+                failure.message, failure.type, failure.code
+            )
+        return msgspec.structs.replace(response, body=b"", body_ref=ref), error
 
     async def _renew(self, task_id: str) -> None:
         while True:
@@ -305,6 +330,7 @@ class WorkerPool:
             self._config,
             app[METRICS],
             app.get(ADMISSION),
+            app[TASKS].results,
         )
         self._loops = [
             asyncio.create_task(self._worker.run()) for _ in range(self._config.tasks.workers)

@@ -1,0 +1,104 @@
+"""Results outside the task store (`GATEWAY_RESULTS_URL=file:///dir`), on every task store: a large
+answer lives in a file the task points to, streams back byte for byte, goes with its retention,
+and a results store that fails says so on the task instead of losing it."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.config import ConfigError, load_config
+from gateway.tasks.results import FileResults
+from tests.conftest import Fake, GatewayFactory
+
+KEY = {"Authorization": "Bearer sk-caller"}
+BODY = {"model": "gpt-image-1", "prompt": "a lighthouse"}
+
+
+async def _async_answer(
+    http: aiohttp.ClientSession, url: str, image_bytes: int
+) -> tuple[str, int, bytes]:
+    headers = {**KEY, "Prefer": "respond-async", "X-Fake-Image-Bytes": str(image_bytes)}
+    async with http.post(f"{url}/v1/images/generations", json=BODY, headers=headers) as resp:
+        task = await resp.json()
+    waiting = {**KEY, "Prefer": "wait=10"}
+    async with http.get(f"{url}{task['result_url']}", headers=waiting) as resp:
+        return task["id"], resp.status, await resp.read()
+
+
+async def test_a_large_result_lives_in_a_file_and_streams_back_byte_for_byte(
+    gateway_factory: GatewayFactory,
+    fake: Fake,
+    store: dict[str, Any],
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    results = tmp_path / "results"
+    gateway = await gateway_factory(tasks={**store, "results_url": f"file://{results}"})
+    async with http.post(
+        f"{gateway.url}/v1/images/generations",
+        json=BODY,
+        headers={**KEY, "X-Fake-Image-Bytes": "1000000"},
+    ) as resp:
+        sync_answer = await resp.read()  # what the plain call returns
+    task_id, status, answer = await _async_answer(http, gateway.url, 1_000_000)
+    assert status == 200
+    assert answer == sync_answer
+    assert (results / task_id).stat().st_size == len(answer)  # the file, not the store, holds it
+    # A small result stays in the task store: no file for it.
+    small_id, status, _ = await _async_answer(http, gateway.url, 2_000)
+    assert status == 200
+    assert not (results / small_id).exists()
+
+
+async def test_a_results_store_that_fails_fails_its_task_loudly(
+    gateway_factory: GatewayFactory,
+    store: dict[str, Any],
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    blocked = tmp_path / "results"
+    blocked.write_text("a file where the directory should be")  # every write fails
+    gateway = await gateway_factory(tasks={**store, "results_url": f"file://{blocked}"})
+    task_id, status, answer = await _async_answer(http, gateway.url, 1_000_000)
+    assert status == 502
+    assert b"result_store_unavailable" in answer
+    async with http.get(f"{gateway.url}/v1/tasks/{task_id}", headers=KEY) as resp:
+        task = await resp.json()
+    assert task["status"] == "failed"
+    assert task["error"]["code"] == "result_store_unavailable"
+    assert gateway.sample("gateway_result_store_errors_total") == 1
+
+
+async def test_results_go_with_their_retention_and_say_so_after(
+    gateway_factory: GatewayFactory,
+    store: dict[str, Any],
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    results = tmp_path / "results"
+    gateway = await gateway_factory(tasks={**store, "results_url": f"file://{results}"})
+    task_id, status, _ = await _async_answer(http, gateway.url, 500_000)
+    assert status == 200
+    day_ago = time.time() - 86_400
+    os.utime(results / task_id, (day_ago, day_ago))
+    assert FileResults(results).sweep(older_than_s=3600) == 1
+    async with http.get(f"{gateway.url}/v1/tasks/{task_id}/result", headers=KEY) as resp:
+        assert resp.status == 404
+        assert "no longer kept" in (await resp.json())["error"]["message"]
+
+
+def test_the_results_url_comes_from_the_environment_and_s3_is_said_to_be_missing(
+    tmp_path: Path,
+) -> None:
+    file = tmp_path / "gw.toml"
+    file.write_text("")
+    env = {"GATEWAY_RESULTS_URL": f"file://{tmp_path}/results"}
+    assert load_config(file, env=env).tasks.results_url == f"file://{tmp_path}/results"
+    with pytest.raises(ConfigError, match=r"GATEWAY_RESULTS_URL: only file:///"):
+        load_config(file, env={"GATEWAY_RESULTS_URL": "s3://bucket/prefix"})
