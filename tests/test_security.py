@@ -311,6 +311,7 @@ async def _stored_text(client: redis.asyncio.Redis, key: bytes) -> str:
         b"hash": client.hgetall,
         b"stream": client.xrange,
         b"zset": lambda k: client.zrange(k, 0, -1),
+        b"list": lambda k: client.lrange(k, 0, -1),
     }
     kind: Any = await client.type(key)
     return repr(await readers[kind](key))

@@ -19,7 +19,8 @@ TERMINAL: frozenset[Status] = frozenset(("completed", "failed", "cancelled"))
 DEFER_PAUSE_S = 0.2
 
 
-# An event id of either store: the embedded store's `N`, Redis's `ms-seq`.
+# An event id: the event's place among its task's events (`N`); Redis stream ids (`ms-seq`)
+# are refused by shape elsewhere but still bounded here.
 _EVENT_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
 
 

@@ -39,6 +39,7 @@ async def _gateway(
     redis_url: str,
     procs: list[GatewayProcess],
     prefix: str | None = None,
+    results: Path | None = None,
 ) -> str:
     port = free_port()
     config = tmp / f"{name}.toml"
@@ -46,6 +47,7 @@ async def _gateway(
         "[server]\naccess_log = false\n"
         f"[upstream]\nurl = '{upstream}'\npool_size = 0\n"
         f"[tasks]\nredis_url = '{redis_url}'\nkey_prefix = '{prefix or name}'\nworkers = 16\n"
+        + (f"results_url = 'file://{results}'\n" if results else "")
     )
     proc = GatewayProcess(
         ["serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
@@ -112,10 +114,12 @@ async def _run(args: argparse.Namespace, tmp: Path) -> None:
         async with aiohttp.ClientSession(connector=connector) as http:
             print(f"\n## Redis bytes per task at rest, 3 MB image result, {args.tasks} tasks")
             for name, (url, client) in stores.items():
-                prefix = f"mem{len(procs)}"
-                gateway = await _gateway(tmp, prefix, upstream, url, procs)
-                per_task = await bytes_per_task(http, gateway, client, prefix, args.tasks)
-                print(f"{name:<30} {per_task / 1024:10.1f} KB per task (result kept in Redis)")
+                for results in (None, tmp / f"results-{len(procs)}"):
+                    prefix = f"mem{len(procs)}"
+                    gateway = await _gateway(tmp, prefix, upstream, url, procs, results=results)
+                    per_task = await bytes_per_task(http, gateway, client, prefix, args.tasks)
+                    where = "in files" if results else "in Redis"
+                    print(f"{name:<30} {per_task / 1024:10.1f} KB per task (results {where})")
             print(f"\n## Tasks per second, submit to completed, {args.clients} callers")
             for index, (name, (url, client)) in enumerate(stores.items()):
                 urls: list[str] = []

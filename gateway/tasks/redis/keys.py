@@ -38,7 +38,7 @@ class Keys:
         return f"{self._prefix}:{{{task_id}}}:result"
 
     def events(self, task_id: str) -> str:
-        """A stream: one entry per status change, whose ids are the SSE ids."""
+        """A list: one entry per status change; an event's SSE id is its place in it (1, 2, 3)."""
         return f"{self._prefix}:{{{task_id}}}:events"
 
     def slot(self, name: str) -> str:

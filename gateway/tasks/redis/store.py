@@ -338,7 +338,7 @@ class RedisStore:
 
     @store_call
     async def events(self, task_id: str, after: str | None, timeout_s: float) -> list[TaskEvent]:
-        if after is not None and not ("-" in after and is_event_id(after)):
+        if after is not None and not (after.isdecimal() and is_event_id(after)):
             raise ValueError(f"not an event id: {after!r}")
         seen = cancel_requests()
         waiter = await self._wakeups.waiter(task_id)

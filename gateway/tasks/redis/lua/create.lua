@@ -13,6 +13,6 @@ local attempt = ARGV[6]
 redis.call('HSET', task_key, 'status', status, 'attempt', attempt, 'record', record)
 redis.call('PEXPIRE', task_key, ttl_ms)
 redis.call('SET', job_key, job, 'PX', ttl_ms)
-local id = redis.call('XADD', events_key, '*', 'task', event)
+local id = redis.call('RPUSH', events_key, event)
 redis.call('PEXPIRE', events_key, ttl_ms)
 return id

@@ -31,6 +31,6 @@ redis.call('DEL', job_key)
 if result ~= '' then
   redis.call('SET', result_key, result, 'PX', math.max(redis.call('PTTL', task_key), 1))
 end
-local id = redis.call('XADD', events_key, '*', 'task', event)
+local id = redis.call('RPUSH', events_key, event)
 redis.call('PUBLISH', wake_channel, task_id)
 return {id, entry_id}

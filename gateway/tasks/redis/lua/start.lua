@@ -15,6 +15,6 @@ local status = redis.call('HGET', task_key, 'status')
 if status ~= 'queued' and not (status == 'in_progress' and takeover) then return false end
 if redis.call('HGET', task_key, 'attempt') ~= expected_attempt then return false end
 redis.call('HSET', task_key, 'status', 'in_progress', 'attempt', new_attempt, 'entry', entry_id)
-local id = redis.call('XADD', events_key, '*', 'task', event)
+local id = redis.call('RPUSH', events_key, event)
 redis.call('PUBLISH', wake_channel, task_id)
 return id
