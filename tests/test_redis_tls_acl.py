@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from tests.conftest import Fake, Spawn
 from tests.procs import free_port
@@ -78,21 +79,14 @@ def _certificates(directory: Path) -> dict[str, Path]:
     return files
 
 
-def _secured_redis(directory: Path, tls: bool) -> tuple[RedisServer, str]:
-    """A Redis closed to its default user, open to the ACL user; over TLS when `tls`. The url
-    the gateway is given."""
-    # redis-server joins the words after an option until the next `--`.
-    acl = ["--user", "default", "off", "--user", ACL, "on", f">{SECRET}", "~*", "&*", "+@all"]
-    if not tls:
-        server = RedisServer(directory, *acl)
-        return server, f"redis://{ACL}:{SECRET}@127.0.0.1:{server.port}/0"
-    certs = _certificates(directory)
-    tls_port = free_port()
-    server = RedisServer(
-        directory,
-        *acl,
-        "--tls-port",
-        str(tls_port),
+# A Redis closed to its default user and open to the ACL user (redis-server joins the words
+# after an option until the next `--`); replicas log in to their primary as that user too.
+_ACL_OPTIONS = ("--user", "default", "off", "--user", ACL, "on", f">{SECRET}", "~*", "&*", "+@all")
+_REPLICATION_OPTIONS = ("--masteruser", ACL, "--masterauth", SECRET)
+
+
+def _tls_options(certs: dict[str, Path]) -> tuple[str, ...]:
+    return (
         "--tls-cert-file",
         str(certs["node.crt"]),
         "--tls-key-file",
@@ -102,8 +96,38 @@ def _secured_redis(directory: Path, tls: bool) -> tuple[RedisServer, str]:
         "--tls-auth-clients",
         "no",
     )
+
+
+def _secured_redis(directory: Path, tls: bool) -> tuple[RedisServer, str]:
+    """A standalone Redis behind the ACL user, over TLS when `tls`; the url the gateway is given."""
+    if not tls:
+        server = RedisServer(directory, *_ACL_OPTIONS)
+        return server, f"redis://{ACL}:{SECRET}@127.0.0.1:{server.port}/0"
+    certs = _certificates(directory)
+    tls_port = free_port()
+    server = RedisServer(
+        directory, *_ACL_OPTIONS, "--tls-port", str(tls_port), *_tls_options(certs)
+    )
     url = f"rediss://{ACL}:{SECRET}@127.0.0.1:{tls_port}/0?ssl_ca_certs={certs['ca.crt']}"
     return server, url
+
+
+def _secured_cluster(directory: Path, tls: bool) -> tuple[ClusterNodes, str]:
+    """A Redis Cluster behind the ACL user, over TLS (clients, replication, the bus) when `tls`;
+    the url of one of its nodes (the gateway finds the rest)."""
+    cli: tuple[str, ...] = ("--user", ACL, "--pass", SECRET)
+    if not tls:
+        cluster = ClusterNodes(directory, *_ACL_OPTIONS, *_REPLICATION_OPTIONS, cli_auth=cli)
+        port = cluster.nodes[3].port  # a replica, most likely: any node will do
+        return cluster, f"redis://{ACL}:{SECRET}@127.0.0.1:{port}"
+    certs = _certificates(directory)
+    over_tls = ("--tls-cluster", "yes", "--tls-replication", "yes", *_tls_options(certs))
+    cli = ("--tls", "--cacert", str(certs["ca.crt"]), *cli)
+    cluster = ClusterNodes(
+        directory / "tls", *_ACL_OPTIONS, *_REPLICATION_OPTIONS, cli_auth=cli, tls=over_tls
+    )
+    port = cluster.client_ports[0]
+    return cluster, f"rediss://{ACL}:{SECRET}@127.0.0.1:{port}?ssl_ca_certs={certs['ca.crt']}"
 
 
 class _Url(RedisServer):
@@ -113,19 +137,26 @@ class _Url(RedisServer):
         self.url = url
 
 
+async def _runs_a_task(spawn: Spawn, fake: Fake, url: str, kind: str) -> None:
+    """A gateway on `url` says what kind of Redis it found, runs a task to its end, and logs
+    no password."""
+    proc, gateway = await spawn(_config(fake, _Url(url), "sec", workers=2))
+    port = URL(url).port
+    assert f"task store: {kind} at 127.0.0.1:{port}" in proc.output()
+    async with aiohttp.ClientSession() as http:
+        task_id = await _submit(http, gateway, latency_s=0.1)
+        await _until_all_ended(http, gateway, [task_id], within_s=10)
+        await _assert_completed_once(http, gateway, task_id)
+    assert SECRET not in proc.output()
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["acl", "tls+acl"])
 async def test_tasks_run_over_a_secured_redis(
     spawn: Spawn, fake: Fake, tmp_path: Path, tls: bool
 ) -> None:
     server, url = _secured_redis(tmp_path, tls)
     try:
-        proc, gateway = await spawn(_config(fake, _Url(url), "sec", workers=2))
-        assert "task store: standalone Redis at 127.0.0.1" in proc.output()
-        assert SECRET not in proc.output()
-        async with aiohttp.ClientSession() as http:
-            task_id = await _submit(http, gateway, latency_s=0.1)
-            await _until_all_ended(http, gateway, [task_id], within_s=10)
-            await _assert_completed_once(http, gateway, task_id)
+        await _runs_a_task(spawn, fake, url, "standalone Redis")
         wrong = url.replace(SECRET, "not-the-password")
         proc, gateway = await spawn(_config(fake, _Url(wrong), "sec", workers=1))
         async with aiohttp.ClientSession() as http, http.get(f"{gateway}/readyz") as resp:
@@ -135,57 +166,12 @@ async def test_tasks_run_over_a_secured_redis(
         server.stop()
 
 
-async def test_tasks_run_on_a_redis_cluster_behind_an_acl_user(
-    spawn: Spawn, fake: Fake, tmp_path: Path
+@pytest.mark.parametrize("tls", [False, True], ids=["acl", "tls+acl"])
+async def test_tasks_run_on_a_secured_redis_cluster(
+    spawn: Spawn, fake: Fake, tmp_path: Path, tls: bool
 ) -> None:
-    acl = ["--user", "default", "off", "--user", ACL, "on", f">{SECRET}", "~*", "&*", "+@all"]
-    replication = ["--masteruser", ACL, "--masterauth", SECRET]
-    cluster = ClusterNodes(tmp_path, *acl, *replication, cli_auth=("--user", ACL, "--pass", SECRET))
+    cluster, url = _secured_cluster(tmp_path, tls)
     try:
-        port = cluster.nodes[3].port  # a replica, most likely: any node will do
-        url = f"redis://{ACL}:{SECRET}@127.0.0.1:{port}"
-        proc, gateway = await spawn(_config(fake, _Url(url), "sec", workers=2))
-        assert f"task store: Redis Cluster at 127.0.0.1:{port}" in proc.output()
-        async with aiohttp.ClientSession() as http:
-            task_id = await _submit(http, gateway, latency_s=0.1)
-            await _until_all_ended(http, gateway, [task_id], within_s=10)
-            await _assert_completed_once(http, gateway, task_id)
-        assert SECRET not in proc.output()
-    finally:
-        cluster.stop()
-
-
-async def test_tasks_run_on_a_redis_cluster_over_tls_behind_an_acl_user(
-    spawn: Spawn, fake: Fake, tmp_path: Path
-) -> None:
-    certs = _certificates(tmp_path)
-    acl = ["--user", "default", "off", "--user", ACL, "on", f">{SECRET}", "~*", "&*", "+@all"]
-    replication = ["--masteruser", ACL, "--masterauth", SECRET]
-    tls = (
-        "--tls-cluster",
-        "yes",
-        "--tls-replication",
-        "yes",
-        "--tls-cert-file",
-        str(certs["node.crt"]),
-        "--tls-key-file",
-        str(certs["node.key"]),
-        "--tls-ca-cert-file",
-        str(certs["ca.crt"]),
-        "--tls-auth-clients",
-        "no",
-    )
-    cli = ("--tls", "--cacert", str(certs["ca.crt"]), "--user", ACL, "--pass", SECRET)
-    cluster = ClusterNodes(tmp_path / "tls", *acl, *replication, cli_auth=cli, tls=tls)
-    try:
-        port = cluster.client_ports[0]
-        url = f"rediss://{ACL}:{SECRET}@127.0.0.1:{port}?ssl_ca_certs={certs['ca.crt']}"
-        proc, gateway = await spawn(_config(fake, _Url(url), "sec", workers=2))
-        assert f"task store: Redis Cluster at 127.0.0.1:{port}" in proc.output()
-        async with aiohttp.ClientSession() as http:
-            task_id = await _submit(http, gateway, latency_s=0.1)
-            await _until_all_ended(http, gateway, [task_id], within_s=10)
-            await _assert_completed_once(http, gateway, task_id)
-        assert SECRET not in proc.output()
+        await _runs_a_task(spawn, fake, url, "Redis Cluster")
     finally:
         cluster.stop()

@@ -57,10 +57,6 @@ class _Entry:
         self._spool.seek(0)
         return _unpack_job(self._spool.read())
 
-    @property
-    def has_job(self) -> bool:
-        return self._job is not None or self._spool is not None
-
     def drop_job(self) -> None:
         """The caller's credential and body go with the task's end."""
         self._job = None
@@ -188,13 +184,8 @@ class MemoryStore:
             return None  # cancelled meanwhile, or a stale worker: its result is not ours to keep
         status: Status = "completed" if error is None else "failed"
         task = msgspec.structs.replace(record.task, status=status, error=error)
-        once = record.once
-        if (
-            not keep_name
-            and once is not None
-            and self._names.get(once.name, ("",))[0] == once.value
-        ):
-            del self._names[once.name]
+        if not keep_name and record.once is not None:
+            self._forget(record.once)
         entry.response = response
         entry.drop_job()
         self._set(entry, msgspec.structs.replace(record, task=task))

@@ -1,6 +1,6 @@
-"""The Redis task store, in parts: `keys` (every key shape), `transitions` (the Lua scripts
-that change a task's status), `queue` (the fair waiting set, the stream and its consumer
-group), `slots`
+"""The Redis task store, in parts: `keys` (every key shape), `creation` (a task, its name and
+its place in the queue, in order), `transitions` (the Lua scripts that change a task's status),
+`queue` (the fair waiting set, the stream and its consumer group, here-leases), `slots`
 (concurrency limits across replicas), `wakeups` (pub/sub), and `store`, which keeps the
 `TaskStore` contract with them. Nothing else in the gateway talks to Redis."""
 

@@ -33,7 +33,8 @@ class Entry(msgspec.Struct, frozen=True):
 
 
 _FAIR = script("fair")
-_REQUEUE_LOST, _REQUEUE, _ENQUEUE, _TAKE, _UNQUEUE, _PUT_BACK = (
+_HOLD_HERE, _REQUEUE_LOST, _REQUEUE, _ENQUEUE, _TAKE, _UNQUEUE, _PUT_BACK = (
+    script("hold_here"),
     script("requeue_lost"),
     script("requeue"),
     _FAIR + script("enqueue"),
@@ -58,6 +59,7 @@ class Queue:
         self._keys = keys
         self._here = keys.here
         self._caps = caps  # most tasks, most request bytes one caller may have waiting
+        self.hold_script = redis.register_script(_HOLD_HERE)
         self._requeue_lost = redis.register_script(_REQUEUE_LOST)
         self._requeue = redis.register_script(_REQUEUE)
         self.enqueue_script = redis.register_script(_ENQUEUE)
@@ -86,6 +88,15 @@ class Queue:
     async def enqueue(self, task_id: str, caller: str, size: int) -> bool:
         keys, args = self.enqueue_call(task_id, caller, size)
         return bool(await self.enqueue_script(keys=keys, args=args))
+
+    def hold_call(self, task_id: str) -> tuple[list[str], list[str | int]]:
+        """`hold_here.lua`'s keys and arguments: a lease for a task run here, which has no
+        queue entry while it runs (its lease is how a dead replica's task is found)."""
+        return [self._here], [task_id, self._lease_ms, ""]
+
+    async def keep_here(self, task_id: str) -> None:
+        """Renew a task run here's lease (if it still has one: else it was requeued)."""
+        await self.hold_script(keys=[self._here], args=[task_id, self._lease_ms, "XX"])
 
     async def unqueue(self, task_id: str) -> None:
         """A waiting task cancelled: it stops counting against its caller's caps now."""

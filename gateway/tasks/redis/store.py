@@ -1,5 +1,5 @@
-"""The Redis task store: the `TaskStore` contract over the queue, the transitions, the slots
-and the wake-ups. Any replica sharing the Redis can serve any task."""
+"""The Redis task store: the `TaskStore` contract over the creation, the queue, the transitions,
+the slots and the wake-ups. Any replica sharing the Redis can serve any task."""
 
 from __future__ import annotations
 
@@ -7,14 +7,12 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.aio import cancel_requests, raise_if_cancelled_since
-from gateway.errors import QueueFull
 from gateway.tasks.models import (
     DEFER_PAUSE_S,
     TERMINAL,
@@ -29,11 +27,12 @@ from gateway.tasks.models import (
     TaskRecord,
     is_event_id,
 )
+from gateway.tasks.redis.creation import Creation
 from gateway.tasks.redis.keys import Keys
 from gateway.tasks.redis.observed import Observer, store_call, unobserved
 from gateway.tasks.redis.queue import Entry, Queue
 from gateway.tasks.redis.slots import Slots
-from gateway.tasks.redis.transitions import Transitions, decode, script
+from gateway.tasks.redis.transitions import Transitions, decode
 from gateway.tasks.redis.wakeups import Wakeups
 
 logger = logging.getLogger(__name__)
@@ -48,16 +47,6 @@ class _Held(msgspec.Struct):
     entry_id: bytes  # b"" for a task run here: it has no queue entry while it runs
     slots: list[str]
     record: TaskRecord  # as it started: what its end event is made from
-
-
-class _Step(NamedTuple):
-    """One command of a pipelined round trip: a script with its keys and arguments, or a
-    plain command queued by `command`."""
-
-    script: Any
-    keys: list[str]
-    args: list[Any]
-    command: Callable[[Any], object] = lambda pipe: None
 
 
 class RedisStore:
@@ -78,18 +67,13 @@ class RedisStore:
         # redis-py types its replies as unions over decode_responses; this store always works
         # in bytes, so the client is used untyped rather than narrowed at every call.
         self._redis: Any = redis
-        # In a Redis Cluster a pipeline's commands for different slots go to different nodes,
-        # in no order: steps whose order matters are sent one after the other there.
-        self._ordered_pipelines = not cluster
         self.observe = observe
         keys = self._keys = Keys(prefix)
         lease_ms = int(lease_s * 1000)
-        self._lease_ms = lease_ms
         caps = (max_queued_per_caller, max_queued_bytes_per_caller)
         self._queue = Queue(redis, keys, consumer.encode(), lease_ms, max_deliveries, caps)
-        self._hold = redis.register_script(script("hold_here"))
-        self._forget_name = redis.register_script(script("forget_name"))
         self._transitions = Transitions(redis, keys, int(retention_s * 1000))
+        self._creation = Creation(redis, keys, self._queue, self._transitions, ordered=not cluster)
         self._slots = Slots(redis, keys, lease_ms)
         self._wakeups = Wakeups(redis, keys.wake)
         self._held: dict[str, _Held] = {}  # the tasks this worker runs
@@ -120,69 +104,11 @@ class RedisStore:
         once: OnceName | None,
         here: bool,
     ) -> str | None:
-        task_id, caller, size = record.task.id, record.owner, len(job.body)
-        keys, args = self._transitions.create_call(
-            record, job, None if retention_s is None else int(retention_s * 1000)
-        )
-        # A task run here holds its lease before it exists, so a replica dying in between
-        # leaves nothing stuck. The task exists before its name does, so whoever finds the name
-        # finds the task. The queue is another Redis Cluster slot, so it is not in the script.
-        steps = [_Step(self._transitions.create_script, keys, args)]
-        if here:
-            steps.insert(0, _Step(self._hold, [self._keys.here], [task_id, self._lease_ms, ""]))
-        if once is not None:
-            name = self._keys.once(once.name)
-            px, nx = max(int(once.ttl_s * 1000), 1), not once.replace
-            steps.append(
-                _Step(None, [], [], lambda pipe: pipe.set(name, once.value, px=px, nx=nx, get=True))
-            )
-        elif not here:
-            steps.append(
-                _Step(self._queue.enqueue_script, *self._queue.enqueue_call(task_id, caller, size))
-            )
-        last = (await self._pipelined(steps))[-1]
-        if once is not None and last is not None and not once.replace:
-            await self._redis.delete(*keys)  # never queued: no worker saw it
-            if here:
-                await self._redis.zrem(self._keys.here, task_id)
-            return bytes(last).decode()
-        if here:
-            self._held[task_id] = _Held(b"", [], record)
-        elif not (last if once is None else await self._queue.enqueue(task_id, caller, size)):
-            await self._redis.delete(*keys)  # over the caller's caps: nothing stays
-            if once is not None:
-                await self._forget_name(keys=[self._keys.once(once.name)], args=[once.value])
-            raise QueueFull()
-        return None
-
-    def _take_name(self, once: OnceName) -> Callable[[Any], object]:
-        """SET the name (unless held, or `replace`), answering what it held."""
-        name, px = self._keys.once(once.name), max(int(once.ttl_s * 1000), 1)
-        return lambda pipe: pipe.set(name, once.value, px=px, nx=not once.replace, get=True)
-
-    async def _pipelined(self, steps: list[_Step]) -> list[Any]:
-        """Scripts and commands in one round trip, in order. Scripts go as EVAL, not EVALSHA:
-        a Redis that restarted or failed over has forgotten its scripts, and a step re-run
-        after the others would break the order that makes a name find its task."""
-        replies: list[Any] = []
-        if not self._ordered_pipelines:
-            for step in steps:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    self._queue_step(pipe, step)
-                    replies += await pipe.execute()
-            return replies
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for step in steps:
-                self._queue_step(pipe, step)
-            replies += await pipe.execute()
-        return replies
-
-    @staticmethod
-    def _queue_step(pipe: Any, step: _Step) -> None:
-        if step.script is None:
-            step.command(pipe)
-        else:
-            pipe.eval(step.script.script, len(step.keys), *step.keys, *step.args)
+        retention_ms = None if retention_s is None else int(retention_s * 1000)
+        found = await self._creation.create(record, job, retention_ms, once, here)
+        if found is None and here:
+            self._held[record.task.id] = _Held(b"", [], record)
+        return found
 
     @store_call
     async def get(self, task_id: str) -> TaskRecord | None:
@@ -273,7 +199,7 @@ class RedisStore:
         if held.entry_id:
             await self._queue.keep(held.entry_id)
         else:
-            await self._hold(keys=[self._keys.here], args=[task_id, self._lease_ms, "XX"])
+            await self._queue.keep_here(task_id)
         await self._slots.renew(task_id, held.slots)
 
     @store_call
@@ -306,8 +232,7 @@ class RedisStore:
         if ended is None:
             return None  # fenced out or cancelled: the name still finds the run that counts
         if not keep_name and record.once is not None:
-            name = self._keys.once(record.once.name)
-            await self._forget_name(keys=[name], args=[record.once.value])
+            await self._creation.forget_name(record.once)
         task, entry_id = ended
         # Only the run that ended the task acknowledges an entry, its own: a worker fenced out
         # by a takeover must not touch the entry the new run holds.

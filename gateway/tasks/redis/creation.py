@@ -1,0 +1,101 @@
+"""Creating a task in Redis: its keys, then its run-once name, then its place in the queue (or,
+for a task run here, its lease first), in that order. A name always finds a task that exists,
+and a task created for a call found again, or over its caller's caps, leaves nothing behind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from gateway.errors import QueueFull
+from gateway.tasks.models import Job, OnceName, TaskRecord
+from gateway.tasks.redis.keys import Keys
+from gateway.tasks.redis.queue import Queue
+from gateway.tasks.redis.transitions import Transitions, script
+
+
+class _Step(NamedTuple):
+    """One command of a pipelined round trip: a script with its keys and arguments, or a
+    plain command queued by `command`."""
+
+    script: Any
+    keys: list[str]
+    args: list[Any]
+    command: Callable[[Any], object] = lambda pipe: None
+
+
+class Creation:
+    def __init__(
+        self, redis: Any, keys: Keys, queue: Queue, transitions: Transitions, *, ordered: bool
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._queue = queue
+        self._transitions = transitions
+        # In a Redis Cluster a pipeline's commands for different slots go to different nodes,
+        # in no order: steps whose order matters are sent one after the other there.
+        self._ordered = ordered
+        self._forget_name = redis.register_script(script("forget_name"))
+
+    async def create(
+        self,
+        record: TaskRecord,
+        job: Job,
+        retention_ms: int | None,
+        once: OnceName | None,
+        here: bool,
+    ) -> str | None:
+        """Create the task (see `TaskStore.find_or_create`): None, or what its name already
+        held (and nothing was created). `QueueFull` over the caller's caps."""
+        task_id, caller, size = record.task.id, record.owner, len(job.body)
+        keys, args = self._transitions.create_call(record, job, retention_ms)
+        # A task run here holds its lease before it exists, so a replica dying in between
+        # leaves nothing stuck. The task exists before its name does, so whoever finds the name
+        # finds the task. The queue is another Redis Cluster slot, so it is not in the script.
+        steps = [_Step(self._transitions.create_script, keys, args)]
+        if here:
+            steps.insert(0, _Step(self._queue.hold_script, *self._queue.hold_call(task_id)))
+        if once is not None:
+            steps.append(_Step(None, [], [], self._take_name(once)))
+        elif not here:
+            enqueue = self._queue.enqueue_call(task_id, caller, size)
+            steps.append(_Step(self._queue.enqueue_script, *enqueue))
+        last = (await self._pipelined(steps))[-1]
+        if once is not None and last is not None and not once.replace:
+            await self._redis.delete(*keys)  # never queued: no worker saw it
+            if here:
+                await self._redis.zrem(self._keys.here, task_id)
+            return bytes(last).decode()
+        if not here and not (
+            last if once is None else await self._queue.enqueue(task_id, caller, size)
+        ):
+            await self._redis.delete(*keys)  # over the caller's caps: nothing stays
+            if once is not None:
+                await self.forget_name(once)
+            raise QueueFull()
+        return None
+
+    async def forget_name(self, once: OnceName) -> None:
+        """Let a run-once name go, if it still names this call's task."""
+        await self._forget_name(keys=[self._keys.once(once.name)], args=[once.value])
+
+    def _take_name(self, once: OnceName) -> Callable[[Any], object]:
+        """SET the name (unless held, or `replace`), answering what it held."""
+        name, px = self._keys.once(once.name), max(int(once.ttl_s * 1000), 1)
+        return lambda pipe: pipe.set(name, once.value, px=px, nx=not once.replace, get=True)
+
+    async def _pipelined(self, steps: list[_Step]) -> list[Any]:
+        """Scripts and commands in one round trip, in order. Scripts go as EVAL, not EVALSHA:
+        a Redis that restarted or failed over has forgotten its scripts, and a step re-run
+        after the others would break the order that makes a name find its task."""
+        replies: list[Any] = []
+        batches = [steps] if self._ordered else [[step] for step in steps]
+        for batch in batches:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for step in batch:
+                    if step.script is None:
+                        step.command(pipe)
+                    else:
+                        pipe.eval(step.script.script, len(step.keys), *step.keys, *step.args)
+                replies += await pipe.execute()
+        return replies
