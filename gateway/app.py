@@ -13,7 +13,14 @@ from gateway.dispatch import dispatch
 from gateway.errors import not_found
 from gateway.health import READINESS, Readiness, healthz, readyz
 from gateway.metrics import METRICS, Metrics, metrics_view
-from gateway.tasks.service import TASKS, TaskService, open_results, open_store, tasks_ctx
+from gateway.tasks.service import (
+    TASKS,
+    TaskService,
+    open_results,
+    open_store,
+    results_ctx,
+    tasks_ctx,
+)
 from gateway.tasks.views import cancel_view, events_view, result_view, task_view
 from gateway.tasks.worker import WORKER_POOL, WorkerPool
 from gateway.upstream import upstream_ctx
@@ -90,13 +97,14 @@ def create_metrics_app(main: web.Application) -> web.Application:
 
 
 def _add_tasks(app: web.Application, config: Config) -> None:
-    """The upstream, the task store and the workers. Cleanup contexts start in this order and
-    stop in the reverse one: workers need both the upstream session and the store (its owner
-    key read at start), so they start last and stop first, handing their tasks over while the
-    store and the session are still open."""
+    """The upstream, the results store, the task store and the workers. Cleanup contexts start
+    in this order and stop in the reverse one: workers need the upstream session, the results
+    store and the task store (its owner key read at start), so they start last and stop first,
+    handing their tasks over while the others are still open."""
     app[TASKS] = TaskService(open_store(config, app[METRICS]), app[AUTH], open_results(config))
     app[WORKER_POOL] = WorkerPool(config)
     app.cleanup_ctx.append(upstream_ctx(config))
+    app.cleanup_ctx.append(results_ctx)
     app.cleanup_ctx.append(tasks_ctx)
     app.cleanup_ctx.append(app[WORKER_POOL].ctx)
     # Runs when the drain starts, before in-flight requests are awaited.

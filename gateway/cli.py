@@ -24,6 +24,9 @@ _ENVIRONMENT = """environment:
   GATEWAY_UPSTREAM_URL      upstream base URL (upstream.url), default https://api.apiyi.com/v1
   GATEWAY_UPSTREAM_API_KEY  key-injection mode: the key sent upstream; callers need a client key
   GATEWAY_REDIS_URL         Redis for tasks (tasks.redis_url); unset: the embedded store
+  GATEWAY_RESULTS_URL       large task results (tasks.results_url): file:///dir, or
+                            s3://bucket/prefix with AWS_ENDPOINT_URL, AWS_REGION,
+                            AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
 """
 
 

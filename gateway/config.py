@@ -7,6 +7,7 @@ gateway runs with no file at all.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import msgspec
 from aiohttp import web
 
 DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
+# Results store URLs: a directory, or a bucket (S3 and GCS naming rules, loosely) and a prefix.
+_RESULTS_URL = re.compile(r"file:///[^?#]*|s3://[a-z0-9][a-z0-9._-]*[a-z0-9](/[^?#]*)?")
 
 
 class ConfigError(Exception):
@@ -133,9 +136,13 @@ class TasksConfig(_Section, frozen=True):
     # Largest upstream answer kept as a task result; a larger one fails the task clearly.
     result_max_bytes: int = 32 * 2**20
     # Where results larger than result_inline_bytes live (GATEWAY_RESULTS_URL): unset keeps them
-    # in the task store; file:///dir a directory shared by the replicas.
+    # in the task store; file:///dir a directory shared by the replicas; s3://bucket/prefix
+    # S3-compatible storage, endpoint and credentials from the AWS_* environment.
     results_url: str | None = None
     result_inline_bytes: int = 64 * 1024
+    # With replicas, a task's creation and its end wait (WAIT) up to this long for one of them
+    # to have the write, so a failover does not lose an accepted task or a paid answer. 0: off.
+    replica_ack_timeout_ms: int = 100
 
     def limits(
         self, model: str | None, credential: str, caller: str, per_caller: int
@@ -246,9 +253,10 @@ def _check(config: Config, file: Path, env: Mapping[str, str]) -> None:
     if not config.upstream.url.startswith(("http://", "https://")):
         raise ConfigError(f"{where('upstream.url')} must be an http(s) URL")
     results = config.tasks.results_url
-    if results is not None and not results.startswith("file:///"):
+    if results is not None and not _RESULTS_URL.fullmatch(results):
+        # The value is not echoed: a mistaken URL may carry a credential.
         raise ConfigError(
-            f"{where('tasks.results_url')}: only file:///absolute/dir is built yet (not s3://)"
+            f"{where('tasks.results_url')} must be file:///absolute/dir or s3://bucket[/prefix]"
         )
     if config.auth.client_key_sha256 and not config.auth.upstream_api_key:
         raise ConfigError(

@@ -160,7 +160,11 @@ class Metrics:
             "Task results the results store (GATEWAY_RESULTS_URL) failed to keep.",
         )()
         self.store_errors = self._counter(
-            "store_errors", "Task store (Redis) calls that failed to reach it, by operation.", "op"
+            "store_errors",
+            "Task store (Redis) calls that failed, by operation and reason: unreachable, "
+            "timeout, failover (a node not primary, a slot without one), out_of_memory, loading.",
+            "op",
+            "reason",
         )
 
     def _pool_metrics(self) -> None:
@@ -174,10 +178,10 @@ class Metrics:
             "upstream_pool_size", "Most upstream connections at once (0: no limit)."
         )()
 
-    def store_call(self, op: str, seconds: float, reached: bool) -> None:
+    def store_call(self, op: str, seconds: float, failure: str) -> None:
         self.store_duration(op).observe(seconds)
-        if not reached:
-            self.store_errors(op).inc()
+        if failure:
+            self.store_errors(op, failure).inc()
 
     def watch_pool(self, connector: aiohttp.TCPConnector, size: int) -> None:
         """Pool use, read at scrape time. aiohttp has no public count of connections in use, so

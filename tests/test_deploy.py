@@ -73,6 +73,13 @@ def test_compose_parses_and_mounts_files_that_exist() -> None:
             if source.startswith("."):
                 assert (DEPLOY / source).exists(), f"{name}: {source}"
     assert "--appendonly" in compose["services"]["redis"]["command"]
+    for name in ("gateway", "worker"):  # results in a volume every replica reads
+        assert "results:/results" in compose["services"][name]["volumes"]
+        assert "file:///results" in compose["services"][name]["environment"]["GATEWAY_RESULTS_URL"]
+    nodes = [s for s in compose["services"].values() if "--cluster-enabled" in s.get("command", [])]
+    assert len(nodes) == 6
+    assert all(node["profiles"] == ["cluster"] for node in nodes)
+    assert "--cluster-replicas 1" in compose["services"]["redis-cluster-init"]["command"][0]
     drain = _config((DEPLOY / "gateway.toml").read_text()).server.drain_timeout_s
     assert float(compose["services"]["gateway"]["stop_grace_period"].rstrip("s")) > drain
 
@@ -109,6 +116,8 @@ def test_kubernetes_manifests_probe_drain_and_mount_their_config() -> None:
         assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
         assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
         assert config.server.metrics_port == 9100
+        assert env["GATEWAY_RESULTS_URL"].startswith("s3://")  # no shared volume in k8s
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env.keys()
     worker = next(d for d in deployments if d["metadata"]["name"] == "image-gateway-worker")
     assert worker["spec"]["template"]["spec"]["containers"][0]["args"] == ["worker"]
     assert configs["worker.toml"].tasks.workers > 0

@@ -4,8 +4,10 @@ and a results store that fails says so on the task instead of losing it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +15,15 @@ import aiohttp
 import pytest
 
 from gateway.config import ConfigError, load_config
-from gateway.tasks.results import FileResults
+from gateway.tasks.results import FileResults, Opened, ResultUnreadable
+from gateway.tasks.service import TASKS
 from tests.conftest import Fake, GatewayFactory
 
 KEY = {"Authorization": "Bearer sk-caller"}
 BODY = {"model": "gpt-image-1", "prompt": "a lighthouse"}
 
 
-async def _async_answer(
+async def async_answer(
     http: aiohttp.ClientSession, url: str, image_bytes: int
 ) -> tuple[str, int, bytes]:
     headers = {**KEY, "Prefer": "respond-async", "X-Fake-Image-Bytes": str(image_bytes)}
@@ -46,12 +49,12 @@ async def test_a_large_result_lives_in_a_file_and_streams_back_byte_for_byte(
         headers={**KEY, "X-Fake-Image-Bytes": "1000000"},
     ) as resp:
         sync_answer = await resp.read()  # what the plain call returns
-    task_id, status, answer = await _async_answer(http, gateway.url, 1_000_000)
+    task_id, status, answer = await async_answer(http, gateway.url, 1_000_000)
     assert status == 200
     assert answer == sync_answer
     assert (results / task_id).stat().st_size == len(answer)  # the file, not the store, holds it
     # A small result stays in the task store: no file for it.
-    small_id, status, _ = await _async_answer(http, gateway.url, 2_000)
+    small_id, status, _ = await async_answer(http, gateway.url, 2_000)
     assert status == 200
     assert not (results / small_id).exists()
 
@@ -65,7 +68,7 @@ async def test_a_results_store_that_fails_fails_its_task_loudly(
     blocked = tmp_path / "results"
     blocked.write_text("a file where the directory should be")  # every write fails
     gateway = await gateway_factory(tasks={**store, "results_url": f"file://{blocked}"})
-    task_id, status, answer = await _async_answer(http, gateway.url, 1_000_000)
+    task_id, status, answer = await async_answer(http, gateway.url, 1_000_000)
     assert status == 502
     assert b"result_store_unavailable" in answer
     async with http.get(f"{gateway.url}/v1/tasks/{task_id}", headers=KEY) as resp:
@@ -83,22 +86,76 @@ async def test_results_go_with_their_retention_and_say_so_after(
 ) -> None:
     results = tmp_path / "results"
     gateway = await gateway_factory(tasks={**store, "results_url": f"file://{results}"})
-    task_id, status, _ = await _async_answer(http, gateway.url, 500_000)
+    task_id, status, _ = await async_answer(http, gateway.url, 500_000)
     assert status == 200
     day_ago = time.time() - 86_400
     os.utime(results / task_id, (day_ago, day_ago))
-    assert FileResults(results).sweep(older_than_s=3600) == 1
+    assert await FileResults(results).sweep(older_than_s=3600) == 1
     async with http.get(f"{gateway.url}/v1/tasks/{task_id}/result", headers=KEY) as resp:
         assert resp.status == 404
         assert "no longer kept" in (await resp.json())["error"]["message"]
 
 
-def test_the_results_url_comes_from_the_environment_and_s3_is_said_to_be_missing(
-    tmp_path: Path,
+class ResultsLostMidAnswer(FileResults):
+    """Kept results whose storage goes after the first chunk of an answer."""
+
+    @contextlib.asynccontextmanager
+    async def open(self, ref: str) -> AsyncIterator[Opened | None]:
+        async with super().open(ref) as opened:
+            assert opened is not None
+            yield Opened(opened.size, self._first_chunk(opened.chunks))
+
+    @staticmethod
+    async def _first_chunk(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        yield await anext(chunks)
+        raise ResultUnreadable()
+
+
+async def test_a_results_store_lost_mid_answer_cuts_the_answer_short(
+    gateway_factory: GatewayFactory, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    results = tmp_path / "results"
+    gateway = await gateway_factory(tasks={"results_url": f"file://{results}"})
+    task_id, status, _ = await async_answer(http, gateway.url, 1_000_000)
+    assert status == 200
+    gateway.app[TASKS].results = ResultsLostMidAnswer(results)
+    async with http.get(f"{gateway.url}/v1/tasks/{task_id}/result", headers=KEY) as resp:
+        assert resp.status == 200  # sent before the loss
+        # Cut short of its Content-Length: never taken for a whole answer, nor an error
+        # answer written inside it.
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+
+
+@pytest.mark.parametrize(
+    "url", ["file:///var/lib/gateway/results", "s3://gw-results", "s3://gw-results/prod/tasks/"]
+)
+def test_the_results_url_comes_from_the_environment(tmp_path: Path, url: str) -> None:
+    file = tmp_path / "gw.toml"
+    file.write_text("")
+    assert load_config(file, env={"GATEWAY_RESULTS_URL": url}).tasks.results_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file://relative/dir",
+        "/var/lib/gateway/results",
+        "s3://",
+        "s3:///prefix",
+        "s3://key:secret@bucket/prefix",
+        "gs://bucket/prefix",
+        "https://bucket.s3.amazonaws.com/prefix",
+    ],
+)
+def test_a_results_url_of_another_kind_is_refused_naming_where_it_came_from(
+    tmp_path: Path, url: str
 ) -> None:
     file = tmp_path / "gw.toml"
     file.write_text("")
-    env = {"GATEWAY_RESULTS_URL": f"file://{tmp_path}/results"}
-    assert load_config(file, env=env).tasks.results_url == f"file://{tmp_path}/results"
-    with pytest.raises(ConfigError, match=r"GATEWAY_RESULTS_URL: only file:///"):
-        load_config(file, env={"GATEWAY_RESULTS_URL": "s3://bucket/prefix"})
+    with pytest.raises(ConfigError, match=r"^GATEWAY_RESULTS_URL must be file:///") as refused:
+        load_config(file, env={"GATEWAY_RESULTS_URL": url})
+    assert "secret" not in str(refused.value)
+    file.write_text(f"[tasks]\nresults_url = '{url}'\n")
+    with pytest.raises(ConfigError, match=r"gw.toml: tasks.results_url must be"):
+        load_config(file, env={})

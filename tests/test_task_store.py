@@ -354,3 +354,21 @@ async def test_a_redis_that_forgot_its_scripts_still_creates_and_finds_in_order(
         assert sorted(c.record.task.id for c in claimed if c) == ["t0", "t1"]
     finally:
         await store.close()
+
+
+async def test_a_fresh_cluster_store_serves_many_first_calls_at_once(redis_cluster: Any) -> None:
+    """A replica's workers and callers all start at once: none of them may fail for it."""
+    store = RedisStore(
+        AsyncRedisCluster.from_url(redis_cluster.url),
+        consumer="first-calls",
+        retention_s=60.0,
+        cluster=True,
+    )
+    try:
+        ids = [f"first-{i}" for i in range(32)]
+        creates = [store.create(record(task_id), JOB) for task_id in ids]
+        claims = await asyncio.gather(*(store.claim(1.0) for _ in ids), *creates)
+        assert all([await store.get(task_id) for task_id in ids])
+        assert any(claims)
+    finally:
+        await store.close()

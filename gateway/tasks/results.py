@@ -3,23 +3,27 @@ which a Redis should not hold for a day. A result above `tasks.result_inline_byt
 here and the task keeps a pointer; `/result` streams it back byte for byte.
 
 `file:///dir`: one file per result in a directory (a volume shared by the replicas), written to
-a temporary name and renamed, so a reader never sees half a result. `s3://` is not built yet.
+a temporary name and renamed, so a reader never sees half a result. `s3://bucket/prefix`: one
+object per result in S3-compatible storage (`results_s3.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 from yarl import URL
 
 from gateway.errors import GatewayError
 
-_CHUNK = 256 * 1024
+CHUNK_BYTES = 256 * 1024
 
 
 class ResultStoreUnavailable(GatewayError):
@@ -34,6 +38,54 @@ class ResultStoreUnavailable(GatewayError):
     )
 
 
+class ResultUnreadable(ResultStoreUnavailable):
+    """A kept answer cannot be read while its store is down: nothing is lost, so a retry may
+    well get it."""
+
+    should_retry = True
+    retry_after_s = 5
+    default_message = (
+        "The results store is unreachable: the task's answer is kept there, but cannot be "
+        "read right now."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Opened:
+    """A kept result, opened once: its size, then its bytes a chunk at a time."""
+
+    size: int
+    chunks: AsyncIterator[bytes]
+
+
+class Results(Protocol):
+    """Where results too large for the task store live. A storage failure of any kind raises
+    `ResultStoreUnavailable` (`ResultUnreadable` when reading), never anything else."""
+
+    async def start(self) -> None:
+        """Before first use, when the app starts."""
+
+    async def close(self) -> None:
+        """When the app stops."""
+
+    async def put(self, task_id: str, body: bytes) -> str:
+        """Keep `body`; its reference, which the task keeps."""
+        ...
+
+    def open(self, ref: str) -> AbstractAsyncContextManager[Opened | None]:
+        """The result kept under `ref` (None once it is gone), closed on leaving."""
+        ...
+
+    async def sweep(self, older_than_s: float) -> int:
+        """Remove results older than the tasks they belong to (retention); how many."""
+        ...
+
+
+def is_ref(name: str) -> bool:
+    """A reference is a task id: nothing that could reach out of a directory or a prefix."""
+    return name.replace("_", "").replace("-", "").isalnum()
+
+
 class FileResults:
     def __init__(self, directory: Path) -> None:
         self._directory = directory
@@ -45,13 +97,18 @@ class FileResults:
             raise ValueError(f"results URL must be file:///absolute/dir, not {url!r}")
         return cls(Path(parsed.path))
 
+    async def start(self) -> None:
+        """Nothing to open: the directory is made by the first write."""
+
+    async def close(self) -> None:
+        """Nothing held between calls."""
+
     def _path(self, ref: str) -> Path:
-        if not ref.replace("_", "").replace("-", "").isalnum():  # a task id, nothing else
+        if not is_ref(ref):
             raise ValueError(f"not a result reference: {ref!r}")
         return self._directory / ref
 
     async def put(self, task_id: str, body: bytes) -> str:
-        """Keep `body`; its reference. Raises `ResultStoreUnavailable` if it cannot."""
         try:
             await asyncio.to_thread(self._write, self._path(task_id), body)
         except OSError as exc:
@@ -68,23 +125,24 @@ class FileResults:
             os.fsync(out.fileno())
         partial.replace(path)
 
-    def size(self, ref: str) -> int | None:
+    @contextlib.asynccontextmanager
+    async def open(self, ref: str) -> AsyncIterator[Opened | None]:
         try:
-            return self._path(ref).stat().st_size
-        except OSError:
-            return None
+            stored: BinaryIO | None = await asyncio.to_thread(self._path(ref).open, "rb")
+        except FileNotFoundError:
+            stored = None  # swept
+        except OSError as exc:
+            raise ResultUnreadable() from exc
+        if stored is None:
+            yield None
+            return
+        with stored:
+            yield Opened(os.fstat(stored.fileno()).st_size, _file_chunks(stored))
 
-    async def chunks(self, ref: str) -> AsyncIterator[bytes]:
-        """The result as it was kept, a chunk at a time (never whole in memory)."""
-        stored = await asyncio.to_thread(self._path(ref).open, "rb")
-        try:
-            while chunk := await asyncio.to_thread(stored.read, _CHUNK):
-                yield chunk
-        finally:
-            stored.close()
+    async def sweep(self, older_than_s: float) -> int:
+        return await asyncio.to_thread(self._sweep, older_than_s)
 
-    def sweep(self, older_than_s: float) -> int:
-        """Remove results older than the tasks they belong to (retention); how many."""
+    def _sweep(self, older_than_s: float) -> int:
         cutoff = time.time() - older_than_s
         removed = 0
         for path in self._directory.glob("*"):
@@ -93,3 +151,11 @@ class FileResults:
                     path.unlink()
                     removed += 1
         return removed
+
+
+async def _file_chunks(stored: BinaryIO) -> AsyncIterator[bytes]:
+    try:
+        while chunk := await asyncio.to_thread(stored.read, CHUNK_BYTES):
+            yield chunk
+    except OSError as exc:
+        raise ResultUnreadable() from exc

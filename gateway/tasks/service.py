@@ -20,13 +20,14 @@ from gateway.metrics import METRICS, Metrics
 from gateway.tasks import redis
 from gateway.tasks.memory import MemoryStore
 from gateway.tasks.models import TaskRecord, TaskStore
-from gateway.tasks.results import FileResults
+from gateway.tasks.results import FileResults, Results, ResultStoreUnavailable
+from gateway.tasks.results_s3 import S3Results
 
 logger = logging.getLogger(__name__)
 
 
 class TaskService:
-    def __init__(self, store: TaskStore, auth: Auth, results: FileResults | None = None) -> None:
+    def __init__(self, store: TaskStore, auth: Auth, results: Results | None = None) -> None:
         self.store = store
         self.results = results  # large results, when kept outside the store
         self._auth = auth
@@ -82,28 +83,42 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
 
     metrics.before_scrape.append(queue_depth)
     await service.start()
-    sweeper = None
-    if service.results is not None:
-        retention_s = app[CONFIG].tasks.retention_s
-        sweeper = asyncio.create_task(_sweep(service.results, retention_s))
     yield
-    if sweeper is not None:
-        sweeper.cancel()
     await service.store.close()
 
 
-async def _sweep(results: FileResults, retention_s: float) -> None:
+async def results_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The results store's client and its sweeper, if results are kept outside the store."""
+    results = app[TASKS].results
+    if results is None:
+        yield
+        return
+    await results.start()
+    sweeper = asyncio.create_task(_sweep(results, app[CONFIG].tasks.retention_s))
+    yield
+    sweeper.cancel()
+    await asyncio.gather(sweeper, return_exceptions=True)  # no sweep left on a closed client
+    await results.close()
+
+
+async def _sweep(results: Results, retention_s: float) -> None:
     """Results go when their tasks do: a look every tenth of the retention (an hour at most)."""
     while True:
         await asyncio.sleep(min(retention_s / 10, 3600.0))
-        removed = await asyncio.to_thread(results.sweep, retention_s)
+        try:
+            removed = await results.sweep(retention_s)
+        except ResultStoreUnavailable as failure:
+            logger.warning("results store unreachable, sweep put off: %s", failure.__cause__)
+            continue
         if removed:
             logger.info("%d results past their retention removed", removed)
 
 
-def open_results(config: Config) -> FileResults | None:
+def open_results(config: Config) -> Results | None:
     url = config.tasks.results_url
-    return None if url is None else FileResults.from_url(url)
+    if url is None:
+        return None
+    return S3Results.from_url(url) if url.startswith("s3://") else FileResults.from_url(url)
 
 
 def open_store(config: Config, metrics: Metrics) -> TaskStore:

@@ -25,6 +25,7 @@ from gateway.tasks.models import (
     is_event_id,
 )
 from gateway.tasks.prefer import parse_prefer
+from gateway.tasks.results import Opened, ResultStoreUnavailable
 from gateway.tasks.service import TASKS
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ _HEARTBEAT_S = 15.0
 # A client that stops reading its event stream is dropped after this, not buffered for.
 _SEND_TIMEOUT_S = 30.0
 _encode = msgspec.json.Encoder().encode
+_GONE = "The call's answer is no longer kept."
 
 
 class PublicTask(Task, frozen=True, kw_only=True):
@@ -75,16 +77,35 @@ async def replay(
     if answer.body_ref is None:
         return web.Response(status=answer.status, headers=headers, body=answer.body)
     results = request.app[TASKS].results
-    size = None if results is None else results.size(answer.body_ref)
-    if results is None or size is None:
-        raise NotFound("The call's answer is no longer kept.")
-    response = web.StreamResponse(status=answer.status, headers=headers)
-    response.content_length = size
-    await response.prepare(request)
-    async for chunk in results.chunks(answer.body_ref):
-        await response.write(chunk)
-    await response.write_eof()
+    if results is None:
+        raise NotFound(_GONE)
+    async with results.open(answer.body_ref) as opened:
+        if opened is None:
+            raise NotFound(_GONE)
+        response = web.StreamResponse(status=answer.status, headers=headers)
+        response.content_length = opened.size
+        await response.prepare(request)
+        await _send_kept(response, opened)
     return response
+
+
+async def _send_kept(response: web.StreamResponse, opened: Opened) -> None:
+    """A kept body, after its headers. Once it has started, an error answer would land inside
+    it: a failure closes the connection short of the Content-Length instead, so the caller
+    sees the answer cut, never completed."""
+    try:
+        async for chunk in opened.chunks:
+            await response.write(chunk)
+    except ConnectionError:
+        raise  # the caller left: nothing to tell it
+    except ResultStoreUnavailable as failure:
+        logger.warning("results store failed mid-answer: %s", failure.__cause__)
+        response.force_close()
+    except Exception:
+        logger.exception("kept answer failed mid-answer")
+        response.force_close()
+    else:
+        await response.write_eof()
 
 
 async def wait_terminal(store: TaskStore, task_id: str, within_s: float) -> Task | None:

@@ -33,7 +33,7 @@ from gateway.metrics import METRICS, Metrics
 from gateway.tasks.follow import follow
 from gateway.tasks.idempotency import kept_for_retries
 from gateway.tasks.models import Claim, Job, Status, StoredResponse, Task, TaskError, TaskStore
-from gateway.tasks.results import FileResults, ResultStoreUnavailable
+from gateway.tasks.results import Results, ResultStoreUnavailable
 from gateway.tasks.service import TASKS
 from gateway.upstream import UPSTREAM, Upstream
 
@@ -64,7 +64,7 @@ class Worker:
         config: Config,
         metrics: Metrics,
         admission: Admission | None = None,
-        results: FileResults | None = None,
+        results: Results | None = None,
     ) -> None:
         self._store = store
         self._results = results

@@ -37,7 +37,8 @@ def connect(tasks: TasksConfig, observe: Observer) -> RedisStore:
     url = tasks.redis_url
     assert url is not None
     client: Any
-    if cluster := _is_cluster(url):
+    cluster, replicas = _probe(url)
+    if cluster:
         client = RedisCluster.from_url(
             url,
             max_connections=tasks.workers + _SPARE_CONNECTIONS,
@@ -66,22 +67,32 @@ def connect(tasks: TasksConfig, observe: Observer) -> RedisStore:
         max_queued_per_caller=tasks.max_queued_per_caller,
         max_queued_bytes_per_caller=tasks.max_queued_bytes_per_caller,
         cluster=cluster,
+        replicas=1 if replicas and tasks.replica_ack_timeout_ms > 0 else 0,
+        replica_ack_timeout_ms=tasks.replica_ack_timeout_ms,
     )
 
 
-def _is_cluster(url: str) -> bool:
-    """Whether `url` names a node of a Redis Cluster. Asked once, at start-up, before the event
-    loop serves anything; a Redis unreachable then is taken for a standalone one (a cluster
-    would then answer MOVED, which fails its calls loudly until the gateway restarts)."""
+def _probe(url: str) -> tuple[bool, int]:
+    """Whether `url` names a node of a Redis Cluster, and how many replicas it has (a cluster:
+    replica nodes in all). Asked once, at start-up, before the event loop serves anything; a
+    Redis unreachable then is taken for a standalone one without replicas (a cluster would
+    then answer MOVED, which fails its calls loudly until the gateway restarts)."""
     where = f"{URL(url).host}:{URL(url).port}"
     probe = SyncRedis.from_url(url, socket_connect_timeout=2.0, socket_timeout=2.0)
     try:
-        info = probe.info("cluster")
+        cluster = bool(probe.info("cluster").get("cluster_enabled"))
+        if cluster:
+            nodes = probe.execute_command("CLUSTER", "NODES")  # type: ignore[no-untyped-call]
+            nodes = nodes.decode().splitlines()
+            flags = [set(line.split()[2].split(",")) for line in nodes]
+            replicas = sum("slave" in node and "fail" not in node for node in flags)
+        else:
+            replicas = int(probe.info("replication").get("connected_slaves", 0))
     except RedisError as exc:
         logger.warning("task store: Redis at %s unreachable (%s); taken for standalone", where, exc)
-        return False
+        return False, 0
     finally:
         probe.close()
-    cluster = bool(info.get("cluster_enabled"))
-    logger.info("task store: %s at %s", "Redis Cluster" if cluster else "standalone Redis", where)
-    return cluster
+    kind = "Redis Cluster" if cluster else "standalone Redis"
+    logger.info("task store: %s at %s, %d replicas", kind, where, replicas)
+    return cluster, replicas

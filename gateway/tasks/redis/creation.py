@@ -11,6 +11,7 @@ from gateway.errors import QueueFull
 from gateway.tasks.models import Job, OnceName, TaskRecord
 from gateway.tasks.redis.keys import Keys
 from gateway.tasks.redis.queue import Queue
+from gateway.tasks.redis.replicas import ReplicaAcks
 from gateway.tasks.redis.transitions import Transitions, script
 
 
@@ -26,9 +27,17 @@ class _Step(NamedTuple):
 
 class Creation:
     def __init__(
-        self, redis: Any, keys: Keys, queue: Queue, transitions: Transitions, *, ordered: bool
+        self,
+        redis: Any,
+        keys: Keys,
+        queue: Queue,
+        transitions: Transitions,
+        acks: ReplicaAcks,
+        *,
+        ordered: bool,
     ) -> None:
         self._redis = redis
+        self._acks = acks
         self._keys = keys
         self._queue = queue
         self._transitions = transitions
@@ -56,7 +65,7 @@ class Creation:
         if here:
             steps.insert(0, _Step(self._queue.hold_script, *self._queue.hold_call(task_id)))
         if once is not None:
-            steps.append(_Step(None, [], [], self._take_name(once)))
+            steps.append(_Step(None, [self._keys.once(once.name)], [], self._take_name(once)))
         elif not here:
             enqueue = self._queue.enqueue_call(task_id, caller, size)
             steps.append(_Step(self._queue.enqueue_script, *enqueue))
@@ -87,7 +96,8 @@ class Creation:
     async def _pipelined(self, steps: list[_Step]) -> list[Any]:
         """Scripts and commands in one round trip, in order. Scripts go as EVAL, not EVALSHA:
         a Redis that restarted or failed over has forgotten its scripts, and a step re-run
-        after the others would break the order that makes a name find its task."""
+        after the others would break the order that makes a name find its task. Each round trip
+        ends waiting for a replica (`replicas.py`): a created task survives a failover."""
         replies: list[Any] = []
         batches = [steps] if self._ordered else [[step] for step in steps]
         for batch in batches:
@@ -97,5 +107,10 @@ class Creation:
                         step.command(pipe)
                     else:
                         pipe.eval(step.script.script, len(step.keys), *step.keys, *step.args)
-                replies += await pipe.execute()
+                if self._acks.waits:
+                    self._acks.queue_wait(pipe, batch[-1].keys[0])
+                answers = await pipe.execute()
+            if self._acks.waits:
+                self._acks.check(answers.pop())
+            replies += answers
         return replies

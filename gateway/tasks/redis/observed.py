@@ -25,20 +25,38 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gateway.aio import cancel_requests, raise_if_cancelled_since
 from gateway.errors import StoreUnavailable
 
-# A Redis that answers but cannot serve now: out of memory, a replica after a failover, loading
-# its data, a cluster down or without a primary for a slot (mid-failover). As unreachable as
-# one that does not answer.
-_UNAVAILABLE = (
-    ReadOnlyError,
-    OutOfMemoryError,
-    BusyLoadingError,
-    MasterDownError,
-    TryAgainError,
-    ClusterDownError,
-    SlotNotCoveredError,
-)
+# A Redis that answers but cannot serve now: out of memory, loading its data, or a replica, a
+# cluster down or a slot without a primary (mid-failover). As unreachable as one that does not
+# answer; each named for the metric.
+_REFUSALS: dict[type[Exception], str] = {
+    OutOfMemoryError: "out_of_memory",
+    BusyLoadingError: "loading",
+    ReadOnlyError: "failover",
+    MasterDownError: "failover",
+    TryAgainError: "failover",
+    ClusterDownError: "failover",
+    SlotNotCoveredError: "failover",
+}
+_UNAVAILABLE = tuple(_REFUSALS)
 # The cluster client gave up on a slot after its own retries: it may have sent the command.
 _GAVE_UP = (ClusterError, RedisClusterException)
+_FAILURES: tuple[type[Exception], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    *_UNAVAILABLE,
+    *_GAVE_UP,
+)
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a call failed, for `gateway_store_errors_total{reason}`."""
+    for kind, reason in _REFUSALS.items():
+        if isinstance(exc, kind):
+            return reason
+    if isinstance(exc, _GAVE_UP):
+        return "failover"
+    return "timeout" if isinstance(exc, RedisTimeoutError) else "unreachable"
 
 
 def _unsent(exc: BaseException) -> bool:
@@ -49,8 +67,8 @@ def _unsent(exc: BaseException) -> bool:
     return isinstance(exc, RedisConnectionError) and "connecting to" in str(exc)
 
 
-# Told of every store call: the operation, its seconds, whether Redis was reached.
-Observer = Callable[[str, float, bool], None]
+# Told of every store call: the operation, its seconds, and why it failed ("" if it did not).
+Observer = Callable[[str, float, str], None]
 
 
 _P = ParamSpec("_P")
@@ -66,20 +84,23 @@ def store_call(
 
     @functools.wraps(method)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        observe: Observer = args[0].observe  # type: ignore[attr-defined]
+        store: Any = args[0]
+        observe: Observer = store.observe
         seen = cancel_requests()
         started = time.monotonic()
         try:
+            if not store.ready:
+                await store.get_ready()
             result = await method(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError, OSError, *_UNAVAILABLE, *_GAVE_UP) as exc:
-            observe(op, time.monotonic() - started, False)
+        except _FAILURES as exc:
+            observe(op, time.monotonic() - started, _reason(exc))
             raise StoreUnavailable(unsent=_unsent(exc)) from exc
-        observe(op, time.monotonic() - started, True)
+        observe(op, time.monotonic() - started, "")
         raise_if_cancelled_since(seen)
         return result
 
     return wrapper
 
 
-def unobserved(op: str, seconds: float, reached: bool) -> None:
+def unobserved(op: str, seconds: float, failure: str) -> None:
     """For a store with no metrics (tests, tools)."""

@@ -31,6 +31,7 @@ from gateway.tasks.redis.creation import Creation
 from gateway.tasks.redis.keys import Keys
 from gateway.tasks.redis.observed import Observer, store_call, unobserved
 from gateway.tasks.redis.queue import Entry, Queue
+from gateway.tasks.redis.replicas import ReplicaAcks
 from gateway.tasks.redis.slots import Slots
 from gateway.tasks.redis.transitions import Transitions, decode
 from gateway.tasks.redis.wakeups import Wakeups
@@ -63,6 +64,8 @@ class RedisStore:
         max_queued_per_caller: int = 1000,
         max_queued_bytes_per_caller: int = 256 * 2**20,
         cluster: bool = False,
+        replicas: int = 0,
+        replica_ack_timeout_ms: int = 100,
     ) -> None:
         # redis-py types its replies as unions over decode_responses; this store always works
         # in bytes, so the client is used untyped rather than narrowed at every call.
@@ -72,11 +75,26 @@ class RedisStore:
         lease_ms = int(lease_s * 1000)
         caps = (max_queued_per_caller, max_queued_bytes_per_caller)
         self._queue = Queue(redis, keys, consumer.encode(), lease_ms, max_deliveries, caps)
-        self._transitions = Transitions(redis, keys, int(retention_s * 1000))
-        self._creation = Creation(redis, keys, self._queue, self._transitions, ordered=not cluster)
+        acks = ReplicaAcks(
+            redis, replicas=replicas, timeout_ms=replica_ack_timeout_ms, cluster=cluster
+        )
+        self._transitions = Transitions(redis, keys, int(retention_s * 1000), acks)
+        self._creation = Creation(
+            redis, keys, self._queue, self._transitions, acks, ordered=not cluster
+        )
         self._slots = Slots(redis, keys, lease_ms)
         self._wakeups = Wakeups(redis, keys.wake)
         self._held: dict[str, _Held] = {}  # the tasks this worker runs
+        # redis-py's cluster client, first used by many calls at once, can fail them with
+        # connection errors: it learns the cluster once, before any call (`store_call`).
+        self.ready = not cluster
+        self._getting_ready = asyncio.Lock()
+
+    async def get_ready(self) -> None:
+        async with self._getting_ready:
+            if not self.ready:
+                await self._redis.initialize()
+                self.ready = True
 
     @store_call
     async def create(

@@ -22,6 +22,7 @@ from gateway.tasks.models import (
     TaskRecord,
 )
 from gateway.tasks.redis.keys import Keys
+from gateway.tasks.redis.replicas import ReplicaAcks
 
 pack = msgspec.msgpack.Encoder().encode
 _task_json = msgspec.json.Encoder().encode
@@ -46,8 +47,9 @@ def with_status(record: TaskRecord, status: Status, error: TaskError | None = No
 
 
 class Transitions:
-    def __init__(self, redis: Any, keys: Keys, ttl_ms: int) -> None:
+    def __init__(self, redis: Any, keys: Keys, ttl_ms: int, acks: ReplicaAcks) -> None:
         self._redis = redis
+        self._acks = acks
         self._keys = keys
         self._ttl_ms = ttl_ms
         self.create_script = redis.register_script(_CREATE)
@@ -110,17 +112,19 @@ class Transitions:
         task_id = ended.id
         keys = [self._keys.task(task_id), self._keys.job(task_id)]
         keys += [self._keys.result(task_id), self._keys.events(task_id)]
-        done = await self._end(
-            keys=keys,
+        done = await self._acks.run(
+            self._end,
+            keys,
             args=[
                 "" if attempt is None else str(attempt),
                 status,
                 b"" if error is None else pack(error),
                 _task_json(ended),
                 b"" if response is None else pack(response),
-                self._keys.wake,
+                "" if self._acks.waits else self._keys.wake,
                 task_id,
             ],
+            announce=(self._keys.wake, task_id),
         )
         return None if not done else (ended, bytes(done[1]))
 

@@ -25,13 +25,16 @@ class Wakeups:
         self._waiting: dict[str, asyncio.Event] = {}
         self._idle_workers: collections.deque[asyncio.Future[None]] = collections.deque()
         self._listener: asyncio.Task[None] | None = None
+        # Workers and followers start at once: one of them subscribes, the rest wait for it.
+        self._subscribing = asyncio.Lock()
         self._warned = OncePer(60.0)
 
     async def _listen(self) -> None:
-        if self._listener is None or self._listener.done():  # none yet, or lost with Redis
-            pubsub = self._redis.pubsub()
-            await pubsub.subscribe(self._channel)
-            self._listener = asyncio.create_task(self._dispatch(pubsub))
+        async with self._subscribing:
+            if self._listener is None or self._listener.done():  # none yet, or lost with Redis
+                pubsub = self._redis.pubsub()
+                await pubsub.subscribe(self._channel)
+                self._listener = asyncio.create_task(self._dispatch(pubsub))
 
     async def waiter(self, task_id: str) -> asyncio.Event:
         """Set on the task's next change. Take it before reading, so no change is missed."""

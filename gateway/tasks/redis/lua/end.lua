@@ -10,7 +10,7 @@ local new_status = ARGV[2]
 local error = ARGV[3]  -- '' for none
 local event = ARGV[4]
 local result = ARGV[5]  -- '' for none
-local wake_channel = ARGV[6]
+local wake_channel = ARGV[6]  -- '' when the caller publishes after a replica has the end
 local task_id = ARGV[7]
 
 local status = redis.call('HGET', task_key, 'status')
@@ -32,5 +32,5 @@ if result ~= '' then
   redis.call('SET', result_key, result, 'PX', math.max(redis.call('PTTL', task_key), 1))
 end
 local id = redis.call('RPUSH', events_key, event)
-redis.call('PUBLISH', wake_channel, task_id)
+if wake_channel ~= '' then redis.call('PUBLISH', wake_channel, task_id) end
 return {id, entry_id}
