@@ -16,6 +16,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 from yarl import URL
 
 from gateway.config import TasksConfig
@@ -28,6 +29,10 @@ logger = logging.getLogger(__name__)
 _SPARE_CONNECTIONS = 64
 # A hung Redis must not hang callers; longer than any command the store waits on.
 _SOCKET_TIMEOUT_S = 15.0
+# redis-py 8 asks every new connection for Redis Enterprise's maintenance notifications: a round
+# trip that a connection dying mid-failover fails with errors redis-py does not wrap (a closed
+# transport's RuntimeError, a missing writer's AttributeError), i.e. 500s instead of 503s.
+_NO_MAINTENANCE_NOTIFICATIONS = MaintNotificationsConfig(enabled=False)
 
 
 def connect(tasks: TasksConfig, observe: Observer) -> RedisStore:
@@ -44,6 +49,7 @@ def connect(tasks: TasksConfig, observe: Observer) -> RedisStore:
             max_connections=tasks.workers + _SPARE_CONNECTIONS,
             socket_connect_timeout=2.0,
             socket_timeout=_SOCKET_TIMEOUT_S,
+            maint_notifications_config=_NO_MAINTENANCE_NOTIFICATIONS,
         )
     else:
         # Requests share the pool; past it, a command waits briefly for a free connection.
@@ -53,6 +59,7 @@ def connect(tasks: TasksConfig, observe: Observer) -> RedisStore:
             timeout=5.0,
             socket_connect_timeout=2.0,
             socket_timeout=_SOCKET_TIMEOUT_S,
+            maint_notifications_config=_NO_MAINTENANCE_NOTIFICATIONS,
         )
         client = Redis.from_pool(pool)  # owns the pool: closing the client closes it
     return RedisStore(
