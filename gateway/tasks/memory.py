@@ -225,6 +225,27 @@ class MemoryStore:
                     await entry.changed.wait()
         return entry.events[seen:]
 
+    async def ended(self, task_id: str, timeout_s: float) -> Status | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (entry := self._entry(task_id)) is not None:
+            status = entry.record.task.status
+            if status in TERMINAL or (left := deadline - loop.time()) <= 0:
+                return status
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await entry.changed.wait()
+        return None
+
+    async def outcome(
+        self, task_id: str, timeout_s: float
+    ) -> tuple[Task, StoredResponse | None] | None:
+        status = await self.ended(task_id, timeout_s)
+        entry = self._entry(task_id)
+        if status not in TERMINAL or entry is None:
+            return None
+        return entry.record.task, entry.response
+
     async def queue_depth(self) -> int:
         return len(self._queue)
 

@@ -158,6 +158,15 @@ class TaskStore(Protocol):
 
     async def result(self, task_id: str) -> StoredResponse | None: ...
 
+    async def outcome(
+        self, task_id: str, timeout_s: float
+    ) -> tuple[Task, StoredResponse | None] | None:
+        """The task as it ended and its answer, if it ends within `timeout_s`."""
+
+    async def ended(self, task_id: str, timeout_s: float) -> Status | None:
+        """The task's status once it has ended, or as it stands after `timeout_s`; None if
+        gone. Reads no events: a waiter that needs only the end."""
+
     async def events(self, task_id: str, after: str | None, timeout_s: float) -> list[TaskEvent]:
         """The task's events after `after` (all when None), waiting up to `timeout_s` for one.
         Raises ValueError for an event id this store never made."""

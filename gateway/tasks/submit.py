@@ -174,10 +174,11 @@ async def _accepted(
     request: web.Request, store: TaskStore, task: Task, wait_s: float | None, replayed: bool = False
 ) -> web.StreamResponse:
     """202 with the task, or the ordinary answer if it ends within `wait_s`."""
-    if wait_s:
-        ended = await wait_terminal(store, task.id, wait_s)
-        if ended is not None and (answer := await store.result(task.id)) is not None:
+    if wait_s and (got := await store.outcome(task.id, wait_s)) is not None:
+        ended, answer = got
+        if ended.status != "cancelled" and answer is not None:
             return await replay(request, answer, replayed)
+        task = ended
     response = task_response(task, status=202)
     response.headers.update(
         {

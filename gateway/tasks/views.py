@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from contextlib import aclosing
@@ -110,14 +109,11 @@ async def _send_kept(response: web.StreamResponse, opened: Opened) -> None:
 
 async def wait_terminal(store: TaskStore, task_id: str, within_s: float) -> Task | None:
     """The task once it has ended, or None if it is still running after `within_s`."""
-    try:
-        async with asyncio.timeout(within_s), aclosing(follow(store, task_id)) as events:
-            async for event in events:
-                if event.task.status in TERMINAL:
-                    return event.task
-    except TimeoutError:
-        pass
-    return None
+    status = await store.ended(task_id, within_s)
+    if status is None or status not in TERMINAL:
+        return None
+    record = await store.get(task_id)
+    return None if record is None else record.task
 
 
 async def task_view(request: web.Request) -> web.StreamResponse:

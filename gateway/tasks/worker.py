@@ -11,7 +11,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 
 import aiohttp
 import msgspec
@@ -30,9 +29,18 @@ from gateway.errors import (
 )
 from gateway.headers import header_pairs, strip_hop_by_hop
 from gateway.metrics import METRICS, Metrics
-from gateway.tasks.follow import follow
+from gateway.tasks.follow import IDLE_S
 from gateway.tasks.idempotency import kept_for_retries
-from gateway.tasks.models import Claim, Job, Status, StoredResponse, Task, TaskError, TaskStore
+from gateway.tasks.models import (
+    TERMINAL,
+    Claim,
+    Job,
+    Status,
+    StoredResponse,
+    Task,
+    TaskError,
+    TaskStore,
+)
 from gateway.tasks.results import Results, ResultStoreUnavailable
 from gateway.tasks.service import TASKS
 from gateway.upstream import UPSTREAM, Upstream
@@ -221,13 +229,11 @@ class Worker:
         """Returns when the task is cancelled, or has ended otherwise (another run, taken over
         from this one, finished it: this run's answer would be fenced out), or is gone. A store
         outage is waited out, not taken for any of these."""
-        after: str | None = None
         while True:
             try:
-                async with aclosing(follow(self._store, task_id, after)) as events:
-                    async for event in events:
-                        after = event.id
-                return
+                status = await self._store.ended(task_id, IDLE_S)
+                if status is None or status in TERMINAL:
+                    return
             except StoreUnavailable:
                 await asyncio.sleep(_RETRY_S)
 

@@ -4,6 +4,7 @@ metric per call, and no lost cancellation."""
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
@@ -67,6 +68,21 @@ def _unsent(exc: BaseException) -> bool:
     return isinstance(exc, RedisConnectionError) and "connecting to" in str(exc)
 
 
+_REDIS_CONNECTION = os.path.join("redis", "asyncio", "connection.py")
+
+
+def _in_a_dying_connection(exc: BaseException) -> bool:
+    """Whether `exc` came out of redis-py's connection code. A connection to a node that dies
+    while it is being set up (a failover) fails there with a closed transport's RuntimeError or
+    a missing writer's AttributeError, not a ConnectionError: unreachable all the same."""
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename.endswith(_REDIS_CONNECTION):
+            return True
+        frame = frame.tb_next
+    return False
+
+
 # Told of every store call: the operation, its seconds, and why it failed ("" if it did not).
 Observer = Callable[[str, float, str], None]
 
@@ -95,6 +111,11 @@ def store_call(
         except _FAILURES as exc:
             observe(op, time.monotonic() - started, _reason(exc))
             raise StoreUnavailable(unsent=_unsent(exc)) from exc
+        except (RuntimeError, AttributeError) as exc:
+            if not _in_a_dying_connection(exc):
+                raise
+            observe(op, time.monotonic() - started, "unreachable")
+            raise StoreUnavailable(unsent=False) from exc
         observe(op, time.monotonic() - started, "")
         raise_if_cancelled_since(seen)
         return result

@@ -160,6 +160,11 @@ class Queue:
         """Renew this worker's lease on an entry (XCLAIM to itself resets its idle time)."""
         await self._redis.xclaim(self.key, _GROUP, self._consumer, 0, [entry_id], justid=True)
 
+    def done_call(self, pipe: Any, entry_id: bytes) -> None:
+        """`done`'s commands, in a caller's pipeline."""
+        pipe.xack(self.key, _GROUP, entry_id)
+        pipe.xdel(self.key, entry_id)
+
     async def done(self, entry_id: bytes) -> None:
         """The entry's task needs no worker any more."""
         async with self._redis.pipeline(transaction=False) as pipe:

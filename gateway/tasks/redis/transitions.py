@@ -138,6 +138,22 @@ class Transitions:
             raise ValueError(f"not an event id: {after!r}")
         return [TaskEvent(str(seen + i + 1), _task(entry)) for i, entry in enumerate(entries)]
 
+    async def events_and_status(
+        self, task_id: str, after: str | None
+    ) -> tuple[list[TaskEvent], Status | None]:
+        """`events` and `status` in one round trip."""
+        key = self._keys.events(task_id)
+        seen = 0 if after is None else int(after)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.lrange(key, seen, -1)
+            pipe.llen(key)
+            pipe.hget(self._keys.task(task_id), "status")
+            entries, length, status = await pipe.execute()
+        if not entries and seen and seen > length:
+            raise ValueError(f"not an event id: {after!r}")
+        events = [TaskEvent(str(seen + i + 1), _task(entry)) for i, entry in enumerate(entries)]
+        return events, None if status is None else cast(Status, status.decode())
+
 
 def decode(fields: list[bytes | None]) -> TaskRecord | None:
     """A task from its hash fields (`read_call`'s HMGET)."""
