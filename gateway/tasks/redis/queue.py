@@ -168,8 +168,7 @@ class Queue:
     async def done(self, entry_id: bytes) -> None:
         """The entry's task needs no worker any more."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xack(self.key, _GROUP, entry_id)
-            pipe.xdel(self.key, entry_id)
+            self.done_call(pipe, entry_id)
             await pipe.execute()
 
     async def hand_over(self, entry_id: bytes, task_id: str) -> None:

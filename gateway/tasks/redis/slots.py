@@ -35,9 +35,13 @@ class Slots:
         if held:
             await self._renew(keys=held, args=[task_id, self._lease_ms])
 
+    def release_call(self, pipe: Any, task_id: str, held: list[str]) -> None:
+        """`release`'s commands, in a caller's pipeline."""
+        for slot in held:
+            pipe.zrem(slot, task_id)
+
     async def release(self, task_id: str, held: list[str]) -> None:
         if held:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for slot in held:
-                    pipe.zrem(slot, task_id)
+                self.release_call(pipe, task_id, held)
                 await pipe.execute()

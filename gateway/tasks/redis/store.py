@@ -34,6 +34,7 @@ from gateway.tasks.redis.queue import Entry, Queue
 from gateway.tasks.redis.replicas import ReplicaAcks
 from gateway.tasks.redis.slots import Slots
 from gateway.tasks.redis.transitions import Transitions, decode
+from gateway.tasks.redis.waiting import Outcome, Waiting
 from gateway.tasks.redis.wakeups import Wakeups
 
 logger = logging.getLogger(__name__)
@@ -48,9 +49,6 @@ class _Held(msgspec.Struct):
     entry_id: bytes  # b"" for a task run here: it has no queue entry while it runs
     slots: list[str]
     record: TaskRecord  # as it started: what its end event is made from
-
-
-Outcome = tuple[Task, StoredResponse | None]
 
 
 class RedisStore:
@@ -88,8 +86,7 @@ class RedisStore:
         self._slots = Slots(redis, keys, lease_ms)
         self._wakeups = Wakeups(redis, keys.wake)
         self._held: dict[str, _Held] = {}  # the tasks this worker runs
-        # A waiter's end of a task this process runs: handed over here, not read back.
-        self._outcomes: dict[str, asyncio.Future[Outcome | None]] = {}
+        self._waiting = Waiting(redis, keys, self._transitions, self._wakeups)
         # redis-py's cluster client, first used by many calls at once, can fail them with
         # connection errors: it learns the cluster once, before any call (`store_call`).
         self.ready = not cluster
@@ -228,8 +225,7 @@ class RedisStore:
     @store_call
     async def release(self, task_id: str, *, handover: bool) -> None:
         held = self._held.pop(task_id, None)
-        if (local := self._outcomes.get(task_id)) is not None and not local.done():
-            local.set_result(None)  # no answer from this run: the waiter reads what stands
+        self._waiting.hand(task_id, None)
         if held is None:
             return
         await self._slots.release(task_id, held.slots)
@@ -267,13 +263,11 @@ class RedisStore:
             async with self._redis.pipeline(transaction=False) as pipe:
                 if entry_id:
                     self._queue.done_call(pipe, entry_id)
-                for slot in slots:
-                    pipe.zrem(slot, task_id)
+                self._slots.release_call(pipe, task_id, slots)
                 await pipe.execute()
             if held is not None and slots:
                 held.slots = []
-        if (local := self._outcomes.get(task_id)) is not None and not local.done():
-            local.set_result((task, response))
+        self._waiting.hand(task_id, (task, response))
         return task
 
     @store_call
@@ -303,7 +297,7 @@ class RedisStore:
             raise ValueError(f"not an event id: {after!r}")
         seen = cancel_requests()
         waiter = await self._wakeups.waiter(task_id)
-        events, status = await self._transitions.events_and_status(task_id, after)
+        events, status = await self._transitions.events(task_id, after)
         if events or timeout_s <= 0:
             return events
         if status is None or status in TERMINAL:
@@ -313,68 +307,16 @@ class RedisStore:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await waiter.wait()
-        return await self._transitions.events(task_id, after)
+        events, _ = await self._transitions.events(task_id, after)
+        return events
 
     @store_call
     async def outcome(self, task_id: str, timeout_s: float) -> Outcome | None:
-        """The task as it ended and its answer, if it ends within `timeout_s`. From this
-        process's own worker when it runs the task (no read, no wake-up needed); else read
-        once its wake-up says it changed."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        local = self._outcomes.setdefault(task_id, loop.create_future())
-        try:
-            while True:
-                waiter = await self._wakeups.waiter(task_id)
-                if task_id not in self._held:  # else its end comes in `local`
-                    status = await asyncio.shield(self._transitions.status(task_id))
-                    if status is None:
-                        return None
-                    if status in TERMINAL:
-                        return await self._read_outcome(task_id)
-                if (left := deadline - loop.time()) <= 0:
-                    return None
-                woken = asyncio.ensure_future(waiter.wait())
-                try:
-                    await asyncio.wait((local, woken), timeout=left, return_when="FIRST_COMPLETED")
-                finally:
-                    woken.cancel()
-                if local.done():
-                    if (got := local.result()) is not None:
-                        return got
-                    local = self._outcomes[task_id] = loop.create_future()
-                elif not woken.done():
-                    return None
-        finally:
-            if self._outcomes.get(task_id) is local:
-                del self._outcomes[task_id]
-
-    async def _read_outcome(self, task_id: str) -> Outcome | None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(*self._transitions.read_call(task_id))
-            pipe.get(self._keys.result(task_id))
-            fields, raw = await pipe.execute()
-        record = decode(fields)
-        if record is None:
-            return None
-        return record.task, None if raw is None else _response(raw)
+        return await self._waiting.outcome(task_id, timeout_s, running_here=self._held)
 
     @store_call
     async def ended(self, task_id: str, timeout_s: float) -> Status | None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while True:
-            seen = cancel_requests()
-            waiter = await self._wakeups.waiter(task_id)
-            # Shielded: a watcher is cancelled whenever its run ends, often mid-read, and
-            # redis-py drops a connection cancelled mid-command (a reconnect costs ~10 reads).
-            status = await asyncio.shield(self._transitions.status(task_id))
-            if status is None or status in TERMINAL or (left := deadline - loop.time()) <= 0:
-                return status
-            raise_if_cancelled_since(seen)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await waiter.wait()
+        return await self._waiting.ended(task_id, timeout_s)
 
     @store_call
     async def queue_depth(self) -> int:

@@ -128,20 +128,12 @@ class Transitions:
         )
         return None if not done else (ended, bytes(done[1]))
 
-    async def events(self, task_id: str, after: str | None) -> list[TaskEvent]:
-        """The task's events after the `after`-th (all when None). A list, not a stream: a few
-        hundred bytes a task where a stream's first node alone takes 4 KB."""
-        key = self._keys.events(task_id)
-        seen = 0 if after is None else int(after)
-        entries = await self._redis.lrange(key, seen, -1)
-        if not entries and seen and seen > await self._redis.llen(key):
-            raise ValueError(f"not an event id: {after!r}")
-        return [TaskEvent(str(seen + i + 1), _task(entry)) for i, entry in enumerate(entries)]
-
-    async def events_and_status(
+    async def events(
         self, task_id: str, after: str | None
     ) -> tuple[list[TaskEvent], Status | None]:
-        """`events` and `status` in one round trip."""
+        """The task's events after the `after`-th (all when None), and its status, in one
+        round trip. A list, not a stream: a few hundred bytes a task where a stream's first
+        node alone takes 4 KB."""
         key = self._keys.events(task_id)
         seen = 0 if after is None else int(after)
         async with self._redis.pipeline(transaction=False) as pipe:
