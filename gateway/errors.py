@@ -36,8 +36,10 @@ class GatewayError(Exception):
 
     def __init_subclass__(cls) -> None:
         super().__init_subclass__()
-        if cls.status < 500 and "type" not in cls.__dict__:
-            cls.type = "invalid_request_error"  # the OpenAI type of every caller error
+        # The OpenAI type of every caller error, unless the class or a parent between names
+        # its own (a 429's rate_limit_error is inherited by its subclasses).
+        if cls.status < 500 and cls.type == GatewayError.type:
+            cls.type = "invalid_request_error"
 
     def __init__(
         self, message: str | None = None, *, headers: Mapping[str, str] | None = None

@@ -4,11 +4,14 @@ and 429 with Retry-After for a caller whose deadline passes while it waits."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
 import pytest
 
+from gateway.admission import CallerOverloaded, Overloaded
+from gateway.errors import QueueFull
 from tests.conftest import Fake, Gateway, GatewayFactory
 
 TENANT_A = {"Authorization": "Bearer sk-tenant-a"}
@@ -98,3 +101,11 @@ async def test_other_models_are_not_held_back(
         assert resp.status == 200
     assert time.monotonic() - started < 0.5
     await holder
+
+
+def test_every_refusal_over_a_limit_says_rate_limit_error_as_openai_does() -> None:
+    """The OpenAI SDK raises RateLimitError by status, but callers also read the body's type:
+    a subclass of a refusal keeps its parent's type, not the generic caller-error one."""
+    for refusal in (Overloaded(), CallerOverloaded(), QueueFull()):
+        body = json.loads(refusal.response().text or "")
+        assert (refusal.response().status, body["error"]["type"]) == (429, "rate_limit_error")
