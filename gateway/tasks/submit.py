@@ -33,7 +33,7 @@ from gateway.tasks.idempotency import RunOnce, fingerprint, kept_for_retries
 from gateway.tasks.models import Claim, Job, OnceName, Status, Task, TaskRecord, TaskStore
 from gateway.tasks.prefer import Preferences
 from gateway.tasks.service import TASKS, new_task_id
-from gateway.tasks.views import replay, task_response, wait_terminal
+from gateway.tasks.views import replay, task_response
 from gateway.tasks.worker import WORKER_POOL
 
 logger = logging.getLogger(__name__)
@@ -222,12 +222,12 @@ async def _run_once_here(
             task = record.task  # cancelled, or (its lease lost) run by another worker
         else:
             task = await _found(store, once, request_print, held)
-        ended = await wait_terminal(store, task.id, _SYNC_WAIT_S)
-        if ended is None:
+        got = await store.outcome(task.id, _SYNC_WAIT_S)
+        if got is None:
             raise UpstreamTimeout()
+        ended, answer = got
         if ended.status == "cancelled":
             raise TaskCancelled()
-        answer = await store.result(task.id)
         if answer is None:
             raise NotFound("The call's answer is no longer kept.")
         if kept_for_retries(ended.error) or run == _MAX_RUNS - 1:

@@ -107,15 +107,6 @@ async def _send_kept(response: web.StreamResponse, opened: Opened) -> None:
         await response.write_eof()
 
 
-async def wait_terminal(store: TaskStore, task_id: str, within_s: float) -> Task | None:
-    """The task once it has ended, or None if it is still running after `within_s`."""
-    status = await store.ended(task_id, within_s)
-    if status is None or status not in TERMINAL:
-        return None
-    record = await store.get(task_id)
-    return None if record is None else record.task
-
-
 async def task_view(request: web.Request) -> web.StreamResponse:
     return task_response((await request.app[TASKS].visible(request)).task)
 
@@ -141,13 +132,15 @@ async def result_view(request: web.Request) -> web.StreamResponse:
     tasks = request.app[TASKS]
     task = (await tasks.visible(request)).task
     prefs = parse_prefer(request.headers.getall("Prefer", ()))
-    if prefs.wait_s and task.status not in TERMINAL:
-        task = (
-            await wait_terminal(tasks.store, task.id, min(prefs.wait_s, _MAX_RESULT_WAIT_S)) or task
-        )
+    answer = None
+    if task.status in TERMINAL:
+        answer = await tasks.store.result(task.id)
+    elif prefs.wait_s:
+        ended = await tasks.store.outcome(task.id, min(prefs.wait_s, _MAX_RESULT_WAIT_S))
+        if ended is not None:
+            task, answer = ended
     if task.status == "cancelled":
         raise TaskCancelled()
-    answer = await tasks.store.result(task.id) if task.status in TERMINAL else None
     return await replay(request, answer) if answer is not None else task_response(task, status=202)
 
 

@@ -73,11 +73,6 @@ class Queue:
         self._next_reclaim = 0.0
         self._reclaim_from: bytes | str = "0-0"
 
-    @staticmethod
-    def fields(task_id: str, takeover: bool = False) -> dict[bytes, bytes]:
-        """An entry's fields, for XADD (alone or in a caller's pipeline)."""
-        return {b"task": task_id.encode(), b"takeover": b"1" if takeover else b"0"}
-
     def enqueue_call(
         self, task_id: str, caller: str, size: int
     ) -> tuple[list[str], list[str | int]]:
