@@ -26,6 +26,7 @@ _KEY_HEADERS = ("x-goog-api-key", "api-key", "x-api-key")
 _CREDENTIAL_HEADERS = ("authorization", *_KEY_HEADERS, "cookie")
 _QUERY_KEY = "key"
 _CALLER_KEY = web.RequestKey("caller_key", str)
+_TWO_KEYS = "The request carries two different API keys; send one."
 
 
 def key_digest(key: str) -> str:
@@ -35,13 +36,22 @@ def key_digest(key: str) -> str:
 def _presented_keys(request: web.BaseRequest) -> list[str]:
     """Every credential the caller sent, from the request as it arrived."""
     headers = request.headers
-    bearer = _first_bearer(headers.get("Authorization", ""))
-    keys = [] if bearer is None else [bearer]
-    keys.extend(v for name in _KEY_HEADERS if (v := headers.get(name, "").strip()))
+    # Every value of a repeated header: a second `Authorization` must not slip past the check
+    # while the upstream (which may read the last one) bills it.
+    keys = _bearers(request)
+    keys.extend(
+        v for name in _KEY_HEADERS for raw in headers.getall(name, ()) if (v := raw.strip())
+    )
     _, mark, query = request.raw_path.partition("?")
     if mark:
         keys.extend(value for _, value, _ in _query_keys(query))
     return keys
+
+
+def _bearers(request: web.BaseRequest) -> list[str]:
+    """The bearer token of every `Authorization` header."""
+    found = (_first_bearer(value) for value in request.headers.getall("Authorization", ()))
+    return [token for token in found if token is not None]
 
 
 def _first_bearer(authorization: str) -> str | None:
@@ -99,15 +109,17 @@ class Auth:
             return known
         if self._upstream_key is None:
             # Transparent: the first key found names the caller (the upstream checks it).
-            key = _first_bearer(request.headers.get("Authorization", ""))
-            key = key or next(iter(_presented_keys(request)), None)
+            bearers = _bearers(request)
+            if len(set(bearers)) > 1:
+                raise Unauthorized(_TWO_KEYS)
+            key = next(iter(bearers or _presented_keys(request)), None)
         else:
             keys = _presented_keys(request)
             key = keys[0] if keys else None
             if key is None or key_digest(key) not in self._digests:
                 raise Unauthorized("Invalid or missing API key for this gateway.")
             if any(other != key for other in keys):
-                raise Unauthorized("The request carries two different API keys; send one.")
+                raise Unauthorized(_TWO_KEYS)
         if key is not None:
             request[_CALLER_KEY] = key
         return key

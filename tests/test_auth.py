@@ -5,6 +5,7 @@ from __future__ import annotations
 import aiohttp
 import openai
 import pytest
+from multidict import CIMultiDict
 
 from gateway.auth import key_digest
 from tests.conftest import Fake, Gateway, GatewayFactory
@@ -69,3 +70,23 @@ async def test_without_an_upstream_key_the_callers_key_passes_through(
 ) -> None:
     await sdk.models.list()
     assert _sent_headers(fake)["authorization"] == "Bearer sk-caller"
+
+
+@pytest.mark.parametrize("mode", ["injecting", "passing through"])
+async def test_a_second_authorization_header_with_another_key_is_a_401(
+    gateway_factory: GatewayFactory, fake: Fake, http: aiohttp.ClientSession, mode: str
+) -> None:
+    """The gateway must not charge one key while the upstream (which may read the last header)
+    bills another; the same key twice is only untidy."""
+    auth = {"client_key_sha256": [key_digest(CLIENT_KEY)], "upstream_api_key": "sk-UPSTREAM"}
+    gateway = await gateway_factory(auth=auth if mode == "injecting" else {})
+    url = f"{gateway.url}/v1/images/generations"
+    body = {"model": "gpt-image-1", "prompt": "x"}
+    two = CIMultiDict([("Authorization", f"Bearer {CLIENT_KEY}"), ("Authorization", "Bearer x")])
+    async with http.post(url, json=body, headers=two) as resp:
+        assert resp.status == 401
+        assert "two different API keys" in (await resp.json())["error"]["message"]
+    assert fake.stats.requests == 0
+    same = CIMultiDict([("Authorization", f"Bearer {CLIENT_KEY}")] * 2)
+    async with http.post(url, json=body, headers=same) as resp:
+        assert resp.status == 200
