@@ -33,13 +33,27 @@ _unpack_job = msgspec.msgpack.Decoder(Job).decode
 
 
 class _Entry:
-    __slots__ = ("_job", "_spool", "changed", "events", "expires_at", "record", "response")
+    __slots__ = (
+        "_job",
+        "_spool",
+        "changed",
+        "events",
+        "expires_at",
+        "limits",
+        "record",
+        "response",
+        "size",
+    )
 
-    def __init__(self, record: TaskRecord, job: Job, expires_at: float) -> None:
+    def __init__(self, record: TaskRecord, job: Job | None, expires_at: float) -> None:
+        """`job` None: a task its caller's replica runs, which never reads it from here."""
         self.record = record
-        self._job: Job | None = job
+        self._job = job
         self._spool: IO[bytes] | None = None
-        if len(job.body) > SPOOL_BYTES:
+        # What a claim needs of a waiting job, without reading a spooled one back each turn.
+        self.limits = [] if job is None else job.limits
+        self.size = 0 if job is None else len(job.body)
+        if job is not None and self.size > SPOOL_BYTES:
             # Open as long as the task waits; `drop_job` (or the entry going) closes it.
             self._spool = tempfile.TemporaryFile()  # noqa: SIM115
             self._spool.write(_pack_job(job))
@@ -48,6 +62,10 @@ class _Entry:
         self.events: list[TaskEvent] = []
         self.changed = asyncio.Event()
         self.expires_at = expires_at
+
+    @property
+    def has_job(self) -> bool:
+        return self._job is not None or self._spool is not None
 
     @property
     def job(self) -> Job | None:
@@ -100,7 +118,7 @@ class MemoryStore:
         if not here:  # else its caller's replica, this one, runs it
             self._queue.put(record.owner, record.task.id, len(job.body))  # or QueueFull
         kept_s = self._retention_s if retention_s is None else retention_s
-        entry = _Entry(record, job, time.monotonic() + kept_s)
+        entry = _Entry(record, None if here else job, time.monotonic() + kept_s)
         self._entries[record.task.id] = entry
         self._set(entry, record)
 
@@ -132,14 +150,15 @@ class MemoryStore:
                 return None
             caller, task_id = turn
             entry = self._entry(task_id)
-            job = None if entry is None else entry.job
-            if entry is None or job is None or entry.record.task.status != "queued":
+            if entry is None or not entry.has_job or entry.record.task.status != "queued":
                 continue  # cancelled or expired while queued
-            if not self._acquire(task_id, job.limits):
+            if not self._acquire(task_id, entry.limits):
                 # Stays queued, at the end of its caller's line.
-                self._queue.put(caller, task_id, len(job.body), check=False)
+                self._queue.put(caller, task_id, entry.size, check=False)
                 await asyncio.sleep(min(DEFER_PAUSE_S, max(deadline - time.monotonic(), 0)))
                 continue
+            job = entry.job
+            assert job is not None  # has_job
             record = entry.record
             started = msgspec.structs.replace(
                 record,
