@@ -141,8 +141,10 @@ def _job(request: web.Request, ctx: RequestContext, target: str, body: bytes, ow
     )
 
 
-def _record(ctx: RequestContext, owner: str, status: Status, once: OnceName | None) -> TaskRecord:
-    task = Task(id=new_task_id(), status=status, model=ctx.model, created_at=int(time.time()))
+def _record(
+    ctx: RequestContext, owner: str, status: Status, task_id: str, once: OnceName | None = None
+) -> TaskRecord:
+    task = Task(id=task_id, status=status, model=ctx.model, created_at=int(time.time()))
     attempt = 1 if status == "in_progress" else 0
     return TaskRecord(task=task, owner=owner, attempt=attempt, submitted_at=time.time(), once=once)
 
@@ -157,12 +159,14 @@ async def _submit_async(
 ) -> web.StreamResponse:
     config: Config = request.app[CONFIG]
     store = request.app[TASKS].store
-    record = _record(ctx, owner, "queued", None)
+    task_id = new_task_id()
     if once is None:
+        record = _record(ctx, owner, "queued", task_id)
         await store.create(record, job)
         return await _accepted(request, store, record.task, prefs.wait_s)
-    name, request_print = _name(config, once, owner, job, record.task.id)
-    record = msgspec.structs.replace(record, once=name)
+    request_print = _print(owner, job)
+    name = _name(config, once, owner, request_print, task_id)
+    record = _record(ctx, owner, "queued", task_id, name)
     held = await store.find_or_create(record, job, None, name)
     if held is None:
         return await _accepted(request, store, record.task, prefs.wait_s)
@@ -201,10 +205,11 @@ async def _run_once_here(
     store = request.app[TASKS].store
     # A sync SDK call's answer is kept only as long as its retries can come for it.
     kept_s = config.idempotency.sdk_window_s if once.key is None else None
+    request_print = _print(owner, job)
     for run in range(_MAX_RUNS):
-        record = _record(ctx, owner, "in_progress", None)
-        name, request_print = _name(config, once, owner, job, record.task.id)
-        record = msgspec.structs.replace(record, once=name)
+        task_id = new_task_id()
+        name = _name(config, once, owner, request_print, task_id)
+        record = _record(ctx, owner, "in_progress", task_id, name)
         try:
             held = await store.find_or_create(record, job, kept_s, name, here=True)
         except StoreUnavailable as exc:
@@ -246,19 +251,21 @@ def _say_store_down(request: web.Request) -> None:
         )
 
 
-def _name(
-    config: Config, once: RunOnce, owner: str, job: Job, task_id: str
-) -> tuple[OnceName, str]:
-    """The name a call's task is found again by, and the request's fingerprint."""
-    request_print = fingerprint(job.method, job.path_qs, owner, job.body)
+def _print(owner: str, job: Job) -> str:
+    """The request's fingerprint: what a retry must match."""
+    return fingerprint(job.method, job.path_qs, owner, job.body)
+
+
+def _name(config: Config, once: RunOnce, owner: str, request_print: str, task_id: str) -> OnceName:
+    """The name a call's task is found again by."""
     name = once.name(owner, request_print)
     if once.key is not None:
         value = f"{request_print} {task_id}"
-        return OnceName(name, value, config.idempotency.retention_s), request_print
+        return OnceName(name, value, config.idempotency.retention_s)
     # The SDK's first attempt is a new generation (a user may re-roll a prompt on purpose);
     # only its retries attach.
     window_s = config.idempotency.sdk_window_s
-    return OnceName(name, task_id, window_s, replace=once.sdk_retry == 0), request_print
+    return OnceName(name, task_id, window_s, replace=once.sdk_retry == 0)
 
 
 async def _found(store: TaskStore, once: RunOnce, request_print: str, held: str) -> Task:
