@@ -43,24 +43,17 @@ def connect(tasks: TasksConfig, observe: Observer) -> RedisStore:
     assert url is not None
     client: Any
     cluster, replicas = _probe(url)
+    connections: dict[str, Any] = {
+        "max_connections": tasks.workers + _SPARE_CONNECTIONS,
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": _SOCKET_TIMEOUT_S,
+        "maint_notifications_config": _NO_MAINTENANCE_NOTIFICATIONS,
+    }
     if cluster:
-        client = RedisCluster.from_url(
-            url,
-            max_connections=tasks.workers + _SPARE_CONNECTIONS,
-            socket_connect_timeout=2.0,
-            socket_timeout=_SOCKET_TIMEOUT_S,
-            maint_notifications_config=_NO_MAINTENANCE_NOTIFICATIONS,
-        )
+        client = RedisCluster.from_url(url, **connections)
     else:
         # Requests share the pool; past it, a command waits briefly for a free connection.
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=tasks.workers + _SPARE_CONNECTIONS,
-            timeout=5.0,
-            socket_connect_timeout=2.0,
-            socket_timeout=_SOCKET_TIMEOUT_S,
-            maint_notifications_config=_NO_MAINTENANCE_NOTIFICATIONS,
-        )
+        pool = BlockingConnectionPool.from_url(url, timeout=5.0, **connections)
         client = Redis.from_pool(pool)  # owns the pool: closing the client closes it
     return RedisStore(
         client,
