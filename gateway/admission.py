@@ -15,6 +15,7 @@ from aiohttp import web
 
 from gateway.config import AdmissionConfig
 from gateway.errors import GatewayError
+from gateway.turns import next_in_turn
 
 
 class Overloaded(GatewayError):
@@ -75,12 +76,7 @@ class _Model:
     def hand_on(self) -> None:
         """A slot is free: give it to the next credential in turn (round robin)."""
         while self.waiting and self.running < self.limit:
-            credential, queue = next(iter(self.waiting.items()))
-            waiter = queue.popleft()
-            if queue:
-                self.waiting.move_to_end(credential)  # its next caller waits for its next turn
-            else:
-                del self.waiting[credential]
+            _, waiter = next_in_turn(self.waiting)
             if not waiter.done():
                 waiter.set_result(None)
                 self.running += 1

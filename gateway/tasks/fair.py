@@ -8,6 +8,7 @@ import asyncio
 import collections
 
 from gateway.errors import QueueFull
+from gateway.turns import next_in_turn
 
 
 class FairQueue:
@@ -46,12 +47,7 @@ class FairQueue:
                     await self._added.wait()
             except TimeoutError:
                 return None
-        caller, line = next(iter(self._lines.items()))
-        task_id, size = line.popleft()
-        if line:
-            self._lines.move_to_end(caller)  # its next task waits for its next turn
-        else:
-            del self._lines[caller]
+        caller, (task_id, size) = next_in_turn(self._lines)
         self._queued_bytes[caller] -= size
         if not self._queued_bytes[caller]:
             del self._queued_bytes[caller]
