@@ -1,5 +1,6 @@
-"""Following a task until it ends: the one loop every waiter uses (a `wait=N` submit, a sync
-call run as a task, an SSE stream, a worker watching for a cancel)."""
+"""Following a task's events until it ends, for an SSE stream. Waiters that need only the end
+(a `wait=N` submit, a sync call run as a task, a worker watching for a cancel) use the stores'
+`outcome` and `ended`, which read no events."""
 
 from __future__ import annotations
 

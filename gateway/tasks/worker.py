@@ -1,7 +1,7 @@
-"""Task workers: claim a queued task, make its upstream call, keep the answer.
+"""Task workers: claim a queued task, make its upstream call (`call.py`), keep the answer.
 
-A cancel is watched through the task's own events, so it aborts the running upstream call
-whichever replica the DELETE arrived at.
+A cancel is watched through the task's status in the store (woken by its change), so it aborts
+the running upstream call whichever replica the DELETE arrived at.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
 import msgspec
 from aiohttp import web
-from multidict import CIMultiDict
 
 from gateway.accesslog import OncePer
 from gateway.admission import ADMISSION, Admission
@@ -23,21 +21,17 @@ from gateway.aio import until_set
 from gateway.auth import AUTH, Auth
 from gateway.config import Config
 from gateway.errors import (
-    GatewayError,
-    ResultTooLarge,
     StoreUnavailable,
 )
-from gateway.headers import header_pairs, strip_hop_by_hop
 from gateway.metrics import METRICS, Metrics
+from gateway.tasks.call import Outcome, TaskCall, failed
 from gateway.tasks.follow import IDLE_S
 from gateway.tasks.idempotency import kept_for_retries
 from gateway.tasks.models import (
     TERMINAL,
     Claim,
-    Job,
     Status,
     StoredResponse,
-    Task,
     TaskError,
     TaskStore,
 )
@@ -53,16 +47,6 @@ _CLAIM_WAIT_S = 5.0
 _RETRY_S = 1.0
 
 
-def stored(response: web.Response) -> StoredResponse:
-    """A response the gateway made, kept so that a task replays it as the sync call would."""
-    body = response.body
-    assert isinstance(body, bytes)
-    return StoredResponse(status=response.status, headers=header_pairs(response.headers), body=body)
-
-
-Outcome = tuple[StoredResponse, TaskError | None]
-
-
 class Worker:
     def __init__(
         self,
@@ -76,9 +60,7 @@ class Worker:
     ) -> None:
         self._store = store
         self._results = results
-        self._upstream = upstream
-        self._admission = admission
-        self._auth = auth
+        self._call = TaskCall(upstream, auth, admission, config.tasks.result_max_bytes)
         self._config = config
         self._metrics = metrics
         self._stopping = asyncio.Event()
@@ -213,9 +195,7 @@ class Worker:
             logger.error(
                 "%s answered, but the results store failed: %s", task_id, failure.__cause__
             )
-            return stored(failure.response()), TaskError(
-                failure.message, failure.type, failure.code
-            )
+            return failed(failure)
         return msgspec.structs.replace(response, body=b"", body_ref=ref), error
 
     async def _renew(self, task_id: str) -> None:
@@ -236,66 +216,6 @@ class Worker:
                     return
             except StoreUnavailable:
                 await asyncio.sleep(_RETRY_S)
-
-    async def _call(
-        self, job: Job, task: Task, credential: str | None
-    ) -> tuple[StoredResponse, TaskError | None]:
-        """The upstream call, made and measured as the pass-through makes its own."""
-        headers = CIMultiDict(job.headers)
-        self._auth.upstream_headers(headers)
-        deadline = asyncio.get_running_loop().time() + job.deadline_s
-        try:
-            async with (
-                self._admitted(task.model, credential, deadline),
-                self._upstream.call(
-                    job.method,
-                    job.path_qs,
-                    headers,
-                    job.body,
-                    deadline=deadline,
-                    model=task.model,
-                    log_id=task.id,
-                ) as exchange,
-            ):
-                up = exchange.response
-                body = await _read(up, self._config.tasks.result_max_bytes)
-        except GatewayError as failure:
-            logger.warning("%s failed: %s", task.id, failure.code)
-            return stored(failure.response()), TaskError(
-                failure.message, failure.type, failure.code
-            )
-        answer = StoredResponse(
-            status=up.status, headers=header_pairs(strip_hop_by_hop(up.headers)), body=body
-        )
-        if up.status < 400:
-            return answer, None
-        return answer, TaskError(
-            f"The upstream answered {up.status}.", "upstream_error", str(up.status)
-        )
-
-    @contextlib.asynccontextmanager
-    async def _admitted(
-        self, model: str | None, credential: str | None, deadline: float
-    ) -> AsyncIterator[None]:
-        """A call run here meets the limits a plain call of its caller meets, and only those;
-        a queued task's limits are its store slots, taken when it was claimed."""
-        if credential is None or self._admission is None:
-            yield
-            return
-        with self._admission.credential_slot(credential):
-            async with self._admission.slot(model, credential, deadline):
-                yield
-
-
-async def _read(up: aiohttp.ClientResponse, limit: int) -> bytes:
-    if up.content_length is not None and up.content_length > limit:
-        raise ResultTooLarge(f"The upstream's answer is larger than {limit} bytes.")
-    body = bytearray()
-    async for chunk in up.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise ResultTooLarge(f"The upstream's answer is larger than {limit} bytes.")
-    return bytes(body)
 
 
 class WorkerPool:
