@@ -90,7 +90,10 @@ class StoreUnavailable(GatewayError):
     code = "store_unavailable"
     should_retry = True
     retry_after_s = 1
-    default_message = "The task store is unreachable; async calls cannot be accepted right now."
+    default_message = (
+        "The task store is unreachable; calls that need it (async, Idempotency-Key) "
+        "cannot be accepted right now."
+    )
 
     def __init__(self, message: str | None = None, *, unsent: bool = False) -> None:
         super().__init__(message)
