@@ -30,7 +30,7 @@ from gateway.errors import (
 from gateway.headers import caller_timeout_s, strip_hop_by_hop
 from gateway.metrics import METRICS
 from gateway.sniff import ModelScanner, model_from_body, model_from_path
-from gateway.target import check_method, check_target
+from gateway.target import check_method, check_target, check_version
 from gateway.uploads import Body, SpooledBody, arrived, receive
 from gateway.upstream import UPSTREAM, Payload
 
@@ -48,6 +48,7 @@ def _deadline(ctx: RequestContext, config: Config) -> float:
 def admit(request: web.Request, ctx: RequestContext) -> str:
     """What the gateway checks before it reads a byte of the body: the method, the target,
     the caller's key and deadline. The target that may go upstream."""
+    check_version(request.version)
     check_method(request.method)
     target = check_target(request.raw_path)
     request.app[AUTH].caller_key(request)

@@ -13,6 +13,8 @@ import re
 import unicodedata
 from urllib.parse import unquote
 
+from aiohttp import HttpVersion, HttpVersion10
+
 from gateway.errors import BadRequest, GatewayError
 
 ALLOWED_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
@@ -42,6 +44,18 @@ class MethodNotAllowed(GatewayError):
 
 def _printable(text: str) -> str:
     return text if text.isprintable() and len(text) <= 32 else "this method"
+
+
+class VersionNotSupported(BadRequest):
+    code = "http_version_not_supported"
+    default_message = "HTTP/1.0 or later is required."
+
+
+def check_version(version: HttpVersion) -> None:
+    """A request line without a version parses as HTTP/0.9, whose requests have no headers:
+    what follows it is a header block smuggled in, not a client's request."""
+    if version < HttpVersion10:
+        raise VersionNotSupported()
 
 
 def check_method(method: str) -> None:

@@ -521,3 +521,16 @@ async def test_any_target_over_a_socket_reaches_only_the_configured_origin(
     status, _ = await raw_request(guarded.url, _post(target), GENERATE)
     assert status < 500
     _assert_only_checked_requests_left(capture)
+
+
+async def test_a_request_line_without_a_version_never_leaves(
+    guarded: Gateway, capture: CaptureServer
+) -> None:
+    """`POST /path` and no version reads as HTTP/0.9, whose request has no headers: what
+    follows is a smuggled header block, not a client's request."""
+    head = _post(b"/v1/images/generations").replace(b" HTTP/1.1", b"", 1)
+    _, answer = await raw_request(guarded.url, head, GENERATE)
+    assert b" 400 " in answer.split(b"\r\n", 1)[0], answer[:200]
+    assert b'"code":"http_version_not_supported"' in answer
+    await asyncio.sleep(0.2)
+    assert capture.requests == []
