@@ -41,6 +41,19 @@ async def async_answer(
         return task["id"], resp.status, await resp.read()
 
 
+async def answered_as_the_sync_call(
+    http: aiohttp.ClientSession, url: str, image_bytes: int
+) -> tuple[str, bytes]:
+    """An async task's id and answer, checked against what the plain call returns."""
+    headers = {**KEY, "X-Fake-Image-Bytes": str(image_bytes)}
+    async with http.post(f"{url}/v1/images/generations", json=BODY, headers=headers) as resp:
+        sync_answer = await resp.read()
+    task_id, status, answer = await async_answer(http, url, image_bytes)
+    assert status == 200
+    assert same_answer(answer, sync_answer)
+    return task_id, answer
+
+
 async def test_a_large_result_lives_in_a_file_and_streams_back_byte_for_byte(
     gateway_factory: GatewayFactory,
     fake: Fake,
@@ -50,15 +63,7 @@ async def test_a_large_result_lives_in_a_file_and_streams_back_byte_for_byte(
 ) -> None:
     results = tmp_path / "results"
     gateway = await gateway_factory(tasks={**store, "results_url": f"file://{results}"})
-    async with http.post(
-        f"{gateway.url}/v1/images/generations",
-        json=BODY,
-        headers={**KEY, "X-Fake-Image-Bytes": "1000000"},
-    ) as resp:
-        sync_answer = await resp.read()  # what the plain call returns
-    task_id, status, answer = await async_answer(http, gateway.url, 1_000_000)
-    assert status == 200
-    assert same_answer(answer, sync_answer)
+    task_id, answer = await answered_as_the_sync_call(http, gateway.url, 1_000_000)
     assert (results / task_id).stat().st_size == len(answer)  # the file, not the store, holds it
     # A small result stays in the task store: no file for it.
     small_id, status, _ = await async_answer(http, gateway.url, 2_000)

@@ -22,7 +22,7 @@ from botocore.exceptions import ClientError
 from gateway.tasks.service import TASKS
 from tests.conftest import Gateway, GatewayFactory
 from tests.moto_server import MotoServer
-from tests.test_results import BODY, KEY, async_answer, same_answer
+from tests.test_results import KEY, answered_as_the_sync_call, async_answer
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -102,15 +102,7 @@ async def test_a_large_result_lives_in_s3_and_streams_back_byte_for_byte(
     gateway_factory: GatewayFactory, store: dict[str, Any], s3: S3, http: aiohttp.ClientSession
 ) -> None:
     gateway = await gateway_factory(tasks={**store, "results_url": s3.url("gw/results")})
-    async with http.post(
-        f"{gateway.url}/v1/images/generations",
-        json=BODY,
-        headers={**KEY, "X-Fake-Image-Bytes": "1000000"},
-    ) as resp:
-        sync_answer = await resp.read()  # what the plain call returns
-    task_id, status, answer = await async_answer(http, gateway.url, 1_000_000)
-    assert status == 200
-    assert same_answer(answer, sync_answer)
+    task_id, answer = await answered_as_the_sync_call(http, gateway.url, 1_000_000)
     assert await s3.size(f"gw/results/{task_id}") == len(answer)  # the bucket holds it
     async with http.get(f"{gateway.url}/v1/tasks/{task_id}/result", headers=KEY) as resp:
         assert resp.content_length == len(answer)
