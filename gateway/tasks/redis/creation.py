@@ -71,9 +71,11 @@ class Creation:
             steps.append(_Step(self._queue.enqueue_script, *enqueue))
         last = (await self._pipelined(steps))[-1]
         if once is not None and last is not None and not once.replace:
-            await self._redis.delete(*keys)  # never queued: no worker saw it
-            if here:
-                await self._redis.zrem(self._keys.here, task_id)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.delete(*keys)  # never queued: no worker saw it
+                if here:
+                    pipe.zrem(self._keys.here, task_id)
+                await pipe.execute()
             return bytes(last).decode()
         if not here and not (
             last if once is None else await self._queue.enqueue(task_id, caller, size)
