@@ -56,7 +56,7 @@ class Creation:
     ) -> str | None:
         """Create the task (see `TaskStore.find_or_create`): None, or what its name already
         held (and nothing was created). `QueueFull` over the caller's caps."""
-        task_id, caller, size = record.task.id, record.owner, len(job.body)
+        task_id, caller, size, limits = record.task.id, record.owner, len(job.body), job.limits
         keys, args = self._transitions.create_call(record, job, retention_ms)
         # A task run here holds its lease before it exists, so a replica dying in between
         # leaves nothing stuck. The task exists before its name does, so whoever finds the name
@@ -67,7 +67,7 @@ class Creation:
         if once is not None:
             steps.append(_Step(None, [self._keys.once(once.name)], [], self._take_name(once)))
         elif not here:
-            enqueue = self._queue.enqueue_call(task_id, caller, size)
+            enqueue = self._queue.enqueue_call(task_id, caller, size, limits)
             steps.append(_Step(self._queue.enqueue_script, *enqueue))
         last = (await self._pipelined(steps))[-1]
         if once is not None and last is not None and not once.replace:
@@ -78,7 +78,7 @@ class Creation:
                 await pipe.execute()
             return bytes(last).decode()
         if not here and not (
-            last if once is None else await self._queue.enqueue(task_id, caller, size)
+            last if once is None else await self._queue.enqueue(task_id, caller, size, limits)
         ):
             await self._redis.delete(*keys)  # over the caller's caps: nothing stays
             if once is not None:

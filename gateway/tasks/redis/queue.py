@@ -23,6 +23,10 @@ from gateway.tasks.redis.transitions import script
 _GROUP = b"workers"
 logger = logging.getLogger(__name__)
 
+Limits = list[tuple[str, int]]
+pack = msgspec.msgpack.Encoder().encode
+_limits = msgspec.msgpack.Decoder(Limits).decode
+
 
 class Entry(msgspec.Struct, frozen=True):
     id: bytes
@@ -30,6 +34,11 @@ class Entry(msgspec.Struct, frozen=True):
     # Whether the task may be in progress already: reclaimed from a lost worker, or handed
     # over by one shutting down. Any other entry of a running task is a duplicate.
     takeover: bool
+    # The concurrency slots its task needs; None if the entry does not say (a task a lost
+    # replica ran here, or one an older gateway queued): its job says.
+    limits: Limits | None = None
+    # How many tasks still waited when it was taken; -1 if not counted.
+    left: int = -1
 
 
 _FAIR = script("fair")
@@ -74,14 +83,14 @@ class Queue:
         self._reclaim_from: bytes | str = "0-0"
 
     def enqueue_call(
-        self, task_id: str, caller: str, size: int
-    ) -> tuple[list[str], list[str | int]]:
+        self, task_id: str, caller: str, size: int, limits: Limits
+    ) -> tuple[list[str], list[str | int | bytes]]:
         """`enqueue.lua`'s keys and arguments: 1 if queued, 0 if over the caller's caps."""
         keys = [self._keys.order, self._keys.fair]
-        return keys, [task_id, caller, size, *self._caps, self._keys.wake]
+        return keys, [task_id, caller, size, *self._caps, self._keys.wake, pack(limits)]
 
-    async def enqueue(self, task_id: str, caller: str, size: int) -> bool:
-        keys, args = self.enqueue_call(task_id, caller, size)
+    async def enqueue(self, task_id: str, caller: str, size: int, limits: Limits) -> bool:
+        keys, args = self.enqueue_call(task_id, caller, size, limits)
         return bool(await self.enqueue_script(keys=keys, args=args))
 
     def hold_call(self, task_id: str) -> tuple[list[str], list[str | int]]:
@@ -122,8 +131,9 @@ class Queue:
         )
         if not got:
             return None
-        entry_id, task_id, takeover = got
-        return Entry(bytes(entry_id), bytes(task_id).decode(), takeover == b"1")
+        entry_id, task_id, takeover, limits, left = got
+        limits = None if limits is None else _limits(limits)
+        return Entry(bytes(entry_id), bytes(task_id).decode(), takeover == b"1", limits, left)
 
     async def reclaim(self) -> tuple[Entry, bool] | None:
         """An entry whose worker stopped renewing its lease (killed, most likely), and whether
@@ -166,30 +176,30 @@ class Queue:
             self.done_call(pipe, entry_id)
             await pipe.execute()
 
-    async def hand_over(self, entry_id: bytes, task_id: str) -> None:
+    async def hand_over(self, entry_id: bytes, task_id: str, limits: Limits) -> None:
         """A running task goes to another worker at once (this one is stopping): a fresh entry
         that may take it over, ahead of the waiting tasks."""
-        await self._requeue(
-            keys=[self.key, self._here], args=[entry_id, _GROUP, task_id, self._keys.wake, "1"]
-        )
+        args = [entry_id, _GROUP, task_id, self._keys.wake, "1", pack(limits)]
+        await self._requeue(keys=[self.key, self._here], args=args)
 
-    async def put_back(self, entry: Entry, caller: str, size: int) -> None:
+    async def put_back(self, entry: Entry, caller: str, size: int, limits: Limits) -> None:
         """A task whose concurrency slot is full waits again, at the end of its caller's line
         (a takeover entry keeps its place ahead of the line)."""
         if entry.takeover:
-            await self.hand_over(entry.id, entry.task_id)
+            await self.hand_over(entry.id, entry.task_id, limits)
             return
         await self._put_back(
             keys=[self._keys.order, self._keys.fair, self.key],
-            args=[entry.id, _GROUP, entry.task_id, caller, size, self._keys.wake],
+            args=[entry.id, _GROUP, entry.task_id, caller, size, self._keys.wake, pack(limits)],
         )
 
     async def let_go_here(self, task_id: str, handover: bool) -> None:
         """A task run here ended its run: its lease goes, and with `handover` (its replica is
-        shutting down mid-run) it joins the queue as an entry that may take it over."""
+        shutting down mid-run) it joins the queue as an entry that may take it over (its slots
+        read from its job: a task run here held none)."""
         hand = "1" if handover else "0"
         await self._requeue(
-            keys=[self.key, self._here], args=[b"", _GROUP, task_id, self._keys.wake, hand]
+            keys=[self.key, self._here], args=[b"", _GROUP, task_id, self._keys.wake, hand, ""]
         )
 
     async def depth(self) -> int:
@@ -205,4 +215,5 @@ class Queue:
 
 def _entry(entry_id: bytes, fields: dict[bytes, bytes], *, takeover: bool) -> Entry:
     takeover = takeover or fields.get(b"takeover") == b"1"
-    return Entry(entry_id, fields[b"task"].decode(), takeover)
+    limits = None if (packed := fields.get(b"limits")) is None else _limits(packed)
+    return Entry(entry_id, fields[b"task"].decode(), takeover, limits)

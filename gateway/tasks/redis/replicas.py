@@ -22,6 +22,12 @@ from redis.exceptions import NoScriptError
 from gateway.accesslog import OncePer
 
 logger = logging.getLogger(__name__)
+# A write's wake-up, sent once a replica has it: only if the write took (a run fenced out must
+# not announce an end it did not make). KEYS: the written hash. ARGV: the channel, the message,
+# the status the hash has if the write took.
+_ANNOUNCE = """
+if redis.call('HGET', KEYS[1], 'status') == ARGV[3] then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+"""
 
 
 class ReplicaAcks:
@@ -53,18 +59,18 @@ class ReplicaAcks:
             )
 
     async def run(
-        self, script: Any, keys: list[str], args: list[Any], announce: tuple[str, str]
+        self, script: Any, keys: list[str], args: list[Any], announce: tuple[str, str, str]
     ) -> Any:
-        """Run a registered script, wait for a replica to have what it wrote, then PUBLISH
-        `announce` (channel, message): a waiter hears of the write only once a failover
-        would keep it. The script publishes itself when nothing is waited for."""
+        """Run a registered script, wait for a replica to have what it wrote, then announce it
+        (`_ANNOUNCE`: channel, message, status): a waiter hears of the write only once a
+        failover would keep it. The script publishes itself when nothing is waited for."""
         if not self.waits:
             return await script(keys=keys, args=args)
         for _ in range(2):  # a Redis that restarted or failed over has forgotten its scripts
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 self.queue_wait(pipe, keys[0])
-                pipe.execute_command("PUBLISH", *announce, **self._target(keys[0]))
+                pipe.eval(_ANNOUNCE, 1, keys[0], *announce)
                 reply, acked, _ = await pipe.execute(raise_on_error=False)
             if isinstance(reply, NoScriptError):
                 await self._redis.script_load(script.script)

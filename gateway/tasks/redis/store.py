@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from typing import Any
 
 import msgspec
@@ -30,7 +31,7 @@ from gateway.tasks.models import (
 from gateway.tasks.redis.creation import Creation
 from gateway.tasks.redis.keys import Keys
 from gateway.tasks.redis.observed import Observer, store_call, unobserved
-from gateway.tasks.redis.queue import Entry, Queue
+from gateway.tasks.redis.queue import Entry, Limits, Queue
 from gateway.tasks.redis.replicas import ReplicaAcks
 from gateway.tasks.redis.slots import Slots
 from gateway.tasks.redis.transitions import Transitions, decode
@@ -38,6 +39,9 @@ from gateway.tasks.redis.waiting import Outcome, Waiting
 from gateway.tasks.redis.wakeups import Wakeups
 
 logger = logging.getLogger(__name__)
+# How long a worker back from a run trusts that the queue was found empty (`_next`); a wake-up
+# lost in a way the subscription did not notice is then found by the next look.
+_QUIET_S = 1.0
 
 _job = msgspec.msgpack.Decoder(Job).decode
 _response = msgspec.msgpack.Decoder(StoredResponse).decode
@@ -49,6 +53,7 @@ class _Held(msgspec.Struct):
     entry_id: bytes  # b"" for a task run here: it has no queue entry while it runs
     slots: list[str]
     record: TaskRecord  # as it started: what its end event is made from
+    limits: Limits  # what a worker it is handed over to must hold
 
 
 class RedisStore:
@@ -86,6 +91,8 @@ class RedisStore:
         self._slots = Slots(redis, keys, lease_ms)
         self._wakeups = Wakeups(redis, keys.wake)
         self._held: dict[str, _Held] = {}  # the tasks this worker runs
+        # When the queue was last found empty, and the wake-ups missed then (`_next`).
+        self._empty: tuple[float, int] | None = None
         self._waiting = Waiting(redis, keys, self._transitions, self._wakeups)
         # redis-py's cluster client, first used by many calls at once, can fail them with
         # connection errors: it learns the cluster once, before any call (`store_call`).
@@ -125,9 +132,12 @@ class RedisStore:
         here: bool,
     ) -> str | None:
         retention_ms = None if retention_s is None else int(retention_s * 1000)
+        mark = self._wakeups.mark()
         found = await self._creation.create(record, job, retention_ms, once, here)
-        if found is None and here:
-            self._held[record.task.id] = _Held(b"", [], record)
+        if found is None:
+            self._waiting.expect(record.task.id, record.task.status, mark)
+            if here:
+                self._held[record.task.id] = _Held(b"", [], record, [])
         return found
 
     @store_call
@@ -139,10 +149,11 @@ class RedisStore:
         await self._queue.ensure_group()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        look = False  # a worker back from a run may not need to (`_next`)
         while (left := deadline - loop.time()) > 0:
             seen = cancel_requests()
             try:
-                entry = await self._next(left)
+                entry = await self._next(left, look)
             except ResponseError as exc:
                 if not self._queue.lost_group(exc):
                     raise
@@ -150,21 +161,28 @@ class RedisStore:
             raise_if_cancelled_since(seen)
             if entry is not None and (claim := await self._start(entry)) is not None:
                 return claim  # else cancelled, expired or deferred: take the next one
+            look = True
         return None
 
-    async def _next(self, timeout_s: float) -> Entry | None:
-        """The next entry to run, waiting up to `timeout_s` for a wake-up if none is there."""
+    async def _next(self, timeout_s: float, look: bool) -> Entry | None:
+        """The next entry to run, waiting up to `timeout_s` for a wake-up if none is there. A
+        worker back from a run does not look (`look`) if the queue was found empty a moment
+        ago and every task queued since woke a worker: it waits for its wake-up."""
         if (reclaimed := await self._reclaim()) is not None:
             return reclaimed
         woken = await self._wakeups.worker_waiter()
-        try:
-            entry = await self._queue.take()
-        except BaseException:
-            self._wakeups.pass_on(woken)  # a wake-up it took must reach a worker that waits
-            raise
-        if entry is not None:
-            self._wakeups.pass_on(woken)
-            return entry
+        missed = self._wakeups.missed
+        empty = self._empty
+        if look or empty is None or empty[1] != missed or empty[0] < time.monotonic() - _QUIET_S:
+            try:
+                entry = await self._queue.take()
+            except BaseException:
+                self._wakeups.pass_on(woken)  # a wake-up it took must reach a worker that waits
+                raise
+            self._empty = (time.monotonic(), missed) if entry is None or entry.left == 0 else None
+            if entry is not None:
+                self._wakeups.pass_on(woken)
+                return entry
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await woken
@@ -188,6 +206,33 @@ class RedisStore:
         return None
 
     async def _start(self, entry: Entry) -> Claim | None:
+        task_id, read, limits = entry.task_id, None, entry.limits
+        if limits is None:  # the entry does not say: its job does
+            if (read := await self._read(entry)) is None:
+                return None
+            limits = read[1].limits
+        slots = await self._slots.acquire(task_id, limits)
+        if slots is None:  # a slot it needs is full: it waits again, still queued
+            if read is not None or (read := await self._read(entry)) is not None:
+                await self._queue.put_back(entry, read[0].owner, len(read[1].body), limits)
+                await asyncio.sleep(DEFER_PAUSE_S)
+            return None
+        mark = self._wakeups.mark()
+        started = await self._transitions.start(
+            task_id, entry.id, entry.takeover, None if read is None else read[0]
+        )
+        if started is None:  # ended, gone, or a duplicate entry of a running task
+            async with self._redis.pipeline(transaction=False) as pipe:
+                self._slots.release_call(pipe, task_id, slots)
+                self._queue.done_call(pipe, entry.id)
+                await pipe.execute()
+            return None
+        self._waiting.expect(task_id, "in_progress", mark)
+        self._held[task_id] = _Held(entry.id, slots, started[0], limits)
+        return Claim(*started)
+
+    async def _read(self, entry: Entry) -> tuple[TaskRecord, Job] | None:
+        """The entry's task and job as they stand; None (and the entry done) if it ended."""
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hmget(*self._transitions.read_call(entry.task_id))
             pipe.get(self._keys.job(entry.task_id))
@@ -196,20 +241,7 @@ class RedisStore:
         if record is None or job_raw is None or record.task.status in TERMINAL:
             await self._queue.done(entry.id)  # cancelled or expired
             return None
-        job = _job(job_raw)
-        slots = await self._slots.acquire(entry.task_id, job.limits)
-        if slots is None:  # a slot it needs is full: it waits again, still queued
-            await self._queue.put_back(entry, record.owner, len(job.body))
-            await asyncio.sleep(DEFER_PAUSE_S)
-            return None
-        started = await self._transitions.start(record, entry.id, entry.takeover)
-        if started is None:
-            # Another worker got there first, or a duplicate entry of a running task.
-            await self._slots.release(entry.task_id, slots)
-            await self._queue.done(entry.id)
-            return None
-        self._held[entry.task_id] = _Held(entry.id, slots, started)
-        return Claim(started, job)
+        return record, _job(job_raw)
 
     @store_call
     async def renew(self, task_id: str) -> None:
@@ -232,7 +264,7 @@ class RedisStore:
         if not held.entry_id:
             await self._queue.let_go_here(task_id, handover)
         elif handover:  # the task is in progress: its fresh entry says it may be taken over
-            await self._queue.hand_over(held.entry_id, task_id)
+            await self._queue.hand_over(held.entry_id, task_id, held.limits)
 
     @store_call
     async def finish(
@@ -296,17 +328,17 @@ class RedisStore:
         if after is not None and not (after.isdecimal() and is_event_id(after)):
             raise ValueError(f"not an event id: {after!r}")
         seen = cancel_requests()
-        waiter = await self._wakeups.waiter(task_id)
-        events, status = await self._transitions.events(task_id, after)
-        if events or timeout_s <= 0:
-            return events
-        if status is None or status in TERMINAL:
-            return events
-        # Waiting after a swallowed cancel would hold the canceller for the whole timeout.
-        raise_if_cancelled_since(seen)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await waiter.wait()
+        async with self._wakeups.watch(task_id) as watch:
+            events, status = await self._transitions.events(task_id, after)
+            if events or timeout_s <= 0:
+                return events
+            if status is None or status in TERMINAL:
+                return events
+            # Waiting after a swallowed cancel would hold the canceller for the whole timeout.
+            raise_if_cancelled_since(seen)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await watch.next()
         events, _ = await self._transitions.events(task_id, after)
         return events
 

@@ -29,6 +29,7 @@ _task_json = msgspec.json.Encoder().encode
 _record = msgspec.msgpack.Decoder(TaskRecord).decode
 _error = msgspec.msgpack.Decoder(TaskError).decode
 _task = msgspec.json.Decoder(Task).decode
+_job = msgspec.msgpack.Decoder(Job).decode
 _FIELDS = ("status", "attempt", "error", "record")
 
 
@@ -65,7 +66,9 @@ class Transitions:
         keys = [self._keys.task(task_id), self._keys.job(task_id), self._keys.events(task_id)]
         ttl = self._ttl_ms if ttl_ms is None else ttl_ms
         status, attempt = record.task.status, record.attempt
-        return keys, [pack(record), pack(job), _task_json(record.task), ttl, status, attempt]
+        started = _task_json(with_status(record, "in_progress").task)  # the event its start adds
+        args: list[bytes | int | str] = [pack(record), pack(job), _task_json(record.task), ttl]
+        return keys, [*args, status, attempt, started]
 
     def read_call(self, task_id: str) -> tuple[str, ...]:
         """HMGET's arguments for `decode`."""
@@ -78,25 +81,29 @@ class Transitions:
         status = await self._redis.hget(self._keys.task(task_id), "status")
         return None if status is None else cast(Status, status.decode())
 
-    async def start(self, record: TaskRecord, entry_id: bytes, takeover: bool) -> TaskRecord | None:
-        """The task in progress with a new attempt, or None if it is not this run's to start."""
-        started = msgspec.structs.replace(
-            with_status(record, "in_progress"), attempt=record.attempt + 1
-        )
-        task_id = record.task.id
-        event = await self._start(
-            keys=[self._keys.task(task_id), self._keys.events(task_id)],
+    async def start(
+        self, task_id: str, entry_id: bytes, takeover: bool, read: TaskRecord | None = None
+    ) -> tuple[TaskRecord, Job] | None:
+        """The task in progress with a new attempt, and its job; None if it is not this run's
+        to start (ended, gone, or another run's). `read`: the task as this worker read it
+        before, started only if no other run came between."""
+        event = b"" if read is None else _task_json(with_status(read, "in_progress").task)
+        got = await self._start(
+            keys=[self._keys.task(task_id), self._keys.events(task_id), self._keys.job(task_id)],
             args=[
-                record.attempt,
-                started.attempt,
-                _task_json(started.task),
+                "" if read is None else read.attempt,
+                event,
                 "1" if takeover else "0",
                 entry_id,
                 self._keys.wake,
                 task_id,
             ],
         )
-        return started if event else None
+        if not got:
+            return None
+        attempt, record, job = got
+        started = with_status(_record(record), "in_progress")
+        return msgspec.structs.replace(started, attempt=int(attempt)), _job(job)
 
     async def end(
         self,
@@ -124,7 +131,7 @@ class Transitions:
                 "" if self._acks.waits else self._keys.wake,
                 task_id,
             ],
-            announce=(self._keys.wake, task_id),
+            announce=(self._keys.wake, f"{task_id} {status}", status),
         )
         return None if not done else (ended, bytes(done[1]))
 

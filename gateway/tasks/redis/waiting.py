@@ -1,13 +1,13 @@
 """Waiting for a task's end, for the waiters that need only the end: a `wait=N` caller (its
 status and answer) and a worker's cancel watcher (its status). One status read per wake-up,
-no events. A task this process runs hands its answer over in memory (`hand`), not read back."""
+no events, and none when the wake-up said the status or this process wrote it. A task this
+process runs hands its answer over in memory (`hand`), not read back."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Container
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -21,6 +21,10 @@ Outcome = tuple[Task, StoredResponse | None]
 _response = msgspec.msgpack.Decoder(StoredResponse).decode
 
 
+# Tasks whose last write by this process is remembered (`expect`): the latest created or started.
+_EXPECTED = 4096
+
+
 class Waiting:
     def __init__(self, redis: Any, keys: Keys, transitions: Transitions, wakeups: Wakeups) -> None:
         self._redis = redis
@@ -29,6 +33,16 @@ class Waiting:
         self._wakeups = wakeups
         # A waiter's end of a task this process runs: handed over here, not read back.
         self._outcomes: dict[str, asyncio.Future[Outcome | None]] = {}
+        # The status this process last wrote to a task, and the wake-ups' mark from before the
+        # write: with the wake-ups heard since, its status now, without a read (`_status`).
+        self._expected: dict[str, tuple[int | None, Status]] = {}
+
+    def expect(self, task_id: str, status: Status, mark: int | None) -> None:
+        """This process wrote `status` to the task, after the wake-ups' `mark`."""
+        self._expected.pop(task_id, None)
+        self._expected[task_id] = (mark, status)
+        if len(self._expected) > _EXPECTED:
+            del self._expected[next(iter(self._expected))]
 
     def hand(self, task_id: str, outcome: Outcome | None) -> None:
         """This process's run of the task ended: with its outcome, or None (no answer from
@@ -36,7 +50,17 @@ class Waiting:
         if (local := self._outcomes.get(task_id)) is not None and not local.done():
             local.set_result(outcome)
 
-    async def _status(self, task_id: str) -> Status | None:
+    async def _status(
+        self, task_id: str, heard: str | None, *, read: bool = False
+    ) -> Status | None:
+        """The task's status: as a wake-up announced it (`heard`), or as this process wrote it
+        with none heard since, or read (always with `read`). Called with its watch open."""
+        if heard is not None:
+            return cast(Status, heard)
+        mark, wrote = self._expected.get(task_id, (None, None))
+        if not read and (since := self._wakeups.since(task_id, mark)) is not False:
+            return cast(Status, since or wrote)
+        await self._wakeups.listen()
         # Shielded: a waiter is cancelled whenever what it waits for is over, often mid-read,
         # and redis-py drops a connection cancelled mid-command (a reconnect costs ~10 reads).
         return await asyncio.shield(self._transitions.status(task_id))
@@ -46,32 +70,38 @@ class Waiting:
     ) -> Outcome | None:
         """The task as it ended and its answer, if it ends within `timeout_s`. Handed over by
         this process's worker when it runs the task (`running_here`); else read once its
-        wake-up says it changed."""
+        wake-up says it ended."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         local = self._outcomes.setdefault(task_id, loop.create_future())
+        heard: str | None = None
         try:
-            while True:
-                waiter = await self._wakeups.waiter(task_id)
-                if task_id not in running_here:  # else its end comes in `local`
-                    status = await self._status(task_id)
-                    if status is None:
+            async with self._wakeups.watch(task_id) as watch:
+                while True:
+                    if task_id not in running_here:  # else its end comes in `local`
+                        status = await self._status(task_id, heard)
+                        if status is None:
+                            return None
+                        if status in TERMINAL:
+                            return await self._read_outcome(task_id)
+                    if (left := deadline - loop.time()) <= 0:
                         return None
-                    if status in TERMINAL:
-                        return await self._read_outcome(task_id)
-                if (left := deadline - loop.time()) <= 0:
-                    return None
-                woken = asyncio.ensure_future(waiter.wait())
-                try:
-                    await asyncio.wait((local, woken), timeout=left, return_when="FIRST_COMPLETED")
-                finally:
-                    woken.cancel()
-                if local.done():
-                    if (got := local.result()) is not None:
-                        return got
-                    local = self._outcomes[task_id] = loop.create_future()
-                elif not woken.done():
-                    return None
+                    woken = asyncio.ensure_future(watch.next())
+                    try:
+                        await asyncio.wait(
+                            (local, woken), timeout=left, return_when="FIRST_COMPLETED"
+                        )
+                    finally:
+                        woken.cancel()
+                    if local.done():
+                        if (got := local.result()) is not None:
+                            return got
+                        local = self._outcomes[task_id] = loop.create_future()
+                        heard = None
+                    elif not woken.done():
+                        return None
+                    else:
+                        heard = woken.result()
         finally:
             if self._outcomes.get(task_id) is local:
                 del self._outcomes[task_id]
@@ -90,13 +120,19 @@ class Waiting:
         """The task's status once it has ended, or as it stands after `timeout_s`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while True:
-            seen = cancel_requests()
-            waiter = await self._wakeups.waiter(task_id)
-            status = await self._status(task_id)
-            if status is None or status in TERMINAL or (left := deadline - loop.time()) <= 0:
-                return status
-            raise_if_cancelled_since(seen)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await waiter.wait()
+        heard: str | None = None
+        timed_out = False
+        async with self._wakeups.watch(task_id) as watch:
+            while True:
+                seen = cancel_requests()
+                # After a quiet wait it reads: a wake-up lost unnoticed is not waited on forever.
+                status = await self._status(task_id, heard, read=timed_out)
+                if status is None or status in TERMINAL or (left := deadline - loop.time()) <= 0:
+                    return status
+                raise_if_cancelled_since(seen)
+                heard = None
+                try:
+                    async with asyncio.timeout(left):
+                        heard = await watch.next()
+                except TimeoutError:
+                    timed_out = True

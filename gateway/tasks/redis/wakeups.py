@@ -1,7 +1,8 @@
-"""Wake-ups on one channel: a task's id when it changes, so whoever follows the task reads its
-events at once instead of polling; and `queue` when a task starts waiting, which wakes one idle
-worker of each replica. Only wake-ups: the streams and sets are the record, and a lost
-subscription wakes every waiter to read again."""
+"""Wake-ups on one channel: `<task id> <status>` when a task changes, so whoever follows the task
+hears of it at once instead of polling (and, from the status, whether there is anything to
+read); and `queue` when a task starts waiting, which wakes one idle worker of each replica.
+Only wake-ups: the streams and sets are the record, and a lost subscription wakes every waiter
+to read again."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -17,34 +19,84 @@ from gateway.accesslog import OncePer
 
 logger = logging.getLogger(__name__)
 
+# How many of the latest changes are remembered (`since`): far more than arrive between a write
+# and its writer's next look, which is what they are for.
+_RECENT = 4096
+
+
+class Watch:
+    """One waiter's wake-ups of one task: `changed` is set on each change, and `status` is the
+    status the last one announced (None: unknown, read it)."""
+
+    __slots__ = ("changed", "status")
+
+    def __init__(self) -> None:
+        self.changed = asyncio.Event()
+        self.status: str | None = None
+
+    async def next(self) -> str | None:
+        await self.changed.wait()
+        self.changed.clear()
+        return self.status
+
 
 class Wakeups:
     def __init__(self, redis: Any, channel: str) -> None:
         self._redis = redis
         self._channel = channel
-        self._waiting: dict[str, asyncio.Event] = {}
+        self._watches: dict[str, list[Watch]] = {}
         self._idle_workers: collections.deque[asyncio.Future[None]] = collections.deque()
         self._listener: asyncio.Task[None] | None = None
         # Workers and followers start at once: one of them subscribes, the rest wait for it.
         self._subscribing = asyncio.Lock()
         self._warned = OncePer(60.0)
+        # The latest changes heard, by task (oldest first), and a count of them that jumps on a
+        # lost subscription: a writer's `mark` says whether its task's changes since are here.
+        self._recent: dict[str, str] = {}
+        self._heard = 0
+        self._listening = False
+        # A `queue` wake-up that found no idle worker: the queue may hold work nobody took.
+        self.missed = 0
 
-    async def _listen(self) -> None:
+    async def listen(self) -> None:
+        """Subscribe, if not (again, after a lost subscription): before a read that a change
+        after it must wake."""
         async with self._subscribing:
             if self._listener is None or self._listener.done():  # none yet, or lost with Redis
                 pubsub = self._redis.pubsub()
                 await pubsub.subscribe(self._channel)
                 self._listener = asyncio.create_task(self._dispatch(pubsub))
 
-    async def waiter(self, task_id: str) -> asyncio.Event:
-        """Set on the task's next change. Take it before reading, so no change is missed."""
-        await self._listen()
-        return self._waiting.setdefault(task_id, asyncio.Event())
+    @contextlib.asynccontextmanager
+    async def watch(self, task_id: str) -> AsyncIterator[Watch]:
+        """The task's wake-ups while in the block. Open it before reading, so no change is
+        missed."""
+        await self.listen()
+        watch = Watch()
+        watches = self._watches.setdefault(task_id, [])
+        watches.append(watch)
+        try:
+            yield watch
+        finally:
+            watches.remove(watch)
+            if not watches and self._watches.get(task_id) is watches:
+                del self._watches[task_id]
+
+    def mark(self) -> int | None:
+        """Taken before a write: `since` then tells what the write's task became after it."""
+        return self._heard if self._listening else None
+
+    def since(self, task_id: str, mark: int | None) -> str | bool | None:
+        """The status last announced for the task after `mark`; None if none was; False if
+        that is not known (not listening then, a subscription lost, or too many changes)."""
+        if mark is None or not self._listening or self._heard - mark >= _RECENT:
+            return False
+        return self._recent.get(task_id)
 
     async def worker_waiter(self) -> asyncio.Future[None]:
         """Done when a task starts waiting (one idle worker per wake-up). Take it before
         looking at the queue, so no wake-up is missed; `pass_on` it if the look found work."""
-        await self._listen()
+        await self.listen()
         woken = asyncio.get_running_loop().create_future()
         self._idle_workers.append(woken)
         return woken
@@ -62,25 +114,45 @@ class Wakeups:
             if not woken.done():
                 woken.set_result(None)
                 return
+        self.missed += 1
+
+    def _heard_of(self, task_id: str, status: str | None) -> None:
+        self._heard += 1
+        if status is not None:
+            self._recent.pop(task_id, None)
+            self._recent[task_id] = status
+            if len(self._recent) > _RECENT:
+                del self._recent[next(iter(self._recent))]
+        for watch in self._watches.get(task_id, ()):
+            watch.status = status
+            watch.changed.set()
 
     async def _dispatch(self, pubsub: Any) -> None:
         try:
             async for message in pubsub.listen():
+                if message["type"] == "subscribe":
+                    self._listening = True
                 if message["type"] != "message":
                     continue
                 if message["data"] == b"queue":
                     self._wake_a_worker()
-                elif (waiter := self._waiting.pop(message["data"].decode(), None)) is not None:
-                    waiter.set()
+                else:
+                    task_id, _, status = message["data"].decode().partition(" ")
+                    self._heard_of(task_id, status or None)
         except (RedisError, OSError, RuntimeError):  # RuntimeError: a transport gone under it
             if self._warned():
                 logger.warning("task wake-ups lost with Redis; resubscribing on next use")
         finally:
-            for waiter in self._waiting.values():
-                waiter.set()
-            self._waiting.clear()
+            self._listening = False
+            self._heard += _RECENT  # what was heard before is no guide to what was missed
+            self._recent.clear()
+            for watches in self._watches.values():
+                for watch in watches:
+                    watch.status = None
+                    watch.changed.set()
             while self._idle_workers:
                 self._wake_a_worker()
+            self.missed += 1
             # A connection a dead node left behind may fail to close in any way at all.
             with contextlib.suppress(Exception):
                 await pubsub.aclose()

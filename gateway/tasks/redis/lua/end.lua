@@ -32,5 +32,5 @@ if result ~= '' then
   redis.call('SET', result_key, result, 'PX', math.max(redis.call('PTTL', task_key), 1))
 end
 local id = redis.call('RPUSH', events_key, event)
-if wake_channel ~= '' then redis.call('PUBLISH', wake_channel, task_id) end
+if wake_channel ~= '' then redis.call('PUBLISH', wake_channel, task_id .. ' ' .. new_status) end
 return {id, entry_id}

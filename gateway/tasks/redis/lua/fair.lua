@@ -2,15 +2,16 @@
 -- scored by a virtual start tag. A caller's next task is tagged one past the later of its own
 -- last tag and the tag last served, so callers are served in turn: one with a single task
 -- waits for at most one free worker, whatever another has queued. The hash `fair` keeps the
--- tag last served (`vt`), each caller's last tag while it has tasks waiting, and what each
--- caller has waiting (counted against its caps).
+-- tag last served (`vt`), each caller's last tag while it has tasks waiting, what each caller
+-- has waiting (counted against its caps), and each waiting task's concurrency slots (`limits`,
+-- packed by the gateway: the worker that takes the task acquires them before it starts it).
 
 local function unqueued(fair_key, task_id)
   -- A task left the waiting set: it no longer counts against its caller's caps.
   local meta = redis.call('HGET', fair_key, 'task:' .. task_id)
   if not meta then return end
   local caller, size = string.match(meta, '^(.*) (%d+)$')
-  redis.call('HDEL', fair_key, 'task:' .. task_id)
+  redis.call('HDEL', fair_key, 'task:' .. task_id, 'limits:' .. task_id)
   if redis.call('HINCRBY', fair_key, 'count:' .. caller, -1) <= 0 then
     -- Nothing of this caller waits: its tag is behind `vt` and need not be kept.
     redis.call('HDEL', fair_key, 'count:' .. caller, 'bytes:' .. caller, 'last:' .. caller)
@@ -20,7 +21,7 @@ local function unqueued(fair_key, task_id)
 end
 
 local function enqueue(order_key, fair_key, task_id, caller, size, max_count, max_bytes, check,
-                       wake_channel)
+                       wake_channel, limits)
   -- Queue a task at the end of its caller's line; false over the caller's caps when `check`.
   local count = tonumber(redis.call('HGET', fair_key, 'count:' .. caller) or '0')
   local bytes = tonumber(redis.call('HGET', fair_key, 'bytes:' .. caller) or '0')
@@ -29,7 +30,8 @@ local function enqueue(order_key, fair_key, task_id, caller, size, max_count, ma
   local last = tonumber(redis.call('HGET', fair_key, 'last:' .. caller) or '0')
   local tag = math.max(served, last) + 1
   redis.call('ZADD', order_key, tag, task_id)
-  redis.call('HSET', fair_key, 'last:' .. caller, tag, 'task:' .. task_id, caller .. ' ' .. size)
+  redis.call('HSET', fair_key, 'last:' .. caller, tag, 'task:' .. task_id, caller .. ' ' .. size,
+             'limits:' .. task_id, limits)
   redis.call('HINCRBY', fair_key, 'count:' .. caller, 1)
   redis.call('HINCRBY', fair_key, 'bytes:' .. caller, size)
   redis.call('PUBLISH', wake_channel, 'queue')

@@ -1,20 +1,27 @@
 -- A worker starts a task: only a queued one, or an in-progress one whose queue entry was
 -- reclaimed from a lost worker (`takeover`), so a duplicate queue entry never runs a task
--- twice; and only if the attempt is still the one the worker read (fencing).
+-- twice. Read and changed in one step, so no other start comes between; a worker that read
+-- the task before passes the attempt it read, and starts it only if it is still that one.
+-- Returns the new attempt, the task as created and its job, or false if it is not this run's.
 local task_key = KEYS[1]
 local events_key = KEYS[2]
-local expected_attempt = ARGV[1]
-local new_attempt = ARGV[2]
-local event = ARGV[3]
-local takeover = ARGV[4] == '1'
-local entry_id = ARGV[5]  -- the queue entry this run holds: a cancel acknowledges it
-local wake_channel = ARGV[6]
-local task_id = ARGV[7]
+local job_key = KEYS[3]
+local expected_attempt = ARGV[1]  -- '' for whatever it is now
+local event = ARGV[2]  -- '' for the one kept when the task was created
+local takeover = ARGV[3] == '1'
+local entry_id = ARGV[4]  -- the queue entry this run holds: a cancel acknowledges it
+local wake_channel = ARGV[5]
+local task_id = ARGV[6]
 
-local status = redis.call('HGET', task_key, 'status')
+local status, attempt, record, started = unpack(
+  redis.call('HMGET', task_key, 'status', 'attempt', 'record', 'started'))
 if status ~= 'queued' and not (status == 'in_progress' and takeover) then return false end
-if redis.call('HGET', task_key, 'attempt') ~= expected_attempt then return false end
-redis.call('HSET', task_key, 'status', 'in_progress', 'attempt', new_attempt, 'entry', entry_id)
-local id = redis.call('RPUSH', events_key, event)
-redis.call('PUBLISH', wake_channel, task_id)
-return id
+if expected_attempt ~= '' and attempt ~= expected_attempt then return false end
+local job = redis.call('GET', job_key)
+if event == '' then event = started end
+if not job or not event then return false end
+attempt = tonumber(attempt) + 1
+redis.call('HSET', task_key, 'status', 'in_progress', 'attempt', attempt, 'entry', entry_id)
+redis.call('RPUSH', events_key, event)
+redis.call('PUBLISH', wake_channel, task_id .. ' in_progress')
+return {attempt, record, job}
