@@ -1,6 +1,7 @@
 """What a call run as a task costs in CPU, beside the same call made plainly (issue 14).
 
     python -m tests.perf.bench_taskcpu [--calls 1000] [--rate 100] [--store both] [--monitor 20]
+                                       [--rounds 1]
 
 Real processes on loopback: the APIYI stand-in answering at once, one redis-server, and one
 `gateway serve` per store (default config: 16 workers inside, a caller concurrency slot).
@@ -35,6 +36,7 @@ import aiohttp
 import psutil
 from redis.asyncio import Redis
 
+from gateway.tasks.redis.transitions import script
 from tests.perf.bench_async import pct
 from tests.perf.bench_sync import cpu_s
 from tests.procs import GatewayProcess, free_port
@@ -46,18 +48,18 @@ ASYNC = {"Prefer": "respond-async"}
 MODES = {"plain": {}, "wait": {"Prefer": "respond-async, wait=120"}, "sse": ASYNC}
 MODES |= {"sdk": {"x-stainless-retry-count": "0"}, "202": ASYNC}
 LUA = resources.files("gateway.tasks.redis").joinpath("lua")
-TEXT = {p.name[:-4]: p.read_text() for p in LUA.iterdir() if p.name.endswith(".lua")}
-# MONITOR shows a script by its text (EVAL: told by its first line) or its SHA1 (EVALSHA, as
-# redis-py's register_script sends it; the queue's scripts have `fair.lua` prepended).
-FIRST = {name: text.splitlines()[0] for name, text in TEXT.items() if name != "fair"}
+TEXT = {p.name[:-4]: script(p.name[:-4]) for p in LUA.iterdir() if p.name.endswith(".lua")}
+# MONITOR shows a script by its text (EVAL, escaped) or its SHA1 (EVALSHA): both are told by
+# the SHA1 of the text the gateway sends (the queue's scripts have `fair.lua` prepended).
 SHAS = {
     hashlib.sha1(body.encode()).hexdigest(): name
-    for name in FIRST
+    for name in TEXT
+    if name != "fair"
     for body in (TEXT[name], TEXT["fair"] + TEXT[name])
 }
 PHASE = {"create": "submit", "enqueue": "submit", "take": "claim", "requeue_lost": "claim"}
 PHASE |= {"put_back": "claim", "acquire": "start", "start": "start", "renew_slots": "renew"}
-PHASE |= {"end": "finish", "requeue": "finish", "forget_name": "finish"}
+PHASE |= {"end": "finish", "requeue": "finish", "forget_name": "finish", "ended": "finish"}
 OTHER = {"SET": "submit", "GET": "start", "XCLAIM": "renew", "XAUTOCLAIM": "claim"}
 OTHER |= {"XPENDING": "claim", "XACK": "finish", "XDEL": "finish", "ZREM": "finish"}
 PHASES = ("submit", "claim", "start", "renew", "watch", "finish", "deliver", "other")
@@ -129,57 +131,82 @@ async def info(redis: Redis | None) -> dict[str, tuple[int, int]]:
     return stats | {"reads": (reads, 0), "conns": (conns, 0)}
 
 
+class Bench:
+    """One gateway under measurement: its process and Redis's, the fake's upstream count."""
+
+    def __init__(self, args: Any, http: aiohttp.ClientSession, url: str, fake: str) -> None:
+        self.args, self.http, self.url, self.fake = args, http, url, fake
+        self.pids: tuple[int, int] = (0, 0)
+        self.redis: Redis | None = None
+        self.upstream = 0
+
+    def cpu(self) -> list[float]:
+        return [cpu_s(pid) if pid else 0.0 for pid in self.pids]
+
+    async def mode(self, store: str, mode: str, plain: float) -> tuple[float, float]:
+        """Run `mode` once (a warm-up, then the measured calls) and print its line: gateway
+        and Redis CPU ms per call."""
+        args = self.args
+        rate = args.submit_rate if mode == "202" else args.rate
+        for n in (args.warm, args.calls):
+            cpu0, info0 = self.cpu(), await info(self.redis)
+            ms = sorted(t * 1000 for t in await paced(self.http, self.url, mode, n, rate))
+            self.upstream += n
+            await settled(self.http, self.fake, self.upstream)
+            cpu1, info1 = self.cpu(), await info(self.redis)
+        gw, rd = ((b - a) / n * 1000 for a, b in zip(cpu0, cpu1, strict=True))
+        per = {
+            k: [(b - a) / n for a, b in zip(info0.get(k, (0, 0)), v, strict=True)]
+            for k, v in info1.items()
+        }
+        trips, conns = per.pop("reads", [0.0])[0], per.pop("conns", [0.0])[0]
+        print(
+            f"{mode:5} {store:6} {rate:3.0f}/s  gateway {gw:5.2f} ms x{gw / (plain or gw):4.1f}  "
+            f"Redis {rd:5.3f} ms {sum(c for c, _ in per.values()):5.1f} cmds "
+            f"{trips:4.1f} round trips {conns:4.2f} connects  "
+            f"p50 {statistics.median(ms):5.2f} ms p99 {pct(ms, 0.99):6.2f} ms"
+        )
+        # By Redis-side time; a script's includes the commands it ran, listed as well.
+        top = sorted(((u, c, k) for k, (c, u) in per.items() if c), reverse=True)
+        if top and args.rounds == 1:
+            print("   " + ", ".join(f"{k} {c:.1f}x {u:.0f}us" for u, c, k in top[:12]))
+        return gw, rd
+
+
 async def bench_store(args: Any, tmp: Path, fake: str, server: RedisServer | None) -> None:
     store = "redis" if server else "memory"
     proc, url = await gateway(tmp, store, f"{fake}/v1", server.url if server else None)
-    redis = Redis.from_url(server.url) if server else None
-    pids = (proc.proc.pid, server.proc.pid if server else 0)
-
-    def cpu() -> list[float]:
-        return [cpu_s(pid) if pid else 0.0 for pid in pids]
-
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            bench = Bench(args, http, url, fake)
+            bench.pids = (proc.proc.pid, server.proc.pid if server else 0)
+            bench.redis = Redis.from_url(server.url) if server else None
             async with http.get(f"{fake}/_fake/stats") as resp:
-                upstream = (await resp.json())["requests"]
-            before = cpu()
+                bench.upstream = (await resp.json())["requests"]
+            before = bench.cpu()
             await asyncio.sleep(3)  # idle workers and Redis's own timers, for scale
-            idle = [(b - a) / 3 * 1000 for a, b in zip(before, cpu(), strict=True)]
+            idle = [(b - a) / 3 * 1000 for a, b in zip(before, bench.cpu(), strict=True)]
             # Each subscription gets every wake-up, and wakes a worker on each `queue` one.
-            subs = (await redis.pubsub_numsub("gw:wake"))[0][1] if redis else 0
+            subs = (await bench.redis.pubsub_numsub("gw:wake"))[0][1] if bench.redis else 0
             print(
                 f"\n{store}: idle CPU ms/s gateway {idle[0]:.2f}, Redis {idle[1]:.2f}; {subs} "
                 "subscriptions to the wake-up channel"
             )
-            plain = 0.0
-            for mode in MODES:
-                rate = args.submit_rate if mode == "202" else args.rate
-                for n in (args.warm, args.calls):  # the warm-up, then the measured run
-                    cpu0, info0 = cpu(), await info(redis)
-                    ms = sorted(t * 1000 for t in await paced(http, url, mode, n, rate))
-                    upstream += n
-                    await settled(http, fake, upstream)
-                    cpu1, info1 = cpu(), await info(redis)
-                gw, rd = ((b - a) / n * 1000 for a, b in zip(cpu0, cpu1, strict=True))
-                plain = plain or gw
-                per = {
-                    k: [(b - a) / n for a, b in zip(info0.get(k, (0, 0)), v, strict=True)]
-                    for k, v in info1.items()
-                }
-                trips, conns = per.pop("reads", [0.0])[0], per.pop("conns", [0.0])[0]
-                print(
-                    f"{mode:5} {store:6} {rate:3.0f}/s  gateway {gw:5.2f} ms x{gw / plain:4.1f}  "
-                    f"Redis {rd:5.3f} ms {sum(c for c, _ in per.values()):5.1f} cmds "
-                    f"{trips:4.1f} round trips {conns:4.2f} connects  "
-                    f"p50 {statistics.median(ms):5.2f} ms p99 {pct(ms, 0.99):6.2f} ms"
-                )
-                # By Redis-side time; a script's includes the commands it ran, listed as well.
-                top = sorted(((u, c, k) for k, (c, u) in per.items() if c), reverse=True)
-                if top:
-                    print("   " + ", ".join(f"{k} {c:.1f}x {u:.0f}us" for u, c, k in top[:12]))
+            rows: dict[str, list[tuple[float, float, float]]] = {mode: [] for mode in MODES}
+            for _ in range(args.rounds):  # every mode in turn, again: the machine drifts
+                plain = 0.0
+                for mode in MODES:
+                    gw, rd = await bench.mode(store, mode, plain)
+                    plain = plain or gw
+                    rows[mode].append((gw, gw / plain, rd))
+            if bench.redis is not None:
+                await bench.redis.aclose()
+        if args.rounds > 1:
+            print(f"{store}: medians of {args.rounds} rounds (x: to the plain call of its round)")
+            for mode, got in rows.items():
+                gw, ratio, rd = (statistics.median(column) for column in zip(*got, strict=True))
+                print(f"  {mode:5} gateway {gw:5.2f} ms x{ratio:4.2f}  Redis {rd:5.3f} ms")
     finally:
-        if redis is not None:
-            await redis.aclose()
         proc.close()
 
 
@@ -187,7 +214,8 @@ def phase_of(cmd: str, argv: list[str], front: bool, sdk: bool) -> tuple[str, st
     """(phase, label) of a command a gateway sent (not one a script ran)."""
     name = SHAS.get(argv[0], "") if cmd == "EVALSHA" and argv else ""
     if cmd == "EVAL" and argv:
-        name = next((n for n, line in FIRST.items() if line in argv[0]), "?")
+        text = argv[0].encode("latin-1").decode("unicode_escape")  # as MONITOR escaped it
+        name = SHAS.get(hashlib.sha1(text.encode()).hexdigest(), "?")
     if name == "hold_here":
         return ("renew" if argv[-1] == "XX" else "submit"), f"{cmd} {name}"
     if name:
@@ -268,6 +296,7 @@ async def main() -> None:
     parser.add_argument("--warm", type=int, default=100)
     parser.add_argument("--store", choices=("redis", "memory", "both"), default="both")
     parser.add_argument("--monitor", type=int, default=20, help="tasks per mode; 0: none")
+    parser.add_argument("--rounds", type=int, default=1, help="of all modes; >1: medians")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)

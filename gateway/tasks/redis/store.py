@@ -54,6 +54,7 @@ class _Held(msgspec.Struct):
     slots: list[str]
     record: TaskRecord  # as it started: what its end event is made from
     limits: Limits  # what a worker it is handed over to must hold
+    ended: bool = False  # by this run, its entry, lease and slots gone with the end
 
 
 class RedisStore:
@@ -89,6 +90,7 @@ class RedisStore:
             redis, keys, self._queue, self._transitions, acks, ordered=not cluster
         )
         self._slots = Slots(redis, keys, lease_ms)
+        self._ordered = not cluster  # one node: a pipeline runs in order, keys in any slot
         self._wakeups = Wakeups(redis, keys.wake)
         self._held: dict[str, _Held] = {}  # the tasks this worker runs
         # When the queue was last found empty, and the wake-ups missed then (`_next`).
@@ -258,7 +260,7 @@ class RedisStore:
     async def release(self, task_id: str, *, handover: bool) -> None:
         held = self._held.pop(task_id, None)
         self._waiting.hand(task_id, None)
-        if held is None:
+        if held is None or held.ended:
             return
         await self._slots.release(task_id, held.slots)
         if not held.entry_id:
@@ -281,17 +283,26 @@ class RedisStore:
         if record is None:
             return None
         status: Status = "completed" if error is None else "failed"
-        ended = await self._transitions.end(record, attempt, status, response, error)
+        # On a standalone Redis what the run holds goes in the end's round trip, once ended.
+        then = None
+        if held is not None and self._ordered:
+            then = self._queue.ended_call(
+                self._keys.task(task_id), held.entry_id, task_id, held.slots
+            )
+        ended = await self._transitions.end(record, attempt, status, response, error, then)
         if ended is None:
             return None  # fenced out or cancelled: the name still finds the run that counts
         if not keep_name and record.once is not None:
             await self._creation.forget_name(record.once)
         task, entry_id = ended
+        if held is not None and then is not None:
+            held.ended = True  # release has nothing left to send
+            entry_id = b""
         # Only the run that ended the task acknowledges an entry, its own: a worker fenced out
         # by a takeover must not touch the entry the new run holds. Its slots go in the same
         # round trip (release then has nothing left to send).
         slots = held.slots if held is not None and held.entry_id == entry_id else []
-        if entry_id or slots:
+        if then is None and (entry_id or slots):
             async with self._redis.pipeline(transaction=False) as pipe:
                 if entry_id:
                     self._queue.done_call(pipe, entry_id)

@@ -22,7 +22,7 @@ from gateway.tasks.models import (
     TaskRecord,
 )
 from gateway.tasks.redis.keys import Keys
-from gateway.tasks.redis.replicas import ReplicaAcks
+from gateway.tasks.redis.replicas import ReplicaAcks, ScriptCall
 
 pack = msgspec.msgpack.Encoder().encode
 _task_json = msgspec.json.Encoder().encode
@@ -34,8 +34,10 @@ _FIELDS = ("status", "attempt", "error", "record")
 
 
 def script(name: str) -> str:
-    """A Lua script from `lua/`, read once at import: each names its KEYS and ARGV."""
-    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+    """A Lua script from `lua/`, read once at import: each names its KEYS and ARGV. Without its
+    comment lines: a creation sends its scripts whole (EVAL), and Redis hashes them each time."""
+    text = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+    return "".join(line for line in text.splitlines(True) if not line.lstrip().startswith("--"))
 
 
 _CREATE, _START, _END = (script(name) for name in ("create", "start", "end"))
@@ -112,9 +114,11 @@ class Transitions:
         status: Status,
         response: StoredResponse | None = None,
         error: TaskError | None = None,
+        then: ScriptCall | None = None,
     ) -> tuple[Task, bytes] | None:
         """End the task, only if `attempt` (None: any) runs it and it has not ended: the task
-        as it ended and the queue entry of the run that held it (b"" if none), else None."""
+        as it ended and the queue entry of the run that held it (b"" if none), else None.
+        `then`: a script to run right after, in the same round trip."""
         ended = with_status(record, status, error).task
         task_id = ended.id
         keys = [self._keys.task(task_id), self._keys.job(task_id)]
@@ -132,6 +136,7 @@ class Transitions:
                 task_id,
             ],
             announce=(self._keys.wake, f"{task_id} {status}", status),
+            then=then,
         )
         return None if not done else (ended, bytes(done[1]))
 

@@ -6,9 +6,10 @@
 -- has waiting (counted against its caps), and each waiting task's concurrency slots (`limits`,
 -- packed by the gateway: the worker that takes the task acquires them before it starts it).
 
-local function unqueued(fair_key, task_id)
-  -- A task left the waiting set: it no longer counts against its caller's caps.
-  local meta = redis.call('HGET', fair_key, 'task:' .. task_id)
+local function unqueued(fair_key, task_id, meta)
+  -- A task left the waiting set: it no longer counts against its caller's caps. `meta`: its
+  -- `task:` field, when the caller read it already.
+  meta = meta or redis.call('HGET', fair_key, 'task:' .. task_id)
   if not meta then return end
   local caller, size = string.match(meta, '^(.*) (%d+)$')
   redis.call('HDEL', fair_key, 'task:' .. task_id, 'limits:' .. task_id)
@@ -23,17 +24,15 @@ end
 local function enqueue(order_key, fair_key, task_id, caller, size, max_count, max_bytes, check,
                        wake_channel, limits)
   -- Queue a task at the end of its caller's line; false over the caller's caps when `check`.
-  local count = tonumber(redis.call('HGET', fair_key, 'count:' .. caller) or '0')
-  local bytes = tonumber(redis.call('HGET', fair_key, 'bytes:' .. caller) or '0')
+  local count, bytes, served, last = unpack(
+    redis.call('HMGET', fair_key, 'count:' .. caller, 'bytes:' .. caller, 'vt', 'last:' .. caller))
+  count, bytes = tonumber(count or '0'), tonumber(bytes or '0')
   if check and (count >= max_count or bytes + size > max_bytes) then return false end
-  local served = tonumber(redis.call('HGET', fair_key, 'vt') or '0')
-  local last = tonumber(redis.call('HGET', fair_key, 'last:' .. caller) or '0')
-  local tag = math.max(served, last) + 1
+  local tag = math.max(tonumber(served or '0'), tonumber(last or '0')) + 1
   redis.call('ZADD', order_key, tag, task_id)
   redis.call('HSET', fair_key, 'last:' .. caller, tag, 'task:' .. task_id, caller .. ' ' .. size,
-             'limits:' .. task_id, limits)
-  redis.call('HINCRBY', fair_key, 'count:' .. caller, 1)
-  redis.call('HINCRBY', fair_key, 'bytes:' .. caller, size)
+             'limits:' .. task_id, limits, 'count:' .. caller, count + 1,
+             'bytes:' .. caller, bytes + size)
   redis.call('PUBLISH', wake_channel, 'queue')
   return true
 end

@@ -30,8 +30,8 @@ local popped = redis.call('ZPOPMIN', order_key)
 if #popped == 0 then return nil end
 local task_id = popped[1]
 redis.call('HSET', fair_key, 'vt', popped[2])
-local limits = redis.call('HGET', fair_key, 'limits:' .. task_id)
-unqueued(fair_key, task_id)
+local meta, limits = unpack(redis.call('HMGET', fair_key, 'task:' .. task_id, 'limits:' .. task_id))
+unqueued(fair_key, task_id, meta)
 if limits then
   redis.call('XADD', stream_key, '*', 'task', task_id, 'takeover', '0', 'limits', limits)
 else
