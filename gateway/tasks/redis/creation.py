@@ -53,9 +53,11 @@ class Creation:
         retention_ms: int | None,
         once: OnceName | None,
         here: bool,
+        announce: bool,
     ) -> str | None:
         """Create the task (see `TaskStore.find_or_create`): None, or what its name already
-        held (and nothing was created). `QueueFull` over the caller's caps."""
+        held (and nothing was created). `QueueFull` over the caller's caps. `announce`: wake a
+        worker of every replica when it is queued (else the caller wakes one of its own)."""
         task_id, caller, size, limits = record.task.id, record.owner, len(job.body), job.limits
         keys, args = self._transitions.create_call(record, job, retention_ms)
         # A task run here holds its lease before it exists, so a replica dying in between
@@ -67,7 +69,7 @@ class Creation:
         if once is not None:
             steps.append(_Step(None, [self._keys.once(once.name)], [], self._take_name(once)))
         elif not here:
-            enqueue = self._queue.enqueue_call(task_id, caller, size, limits)
+            enqueue = self._queue.enqueue_call(task_id, caller, size, limits, announce=announce)
             steps.append(_Step(self._queue.enqueue_script, *enqueue))
         last = (await self._pipelined(steps))[-1]
         if once is not None and last is not None and not once.replace:
@@ -77,9 +79,9 @@ class Creation:
                     pipe.zrem(self._keys.here, task_id)
                 await pipe.execute()
             return bytes(last).decode()
-        if not here and not (
-            last if once is None else await self._queue.enqueue(task_id, caller, size, limits)
-        ):
+        if not here and once is not None:  # queued only now that its name is its own
+            last = await self._queue.enqueue(task_id, caller, size, limits, announce=announce)
+        if not here and not last:
             await self._redis.delete(*keys)  # over the caller's caps: nothing stays
             if once is not None:
                 await self.forget_name(once)

@@ -85,15 +85,23 @@ class Queue:
         self._reclaim_from: bytes | str = "0-0"
 
     def enqueue_call(
-        self, task_id: str, caller: str, size: int, limits: Limits
+        self, task_id: str, caller: str, size: int, limits: Limits, *, announce: bool
     ) -> tuple[list[str], list[str | int | bytes]]:
-        """`enqueue.lua`'s keys and arguments: 1 if queued, 0 if over the caller's caps."""
+        """`enqueue.lua`'s keys and arguments: 1 if queued, 0 if over the caller's caps. With
+        `announce`, a `queue` wake-up goes to every replica."""
         keys = [self._keys.order, self._keys.fair]
-        return keys, [task_id, caller, size, *self._caps, self._keys.wake, pack(limits)]
+        wake = self._keys.wake if announce else ""
+        return keys, [task_id, caller, size, *self._caps, wake, pack(limits)]
 
-    async def enqueue(self, task_id: str, caller: str, size: int, limits: Limits) -> bool:
-        keys, args = self.enqueue_call(task_id, caller, size, limits)
+    async def enqueue(
+        self, task_id: str, caller: str, size: int, limits: Limits, *, announce: bool
+    ) -> bool:
+        keys, args = self.enqueue_call(task_id, caller, size, limits, announce=announce)
         return bool(await self.enqueue_script(keys=keys, args=args))
+
+    async def announce(self) -> None:
+        """Wake an idle worker of each replica: a task waits."""
+        await self._redis.publish(self._keys.wake, "queue")
 
     def hold_call(self, task_id: str) -> tuple[list[str], list[str | int]]:
         """`hold_here.lua`'s keys and arguments: a lease for a task run here, which has no

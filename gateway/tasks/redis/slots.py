@@ -12,7 +12,7 @@ from typing import Any
 from gateway.tasks.redis.keys import Keys
 from gateway.tasks.redis.transitions import script
 
-_ACQUIRE, _RENEW = script("acquire"), script("renew_slots")
+_ACQUIRE, _RENEW = script("slots") + script("acquire"), script("renew_slots")
 
 
 class Slots:
@@ -23,12 +23,20 @@ class Slots:
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
 
+    def keys(self, limits: list[tuple[str, int]]) -> list[str]:
+        """The slots' keys, for `limits` ((name, limit) pairs)."""
+        return [self._keys.slot(name) for name, _ in limits]
+
+    def take_args(self, limits: list[tuple[str, int]]) -> list[int]:
+        """What a script taking the slots (`slots.lua`) is told after its own arguments."""
+        return [self._lease_ms, *(limit for _, limit in limits)]
+
     async def acquire(self, task_id: str, limits: list[tuple[str, int]]) -> list[str] | None:
-        """Take every slot in `limits` ((name, limit) pairs) or none: the slot keys held."""
-        held = [self._keys.slot(name) for name, _ in limits]
+        """Take every slot in `limits` or none: the slot keys held."""
+        held = self.keys(limits)
         if not held:
             return held
-        args = [task_id, self._lease_ms, *(limit for _, limit in limits)]
+        args = [task_id, *self.take_args(limits)]
         return held if await self._acquire(keys=held, args=args) else None
 
     async def renew(self, task_id: str, held: list[str]) -> None:

@@ -34,7 +34,7 @@ from gateway.tasks.redis.observed import Observer, store_call, unobserved
 from gateway.tasks.redis.queue import Entry, Limits, Queue
 from gateway.tasks.redis.replicas import ReplicaAcks
 from gateway.tasks.redis.slots import Slots
-from gateway.tasks.redis.transitions import Transitions, decode
+from gateway.tasks.redis.transitions import FULL, Transitions, decode
 from gateway.tasks.redis.waiting import Outcome, Waiting
 from gateway.tasks.redis.wakeups import Wakeups
 
@@ -135,7 +135,11 @@ class RedisStore:
     ) -> str | None:
         retention_ms = None if retention_s is None else int(retention_s * 1000)
         mark = self._wakeups.mark()
-        found = await self._creation.create(record, job, retention_ms, once, here)
+        # A worker of this replica idle: it takes the task, and no other replica is woken.
+        announce = not (here or self._wakeups.idle_here())
+        found = await self._creation.create(record, job, retention_ms, once, here, announce)
+        if found is None and not (here or announce or self._wakeups.wake_here()):
+            await self._queue.announce()  # it found work meanwhile
         if found is None:
             self._waiting.expect(record.task.id, record.task.status, mark)
             if here:
@@ -213,19 +217,26 @@ class RedisStore:
             if (read := await self._read(entry)) is None:
                 return None
             limits = read[1].limits
-        slots = await self._slots.acquire(task_id, limits)
-        if slots is None:  # a slot it needs is full: it waits again, still queued
+        # A standalone Redis takes the slots with the start, in one round trip; a Redis
+        # Cluster keeps them on another node: taken first.
+        together = self._ordered and bool(limits)
+        slots = self._slots.keys(limits) if together else await self._slots.acquire(task_id, limits)
+        mark = self._wakeups.mark()
+        started = None
+        if slots is not None:
+            take = (slots, self._slots.take_args(limits)) if together else ([], [])
+            started = await self._transitions.start(
+                task_id, entry.id, entry.takeover, None if read is None else read[0], take
+            )
+        if slots is None or started == FULL:  # a slot it needs is full: it waits again, queued
             if read is not None or (read := await self._read(entry)) is not None:
                 await self._queue.put_back(entry, read[0].owner, len(read[1].body), limits)
                 await asyncio.sleep(DEFER_PAUSE_S)
             return None
-        mark = self._wakeups.mark()
-        started = await self._transitions.start(
-            task_id, entry.id, entry.takeover, None if read is None else read[0]
-        )
         if started is None:  # ended, gone, or a duplicate entry of a running task
             async with self._redis.pipeline(transaction=False) as pipe:
-                self._slots.release_call(pipe, task_id, slots)
+                if not together:
+                    self._slots.release_call(pipe, task_id, slots)
                 self._queue.done_call(pipe, entry.id)
                 await pipe.execute()
             return None

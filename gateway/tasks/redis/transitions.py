@@ -8,7 +8,7 @@ was created, so no change rewrites it and ending a task needs no read first.
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import msgspec
 
@@ -40,7 +40,8 @@ def script(name: str) -> str:
     return "".join(line for line in text.splitlines(True) if not line.lstrip().startswith("--"))
 
 
-_CREATE, _START, _END = (script(name) for name in ("create", "start", "end"))
+_CREATE, _START, _END = script("create"), script("slots") + script("start"), script("end")
+FULL: Literal["full"] = "full"  # a start that found a concurrency slot full
 
 
 def with_status(record: TaskRecord, status: Status, error: TaskError | None = None) -> TaskRecord:
@@ -84,14 +85,21 @@ class Transitions:
         return None if status is None else cast(Status, status.decode())
 
     async def start(
-        self, task_id: str, entry_id: bytes, takeover: bool, read: TaskRecord | None = None
-    ) -> tuple[TaskRecord, Job] | None:
+        self,
+        task_id: str,
+        entry_id: bytes,
+        takeover: bool,
+        read: TaskRecord | None = None,
+        slots: tuple[list[str], list[int]] = ([], []),
+    ) -> tuple[TaskRecord, Job] | Literal["full"] | None:
         """The task in progress with a new attempt, and its job; None if it is not this run's
         to start (ended, gone, or another run's). `read`: the task as this worker read it
-        before, started only if no other run came between."""
+        before, started only if no other run came between. `slots`: the keys and `take_args`
+        of concurrency slots to take with the start (a standalone Redis); FULL if one is."""
         event = b"" if read is None else _task_json(with_status(read, "in_progress").task)
+        keys = [self._keys.task(task_id), self._keys.events(task_id), self._keys.job(task_id)]
         got = await self._start(
-            keys=[self._keys.task(task_id), self._keys.events(task_id), self._keys.job(task_id)],
+            keys=[*keys, *slots[0]],
             args=[
                 "" if read is None else read.attempt,
                 event,
@@ -99,8 +107,11 @@ class Transitions:
                 entry_id,
                 self._keys.wake,
                 task_id,
+                *slots[1],
             ],
         )
+        if got == 0:  # not None: Lua's false
+            return FULL
         if not got:
             return None
         attempt, record, job = got

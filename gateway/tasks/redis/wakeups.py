@@ -108,13 +108,24 @@ class Wakeups:
         else:
             woken.cancel()
 
-    def _wake_a_worker(self) -> None:
+    def idle_here(self) -> bool:
+        """Whether a worker of this process waits for work."""
+        while self._idle_workers and self._idle_workers[0].done():
+            self._idle_workers.popleft()
+        return bool(self._idle_workers)
+
+    def wake_here(self) -> bool:
+        """Wake an idle worker of this process for a task queued here: False if none was."""
+        return self.idle_here() and self._wake_a_worker()
+
+    def _wake_a_worker(self) -> bool:
         while self._idle_workers:
             woken = self._idle_workers.popleft()
             if not woken.done():
                 woken.set_result(None)
-                return
+                return True
         self.missed += 1
+        return False
 
     def _heard_of(self, task_id: str, status: str | None) -> None:
         self._heard += 1

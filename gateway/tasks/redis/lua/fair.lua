@@ -33,6 +33,6 @@ local function enqueue(order_key, fair_key, task_id, caller, size, max_count, ma
   redis.call('HSET', fair_key, 'last:' .. caller, tag, 'task:' .. task_id, caller .. ' ' .. size,
              'limits:' .. task_id, limits, 'count:' .. caller, count + 1,
              'bytes:' .. caller, bytes + size)
-  redis.call('PUBLISH', wake_channel, 'queue')
+  if wake_channel ~= '' then redis.call('PUBLISH', wake_channel, 'queue') end
   return true
 end
