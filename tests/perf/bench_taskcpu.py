@@ -50,12 +50,12 @@ MODES |= {"sdk": {"x-stainless-retry-count": "0"}, "202": ASYNC}
 LUA = resources.files("gateway.tasks.redis").joinpath("lua")
 TEXT = {p.name[:-4]: script(p.name[:-4]) for p in LUA.iterdir() if p.name.endswith(".lua")}
 # MONITOR shows a script by its text (EVAL, escaped) or its SHA1 (EVALSHA): both are told by
-# the SHA1 of the text the gateway sends (the queue's scripts have `fair.lua` prepended).
+# the SHA1 of the text the gateway sends (with `fair.lua` or `slots.lua` prepended to some).
 SHAS = {
-    hashlib.sha1(body.encode()).hexdigest(): name
+    hashlib.sha1((library + TEXT[name]).encode()).hexdigest(): name
     for name in TEXT
-    if name != "fair"
-    for body in (TEXT[name], TEXT["fair"] + TEXT[name])
+    if name not in ("fair", "slots")
+    for library in ("", TEXT["fair"], TEXT["slots"])
 }
 PHASE = {"create": "submit", "enqueue": "submit", "take": "claim", "requeue_lost": "claim"}
 PHASE |= {"put_back": "claim", "acquire": "start", "start": "start", "renew_slots": "renew"}

@@ -18,7 +18,6 @@ import msgspec
 from redis.exceptions import ResponseError
 
 from gateway.tasks.redis.keys import Keys
-from gateway.tasks.redis.replicas import ScriptCall
 from gateway.tasks.redis.transitions import script
 
 _GROUP = b"workers"
@@ -76,7 +75,6 @@ class Queue:
         self._take = redis.register_script(_TAKE)
         self._unqueue = redis.register_script(_UNQUEUE)
         self._put_back = redis.register_script(_PUT_BACK)
-        self._ended = redis.register_script(script("ended"))
         self._consumer = consumer
         self._lease_ms = lease_ms
         self._max_deliveries = max_deliveries
@@ -175,13 +173,10 @@ class Queue:
         """Renew this worker's lease on an entry (XCLAIM to itself resets its idle time)."""
         await self._redis.xclaim(self.key, _GROUP, self._consumer, 0, [entry_id], justid=True)
 
-    def ended_call(
-        self, task_key: str, entry_id: bytes, task_id: str, slots: list[str]
-    ) -> ScriptCall:
-        """`ended.lua`: once the task has ended, the run's entry (or here-lease) and its slots
-        go. Its keys span slots: for a standalone Redis only."""
-        keys = [task_key, self.key, self._here, *slots]
-        return ScriptCall(self._ended, keys, [_GROUP, entry_id, task_id])
+    def let_go(self, entry_id: bytes, slots: list[str]) -> tuple[list[str], list[Any]]:
+        """The keys and arguments `end.lua` lets go of a run's entry (b"": its here-lease) and
+        slots with. They span Redis Cluster slots: for a standalone Redis only."""
+        return [self.key, self._here, *slots], [_GROUP, entry_id]
 
     def done_call(self, pipe: Any, entry_id: bytes) -> None:
         """`done`'s commands, in a caller's pipeline."""

@@ -15,7 +15,7 @@ with the write first; in a Redis Cluster the WAIT goes to the node of the writte
 from __future__ import annotations
 
 import logging
-from typing import Any, NamedTuple
+from typing import Any
 
 from redis.exceptions import NoScriptError
 
@@ -28,14 +28,6 @@ logger = logging.getLogger(__name__)
 _ANNOUNCE = """
 if redis.call('HGET', KEYS[1], 'status') == ARGV[3] then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 """
-
-
-class ScriptCall(NamedTuple):
-    """A registered script with its keys and arguments, to send in another's round trip."""
-
-    script: Any
-    keys: list[str]
-    args: list[Any]
 
 
 class ReplicaAcks:
@@ -67,40 +59,25 @@ class ReplicaAcks:
             )
 
     async def run(
-        self,
-        script: Any,
-        keys: list[str],
-        args: list[Any],
-        announce: tuple[str, str, str],
-        then: ScriptCall | None = None,
+        self, script: Any, keys: list[str], args: list[Any], announce: tuple[str, str, str]
     ) -> Any:
         """Run a registered script, wait for a replica to have what it wrote, then announce it
         (`_ANNOUNCE`: channel, message, status): a waiter hears of the write only once a
-        failover would keep it. The script publishes itself when nothing is waited for.
-        `then`, a script that must come after it (on a standalone Redis), goes in the same
-        round trip."""
-        if not self.waits and then is None:
+        failover would keep it. The script publishes itself when nothing is waited for."""
+        if not self.waits:
             return await script(keys=keys, args=args)
         for _ in range(2):  # a Redis that restarted or failed over has forgotten its scripts
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                if self.waits:
-                    self.queue_wait(pipe, keys[0])
-                    pipe.eval(_ANNOUNCE, 1, keys[0], *announce)
-                if then is not None:
-                    pipe.execute_command(
-                        "EVALSHA", then.script.sha, len(then.keys), *then.keys, *then.args
-                    )
-                replies = await pipe.execute(raise_on_error=False)
-            if isinstance(replies[0], NoScriptError):
+                self.queue_wait(pipe, keys[0])
+                pipe.eval(_ANNOUNCE, 1, keys[0], *announce)
+                reply, acked, _ = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError):
                 await self._redis.script_load(script.script)
                 continue
-            if then is not None and isinstance(replies[-1], NoScriptError):
-                replies[-1] = await then.script(keys=then.keys, args=then.args)  # loads it
-            for answer in replies:
+            for answer in (reply, acked):
                 if isinstance(answer, Exception):
                     raise answer
-            if self.waits:
-                self.check(replies[1])
-            return replies[0]
+            self.check(acked)
+            return reply
         raise NoScriptError("the script could not be loaded")

@@ -294,26 +294,28 @@ class RedisStore:
         if record is None:
             return None
         status: Status = "completed" if error is None else "failed"
-        # On a standalone Redis what the run holds goes in the end's round trip, once ended.
-        then = None
-        if held is not None and self._ordered:
-            then = self._queue.ended_call(
-                self._keys.task(task_id), held.entry_id, task_id, held.slots
-            )
-        ended = await self._transitions.end(record, attempt, status, response, error, then)
+        # On a standalone Redis what the run holds goes with its end, in `end.lua`.
+        together = held is not None and self._ordered
+        let_go = self._queue.let_go(held.entry_id, held.slots) if together and held else ([], [])
+        ended = await self._transitions.end(record, attempt, status, response, error, let_go)
         if ended is None:
             return None  # fenced out or cancelled: the name still finds the run that counts
         if not keep_name and record.once is not None:
             await self._creation.forget_name(record.once)
         task, entry_id = ended
-        if held is not None and then is not None:
+        if held is not None and together:
             held.ended = True  # release has nothing left to send
-            entry_id = b""
-        # Only the run that ended the task acknowledges an entry, its own: a worker fenced out
-        # by a takeover must not touch the entry the new run holds. Its slots go in the same
-        # round trip (release then has nothing left to send).
+        else:
+            await self._let_go_after(task_id, entry_id, held)
+        self._waiting.hand(task_id, (task, response))
+        return task
+
+    async def _let_go_after(self, task_id: str, entry_id: bytes, held: _Held | None) -> None:
+        """What the run that ended the task held, after its end (a Redis Cluster). Only that
+        run acknowledges an entry, its own: a worker fenced out by a takeover must not touch
+        the entry the new run holds."""
         slots = held.slots if held is not None and held.entry_id == entry_id else []
-        if then is None and (entry_id or slots):
+        if entry_id or slots:
             async with self._redis.pipeline(transaction=False) as pipe:
                 if entry_id:
                     self._queue.done_call(pipe, entry_id)
@@ -321,8 +323,6 @@ class RedisStore:
                 await pipe.execute()
             if held is not None and slots:
                 held.slots = []
-        self._waiting.hand(task_id, (task, response))
-        return task
 
     @store_call
     async def cancel(self, task_id: str) -> Task | None:

@@ -22,7 +22,7 @@ from gateway.tasks.models import (
     TaskRecord,
 )
 from gateway.tasks.redis.keys import Keys
-from gateway.tasks.redis.replicas import ReplicaAcks, ScriptCall
+from gateway.tasks.redis.replicas import ReplicaAcks
 
 pack = msgspec.msgpack.Encoder().encode
 _task_json = msgspec.json.Encoder().encode
@@ -125,15 +125,16 @@ class Transitions:
         status: Status,
         response: StoredResponse | None = None,
         error: TaskError | None = None,
-        then: ScriptCall | None = None,
+        let_go: tuple[list[str], list[Any]] = ([], []),
     ) -> tuple[Task, bytes] | None:
         """End the task, only if `attempt` (None: any) runs it and it has not ended: the task
         as it ended and the queue entry of the run that held it (b"" if none), else None.
-        `then`: a script to run right after, in the same round trip."""
+        `let_go`: the keys and arguments (`Queue.let_go`) of what the run holds, to let go of
+        once the task has ended (a standalone Redis)."""
         ended = with_status(record, status, error).task
         task_id = ended.id
         keys = [self._keys.task(task_id), self._keys.job(task_id)]
-        keys += [self._keys.result(task_id), self._keys.events(task_id)]
+        keys += [self._keys.result(task_id), self._keys.events(task_id), *let_go[0]]
         done = await self._acks.run(
             self._end,
             keys,
@@ -145,9 +146,9 @@ class Transitions:
                 b"" if response is None else pack(response),
                 "" if self._acks.waits else self._keys.wake,
                 task_id,
+                *let_go[1],
             ],
             announce=(self._keys.wake, f"{task_id} {status}", status),
-            then=then,
         )
         return None if not done else (ended, bytes(done[1]))
 
