@@ -12,6 +12,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
+from gateway.config import TasksConfig
 from gateway.errors import QueueFull
 from gateway.tasks.memory import MemoryStore
 from gateway.tasks.models import (
@@ -23,7 +24,8 @@ from gateway.tasks.models import (
     TaskRecord,
     TaskStore,
 )
-from gateway.tasks.redis import RedisStore
+from gateway.tasks.redis import _SPARE_CONNECTIONS, RedisStore, connect
+from gateway.tasks.redis.observed import unobserved
 from tests.redis_server import RedisServer
 
 JOB = Job(
@@ -372,3 +374,23 @@ async def test_a_fresh_cluster_store_serves_many_first_calls_at_once(redis_clust
         assert any(claims)
     finally:
         await store.close()
+
+
+async def test_callers_past_the_connection_cap_wait_for_a_free_connection(
+    redis_server: RedisServer,
+) -> None:
+    """A burst of calls larger than the store's connection pool neither fails (503) nor opens
+    more connections to Redis than the pool's cap: the calls past it wait their turn."""
+    tasks = TasksConfig(redis_url=redis_server.url, workers=0, key_prefix="cap")
+    store = connect(tasks, unobserved)
+    admin = Redis.from_url(redis_server.url)
+    try:
+        before = len(await admin.client_list())
+        await store.create(record("t1"), JOB)
+        got = await asyncio.gather(*(store.get("t1") for _ in range(500)))
+        assert all(r is not None and r.task.id == "t1" for r in got)
+        opened = len(await admin.client_list()) - before
+        assert 0 < opened <= _SPARE_CONNECTIONS
+    finally:
+        await store.close()
+        await admin.aclose()
