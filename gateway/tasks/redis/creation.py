@@ -88,6 +88,27 @@ class Creation:
             raise QueueFull()
         return None
 
+    async def open(
+        self,
+        record: TaskRecord,
+        job: Job,
+        retention_ms: int | None,
+        set_aside: bool,
+        slots: tuple[list[str], list[int]],
+    ) -> bool:
+        """Create and queue the task in one step (a standalone Redis: `open.lua`); with
+        `set_aside` (an idle worker of this replica kept for it), started at once instead if
+        nothing waits ahead of it and its `slots` (keys, `take_args`) are free. True if it
+        started (attempt 1, a here-lease, no queue entry). `QueueFull` over the caller's caps."""
+        keys, args = self._transitions.create_call(record, job, retention_ms)
+        task_id, caller, size = record.task.id, record.owner, len(job.body)
+        more_keys, more_args = self._queue.open_call(task_id, caller, size, job.limits, set_aside)
+        keys, args = [*keys, *more_keys, *slots[0]], [*args, *more_args, *slots[1]]
+        opened = await self._acks.run(self._queue.open_script, keys, args)
+        if not opened:
+            raise QueueFull()
+        return bool(opened == 2)
+
     async def forget_name(self, once: OnceName) -> None:
         """Let a run-once name go, if it still names this call's task."""
         await self._forget_name(keys=[self._keys.once(once.name)], args=[once.value])

@@ -42,6 +42,7 @@ class Entry(msgspec.Struct, frozen=True):
 
 
 _FAIR = script("fair")
+_OPEN = script("slots") + _FAIR + script("task") + script("open")
 _HOLD_HERE, _REQUEUE_LOST, _REQUEUE, _ENQUEUE, _TAKE, _UNQUEUE, _PUT_BACK = (
     script("hold_here"),
     script("requeue_lost"),
@@ -75,6 +76,7 @@ class Queue:
         self._take = redis.register_script(_TAKE)
         self._unqueue = redis.register_script(_UNQUEUE)
         self._put_back = redis.register_script(_PUT_BACK)
+        self.open_script = redis.register_script(_OPEN)
         self._consumer = consumer
         self._lease_ms = lease_ms
         self._max_deliveries = max_deliveries
@@ -96,6 +98,15 @@ class Queue:
     ) -> bool:
         keys, args = self.enqueue_call(task_id, caller, size, limits, announce=announce)
         return bool(await self.enqueue_script(keys=keys, args=args))
+
+    def open_call(
+        self, task_id: str, caller: str, size: int, limits: Limits, set_aside: bool
+    ) -> tuple[list[str], list[str | int | bytes]]:
+        """`open.lua`'s keys and arguments after the task's own (`create_call`'s), but for the
+        slots it takes if it starts at once."""
+        keys = [self._keys.order, self._keys.fair, self.key, self._here]
+        args: list[str | int | bytes] = [task_id, caller, size, *self._caps, self._keys.wake]
+        return keys, [*args, pack(limits), _GROUP, "1" if set_aside else "0"]
 
     async def announce(self) -> None:
         """Wake an idle worker of each replica: a task waits."""

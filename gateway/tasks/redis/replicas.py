@@ -59,10 +59,14 @@ class ReplicaAcks:
             )
 
     async def run(
-        self, script: Any, keys: list[str], args: list[Any], announce: tuple[str, str, str]
+        self,
+        script: Any,
+        keys: list[str],
+        args: list[Any],
+        announce: tuple[str, str, str] | None = None,
     ) -> Any:
-        """Run a registered script, wait for a replica to have what it wrote, then announce it
-        (`_ANNOUNCE`: channel, message, status): a waiter hears of the write only once a
+        """Run a registered script and wait for a replica to have what it wrote; then announce
+        it (`_ANNOUNCE`: channel, message, status): a waiter hears of the write only once a
         failover would keep it. The script publishes itself when nothing is waited for."""
         if not self.waits:
             return await script(keys=keys, args=args)
@@ -70,8 +74,9 @@ class ReplicaAcks:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 self.queue_wait(pipe, keys[0])
-                pipe.eval(_ANNOUNCE, 1, keys[0], *announce)
-                reply, acked, _ = await pipe.execute(raise_on_error=False)
+                if announce is not None:
+                    pipe.eval(_ANNOUNCE, 1, keys[0], *announce)
+                reply, acked, *_ = await pipe.execute(raise_on_error=False)
             if isinstance(reply, NoScriptError):
                 await self._redis.script_load(script.script)
                 continue

@@ -34,7 +34,7 @@ from gateway.tasks.redis.observed import Observer, store_call, unobserved
 from gateway.tasks.redis.queue import Entry, Limits, Queue
 from gateway.tasks.redis.replicas import ReplicaAcks
 from gateway.tasks.redis.slots import Slots
-from gateway.tasks.redis.transitions import FULL, Transitions, decode
+from gateway.tasks.redis.transitions import FULL, Transitions, decode, with_status
 from gateway.tasks.redis.waiting import Outcome, Waiting
 from gateway.tasks.redis.wakeups import Wakeups
 
@@ -135,6 +135,9 @@ class RedisStore:
     ) -> str | None:
         retention_ms = None if retention_s is None else int(retention_s * 1000)
         mark = self._wakeups.mark()
+        if self._ordered and once is None and not here:
+            await self._open(record, job, retention_ms, mark)
+            return None
         # A worker of this replica idle: it takes the task, and no other replica is woken.
         announce = not (here or self._wakeups.idle_here())
         found = await self._creation.create(record, job, retention_ms, once, here, announce)
@@ -145,6 +148,35 @@ class RedisStore:
             if here:
                 self._held[record.task.id] = _Held(b"", [], record, [])
         return found
+
+    async def _open(
+        self, record: TaskRecord, job: Job, retention_ms: int | None, mark: int | None
+    ) -> None:
+        """A new task on a standalone Redis, in one round trip (`open.lua`): given at once to
+        an idle worker of this replica, set aside for it, when nothing waits ahead of it and
+        its slots are free (no take, no start); else queued."""
+        task_id, limits = record.task.id, job.limits
+        aside = self._wakeups.set_aside()
+        slots = self._slots.keys(limits)
+        try:
+            started = await self._creation.open(
+                record, job, retention_ms, aside is not None, (slots, self._slots.take_args(limits))
+            )
+        except BaseException:
+            if aside is not None:
+                self._wakeups.give(aside, None)
+            raise
+        if not started:
+            self._waiting.expect(task_id, "queued", mark)
+            if aside is not None:
+                self._wakeups.give(aside, None)  # it looks at the queue
+            return
+        running = msgspec.structs.replace(with_status(record, "in_progress"), attempt=1)
+        self._held[task_id] = _Held(b"", slots, running, limits)
+        self._waiting.expect(task_id, "in_progress", mark)
+        assert aside is not None
+        if not self._wakeups.give(aside, Claim(running, job)):
+            await self.release(task_id, handover=True)  # its worker went: another takes over
 
     @store_call
     async def get(self, task_id: str) -> TaskRecord | None:
@@ -165,12 +197,14 @@ class RedisStore:
                     raise
                 return None
             raise_if_cancelled_since(seen)
+            if isinstance(entry, Claim):  # started for this worker (`_open`)
+                return entry
             if entry is not None and (claim := await self._start(entry)) is not None:
                 return claim  # else cancelled, expired or deferred: take the next one
             look = True
         return None
 
-    async def _next(self, timeout_s: float, look: bool) -> Entry | None:
+    async def _next(self, timeout_s: float, look: bool) -> Entry | Claim | None:
         """The next entry to run, waiting up to `timeout_s` for a wake-up if none is there. A
         worker back from a run does not look (`look`) if the queue was found empty a moment
         ago and every task queued since woke a worker: it waits for its wake-up."""
@@ -189,10 +223,7 @@ class RedisStore:
             if entry is not None:
                 self._wakeups.pass_on(woken)
                 return entry
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await woken
-        return None
+        return await self._wakeups.wait(woken, timeout_s)
 
     async def _reclaim(self) -> Entry | None:
         reclaimed = await self._queue.reclaim()

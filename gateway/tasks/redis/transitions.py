@@ -40,7 +40,8 @@ def script(name: str) -> str:
     return "".join(line for line in text.splitlines(True) if not line.lstrip().startswith("--"))
 
 
-_CREATE, _START, _END = script("create"), script("slots") + script("start"), script("end")
+_CREATE, _START = script("task") + script("create"), script("slots") + script("start")
+_END = script("end")
 FULL: Literal["full"] = "full"  # a start that found a concurrency slot full
 
 

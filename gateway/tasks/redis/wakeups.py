@@ -16,6 +16,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from gateway.accesslog import OncePer
+from gateway.tasks.models import Claim
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ class Wakeups:
         self._redis = redis
         self._channel = channel
         self._watches: dict[str, list[Watch]] = {}
-        self._idle_workers: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._idle_workers: collections.deque[asyncio.Future[Claim | None]] = collections.deque()
+        self._awaiting: set[asyncio.Future[Claim | None]] = set()  # workers in `wait`
         self._listener: asyncio.Task[None] | None = None
         # Workers and followers start at once: one of them subscribes, the rest wait for it.
         self._subscribing = asyncio.Lock()
@@ -93,15 +95,46 @@ class Wakeups:
             return False
         return self._recent.get(task_id)
 
-    async def worker_waiter(self) -> asyncio.Future[None]:
-        """Done when a task starts waiting (one idle worker per wake-up). Take it before
-        looking at the queue, so no wake-up is missed; `pass_on` it if the look found work."""
+    async def worker_waiter(self) -> asyncio.Future[Claim | None]:
+        """Done when a task starts waiting (one idle worker per wake-up), or with a task
+        started for this worker (`give`). Take it before looking at the queue, so no wake-up is
+        missed; `pass_on` it if the look found work, else `wait` for it."""
         await self.listen()
-        woken = asyncio.get_running_loop().create_future()
+        woken: asyncio.Future[Claim | None] = asyncio.get_running_loop().create_future()
         self._idle_workers.append(woken)
         return woken
 
-    def pass_on(self, woken: asyncio.Future[None]) -> None:
+    async def wait(self, woken: asyncio.Future[Claim | None], timeout_s: float) -> Claim | None:
+        """A worker waits for its wake-up: None, or a task started for it."""
+        self._awaiting.add(woken)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await woken
+        except TimeoutError:
+            return None
+        finally:
+            self._awaiting.discard(woken)
+
+    def set_aside(self) -> asyncio.Future[Claim | None] | None:
+        """A worker of this process that waits for work, kept for a task this process creates
+        (no wake-up reaches it meanwhile); `give` it the task, or None to look at the queue."""
+        for woken in self._awaiting:
+            if not woken.done():
+                self._awaiting.discard(woken)
+                self._idle_workers.remove(woken)
+                return woken
+        return None
+
+    @staticmethod
+    def give(woken: asyncio.Future[Claim | None], claim: Claim | None) -> bool:
+        """Hand a worker set aside its task (None: look at the queue). False if it stopped
+        waiting meanwhile (timed out, or stopping)."""
+        if woken.done():
+            return False
+        woken.set_result(claim)
+        return True
+
+    def pass_on(self, woken: asyncio.Future[Claim | None]) -> None:
         """A worker found work without its wake-up: a wake-up that came goes to the next."""
         if woken.done():
             self._wake_a_worker()
