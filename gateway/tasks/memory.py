@@ -225,9 +225,9 @@ class MemoryStore:
             self._set(entry, record)
         return record.task
 
-    async def result(self, task_id: str) -> StoredResponse | None:
+    async def answered(self, task_id: str) -> tuple[TaskRecord, StoredResponse | None] | None:
         entry = self._entry(task_id)
-        return None if entry is None else entry.response
+        return None if entry is None else (entry.record, entry.response)
 
     async def events(self, task_id: str, after: str | None, timeout_s: float) -> list[TaskEvent]:
         entry = self._entry(task_id)

@@ -156,7 +156,8 @@ class TaskStore(Protocol):
     async def cancel(self, task_id: str) -> Task | None:
         """Cancel a task that has not ended; returns the task as it now stands."""
 
-    async def result(self, task_id: str) -> StoredResponse | None: ...
+    async def answered(self, task_id: str) -> tuple[TaskRecord, StoredResponse | None] | None:
+        """The task and its answer (None until it has one), in one read."""
 
     async def outcome(
         self, task_id: str, timeout_s: float

@@ -19,7 +19,7 @@ from gateway.errors import NotFound, StoreUnavailable, Unauthorized
 from gateway.metrics import METRICS, Metrics
 from gateway.tasks import redis
 from gateway.tasks.memory import MemoryStore
-from gateway.tasks.models import TaskRecord, TaskStore
+from gateway.tasks.models import StoredResponse, TaskRecord, TaskStore
 from gateway.tasks.results import FileResults, Results, ResultStoreUnavailable
 from gateway.tasks.results_s3 import S3Results
 
@@ -64,12 +64,27 @@ class TaskService:
     async def visible(self, request: web.Request) -> TaskRecord:
         """The task named in the path, if the caller's credential made it; 404 otherwise, so
         another tenant cannot even learn that it exists."""
+        return (await self._visible(request, with_answer=False))[0]
+
+    async def visible_answer(
+        self, request: web.Request
+    ) -> tuple[TaskRecord, StoredResponse | None]:
+        """`visible`'s task and its answer (None until it has one), read together."""
+        return await self._visible(request, with_answer=True)
+
+    async def _visible(
+        self, request: web.Request, *, with_answer: bool
+    ) -> tuple[TaskRecord, StoredResponse | None]:
         owner = await self.owner(request)
         task_id = request.match_info["task_id"]
-        record = await self.store.get(task_id) if TASK_ID.fullmatch(task_id) else None
-        if record is None or not hmac.compare_digest(record.owner, owner):
+        got: tuple[TaskRecord, StoredResponse | None] | None = None
+        if TASK_ID.fullmatch(task_id) and with_answer:
+            got = await self.store.answered(task_id)
+        elif TASK_ID.fullmatch(task_id) and (record := await self.store.get(task_id)):
+            got = (record, None)
+        if got is None or not hmac.compare_digest(got[0].owner, owner):
             raise NotFound("No such task.")
-        return record
+        return got
 
 
 TASKS = web.AppKey("tasks", TaskService)

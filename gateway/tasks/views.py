@@ -130,12 +130,10 @@ async def result_view(request: web.Request) -> web.StreamResponse:
     """The task's answer; `202` and the task while it runs, or, with `Prefer: wait=N`, once
     it ends if that is within N seconds (at most 50)."""
     tasks = request.app[TASKS]
-    task = (await tasks.visible(request)).task
+    record, answer = await tasks.visible_answer(request)
+    task = record.task
     prefs = parse_prefer(request.headers.getall("Prefer", ()))
-    answer = None
-    if task.status in TERMINAL:
-        answer = await tasks.store.result(task.id)
-    elif prefs.wait_s:
+    if task.status not in TERMINAL and prefs.wait_s:  # else its answer came with it
         ended = await tasks.store.outcome(task.id, min(prefs.wait_s, _MAX_RESULT_WAIT_S))
         if ended is not None:
             task, answer = ended

@@ -50,14 +50,17 @@ MODES |= {"sdk": {"x-stainless-retry-count": "0"}, "202": ASYNC}
 LUA = resources.files("gateway.tasks.redis").joinpath("lua")
 TEXT = {p.name[:-4]: script(p.name[:-4]) for p in LUA.iterdir() if p.name.endswith(".lua")}
 # MONITOR shows a script by its text (EVAL, escaped) or its SHA1 (EVALSHA): both are told by
-# the SHA1 of the text the gateway sends (with `fair.lua` or `slots.lua` prepended to some).
+# the SHA1 of the text the gateway sends (some with libraries prepended: `fair`, `slots`, `task`).
+LIBRARIES = ("fair", "slots", "task")
+PREFIXES = ("", *(TEXT[lib] for lib in LIBRARIES), TEXT["slots"] + TEXT["fair"] + TEXT["task"])
 SHAS = {
-    hashlib.sha1((library + TEXT[name]).encode()).hexdigest(): name
+    hashlib.sha1((prefix + TEXT[name]).encode()).hexdigest(): name
     for name in TEXT
-    if name not in ("fair", "slots")
-    for library in ("", TEXT["fair"], TEXT["slots"])
+    if name not in LIBRARIES
+    for prefix in PREFIXES
 }
-PHASE = {"create": "submit", "enqueue": "submit", "take": "claim", "requeue_lost": "claim"}
+PHASE = {"create": "submit", "enqueue": "submit", "open": "submit", "take": "claim"}
+PHASE |= {"requeue_lost": "claim"}
 PHASE |= {"put_back": "claim", "acquire": "start", "start": "start", "renew_slots": "renew"}
 PHASE |= {"end": "finish", "requeue": "finish", "forget_name": "finish", "ended": "finish"}
 OTHER = {"SET": "submit", "GET": "start", "XCLAIM": "renew", "XAUTOCLAIM": "claim"}

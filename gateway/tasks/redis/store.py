@@ -372,9 +372,8 @@ class RedisStore:
         return task
 
     @store_call
-    async def result(self, task_id: str) -> StoredResponse | None:
-        raw = await self._redis.get(self._keys.result(task_id))
-        return None if raw is None else _response(raw)
+    async def answered(self, task_id: str) -> tuple[TaskRecord, StoredResponse | None] | None:
+        return await self._waiting.answered(task_id)
 
     @store_call
     async def events(self, task_id: str, after: str | None, timeout_s: float) -> list[TaskEvent]:

@@ -12,7 +12,7 @@ from typing import Any, cast
 import msgspec
 
 from gateway.aio import cancel_requests, raise_if_cancelled_since
-from gateway.tasks.models import TERMINAL, Status, StoredResponse, Task
+from gateway.tasks.models import TERMINAL, Status, StoredResponse, Task, TaskRecord
 from gateway.tasks.redis.keys import Keys
 from gateway.tasks.redis.transitions import Transitions, decode
 from gateway.tasks.redis.wakeups import Wakeups
@@ -83,7 +83,8 @@ class Waiting:
                         if status is None:
                             return None
                         if status in TERMINAL:
-                            return await self._read_outcome(task_id)
+                            read = await self.answered(task_id)
+                            return None if read is None else (read[0].task, read[1])
                     if (left := deadline - loop.time()) <= 0:
                         return None
                     woken = asyncio.ensure_future(watch.next())
@@ -106,7 +107,8 @@ class Waiting:
             if self._outcomes.get(task_id) is local:
                 del self._outcomes[task_id]
 
-    async def _read_outcome(self, task_id: str) -> Outcome | None:
+    async def answered(self, task_id: str) -> tuple[TaskRecord, StoredResponse | None] | None:
+        """The task and its answer, in one round trip."""
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hmget(*self._transitions.read_call(task_id))
             pipe.get(self._keys.result(task_id))
@@ -114,7 +116,7 @@ class Waiting:
         record = decode(fields)
         if record is None:
             return None
-        return record.task, None if raw is None else _response(raw)
+        return record, None if raw is None else _response(raw)
 
     async def ended(self, task_id: str, timeout_s: float) -> Status | None:
         """The task's status once it has ended, or as it stands after `timeout_s`."""
