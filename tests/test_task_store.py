@@ -399,3 +399,39 @@ async def test_callers_past_the_connection_cap_wait_for_a_free_connection(
     finally:
         await store.close()
         await admin.aclose()
+
+
+async def test_a_task_submitted_while_a_worker_idles_starts_at_once_without_the_queue(
+    redis_server: RedisServer,
+) -> None:
+    """On a standalone Redis, a task created while a worker of its replica waits and nothing
+    waits ahead of it goes to that worker in the creating round trip: in progress, attempt 1,
+    holding its slot, never in the queue; its followers see it queued, then in progress."""
+    client = Redis.from_url(redis_server.url)
+    await client.flushall()
+    store = RedisStore(client, consumer="at-once", retention_s=60.0, lease_s=5.0)
+    limited = msgspec.structs.replace(JOB, limits=[("model:gpt-image-1", 1)])
+    try:
+        await store.create(record("t0"), JOB)  # the worker has started and found the queue empty
+        assert (await store.claim(1.0)) is not None
+        waiting = asyncio.ensure_future(store.claim(5.0))
+        await asyncio.sleep(0.2)  # it waits for work
+        await store.create(record("t1"), limited)
+        claim = await asyncio.wait_for(waiting, 1.0)
+        assert claim is not None
+        assert (claim.record.task.id, claim.record.task.status) == ("t1", "in_progress")
+        assert (claim.record.attempt, claim.job) == (1, limited)
+        # Never queued: no stream entry names it; a here-lease is how a lost run is found.
+        entries = await client.xrange("gw:{queue}")
+        assert [fields[b"task"] for _, fields in entries] == [b"t0"]
+        assert await client.zscore("gw:{queue}:here", "t1") is not None
+        assert await store.queue_depth() == 0
+        assert await client.zcard("gw:{slots}:model:gpt-image-1") == 1
+        assert await statuses(store, "t1") == ["queued", "in_progress"]
+        await store.finish("t1", 1, ANSWER)
+        await store.release("t1", handover=False)
+        assert await client.zcard("gw:{slots}:model:gpt-image-1") == 0
+        assert await client.zcard("gw:{queue}:here") == 0  # its lease went with its end
+        assert await answer(store, "t1") == ANSWER
+    finally:
+        await store.close()
