@@ -422,7 +422,7 @@ async def test_a_task_submitted_while_a_worker_idles_starts_at_once_without_the_
         assert (claim.record.task.id, claim.record.task.status) == ("t1", "in_progress")
         assert (claim.record.attempt, claim.job) == (1, limited)
         # Never queued: no stream entry names it; a here-lease is how a lost run is found.
-        entries = await client.xrange("gw:{queue}")
+        entries: Any = await client.xrange("gw:{queue}")
         assert [fields[b"task"] for _, fields in entries] == [b"t0"]
         assert await client.zscore("gw:{queue}:here", "t1") is not None
         assert await store.queue_depth() == 0

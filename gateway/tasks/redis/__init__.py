@@ -1,8 +1,10 @@
 """The Redis task store, in parts: `keys` (every key shape), `creation` (a task, its name and
-its place in the queue, in order), `transitions` (the Lua scripts that change a task's status),
-`queue` (the fair waiting set, the stream and its consumer group, here-leases), `slots`
-(concurrency limits across replicas), `wakeups` (pub/sub), and `store`, which keeps the
-`TaskStore` contract with them. Nothing else in the gateway talks to Redis."""
+its place in the queue, in order; or, on a standalone Redis, all in one script that may start
+it at once), `transitions` (the Lua scripts that change a task's status), `queue` (the fair
+waiting set, the stream and its consumer group, here-leases), `claiming` (a worker taking and
+starting its next task), `slots` (concurrency limits across replicas), `wakeups` (pub/sub),
+`waiting` (for a task's end), and `store`, which keeps the `TaskStore` contract with them.
+Nothing else in the gateway talks to Redis."""
 
 from __future__ import annotations
 
