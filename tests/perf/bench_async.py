@@ -30,6 +30,7 @@ import aiohttp
 from redis.asyncio import Redis
 
 from gateway.fake import png
+from tests.perf.bench_sync import cpu_s
 from tests.procs import GatewayProcess, free_port
 from tests.redis_server import RedisServer
 
@@ -54,6 +55,7 @@ def summary(name: str, values_s: list[float]) -> str:
 class Cluster:
     def __init__(self, tmp: Path, redis: RedisServer, upstream: str) -> None:
         self._tmp, self.redis_url, self._upstream = tmp, redis.url, upstream
+        self.redis_pid = redis.proc.pid
         self.procs: dict[str, GatewayProcess] = {}
         self.urls: dict[str, str] = {}
 
@@ -114,6 +116,12 @@ async def bench_submit(
             await resp.read()
         syncs.append(time.monotonic() - started)
     urls = [cluster.urls["A"], cluster.urls["B"]]
+    pids = [p.proc.pid for p in cluster.procs.values()]
+
+    def cpu() -> tuple[float, float]:  # every gateway process's, and Redis's
+        return sum(cpu_s(pid) for pid in pids), cpu_s(cluster.redis_pid)
+
+    before = cpu()
     start = time.monotonic()
     pending = []
     for i in range(rate * seconds):
@@ -127,6 +135,10 @@ async def bench_submit(
     print(summary("async submit, 202 received", [t for _, t in results]))
     if run:
         await wait_all(http, cluster.urls["C"], [t for t, _ in results], within_s=120)
+    # Submit to completed (or submit alone, with no workers), the follower's polls included.
+    spent = [(b - a) / len(results) * 1000 for a, b in zip(before, cpu(), strict=True)]
+    what = "submit to completed" if run else "submit"
+    print(f"CPU per task, {what}: gateways {spent[0]:.2f} ms, Redis {spent[1]:.3f} ms")
 
 
 async def bench_events(http: aiohttp.ClientSession, cluster: Cluster, count: int) -> None:

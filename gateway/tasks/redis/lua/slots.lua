@@ -3,17 +3,20 @@
 
 local function take_slots(slot_keys, task_id, lease_ms, limits)
   -- Every slot or none: false if one is full. A slot the task holds already counts as taken.
+  -- Lapsed holds are counted out, then removed after the ZADD: a script's first write must be
+  -- one a full Redis refuses (a removal is not), or the whole script would write past its
+  -- maxmemory.
   local t = redis.call('TIME')
   local now = t[1] * 1000 + math.floor(t[2] / 1000)
   for i, slot_key in ipairs(slot_keys) do
-    redis.call('ZREMRANGEBYSCORE', slot_key, '-inf', now)
-    if not redis.call('ZSCORE', slot_key, task_id)
-        and redis.call('ZCARD', slot_key) >= tonumber(limits[i]) then
+    local held = tonumber(redis.call('ZSCORE', slot_key, task_id) or '0')
+    if held <= now and redis.call('ZCOUNT', slot_key, '(' .. now, '+inf') >= tonumber(limits[i]) then
       return false
     end
   end
   for _, slot_key in ipairs(slot_keys) do
     redis.call('ZADD', slot_key, now + lease_ms, task_id)
+    redis.call('ZREMRANGEBYSCORE', slot_key, '-inf', now)
     redis.call('PEXPIRE', slot_key, lease_ms)
   end
   return true
