@@ -435,3 +435,29 @@ async def test_a_task_submitted_while_a_worker_idles_starts_at_once_without_the_
         assert await answer(store, "t1") == ANSWER
     finally:
         await store.close()
+
+
+async def test_tasks_an_older_gateway_made_still_start_and_its_bare_wake_ups_are_read(
+    redis_server: RedisServer,
+) -> None:
+    """A rolling upgrade: a task created by a gateway that kept no start event in it still
+    starts here, and a change announced by an older gateway (a wake-up naming only the task)
+    makes a waiter read the task at once instead of trusting what it last wrote."""
+    client = Redis.from_url(redis_server.url)
+    await client.flushall()
+    store = RedisStore(client, consumer="upgrade", retention_s=60.0, lease_s=5.0)
+    limited = msgspec.structs.replace(JOB, limits=[("model:gpt-image-1", 1)])
+    try:
+        await store.create(record("t1"), limited)
+        await client.hdel("gw:{t1}:task", "started")  # as an older gateway made it
+        claim = await store.claim(1.0)
+        assert claim is not None
+        assert (claim.record.task.id, claim.record.attempt) == ("t1", 1)
+        assert await statuses(store, "t1") == ["queued", "in_progress"]
+        watching = asyncio.ensure_future(store.ended("t1", 10.0))
+        await asyncio.sleep(0.2)
+        await client.hset("gw:{t1}:task", "status", "cancelled")  # an older gateway's cancel
+        await client.publish("gw:wake", "t1")
+        assert await asyncio.wait_for(watching, 2.0) == "cancelled"
+    finally:
+        await store.close()

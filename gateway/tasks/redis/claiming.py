@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -18,7 +19,7 @@ from gateway.tasks.models import DEFER_PAUSE_S, TERMINAL, Claim, Job, TaskError,
 from gateway.tasks.redis.keys import Keys
 from gateway.tasks.redis.queue import Entry, Limits, Queue
 from gateway.tasks.redis.slots import Slots
-from gateway.tasks.redis.transitions import FULL, Transitions, decode
+from gateway.tasks.redis.transitions import FULL, OLDER, Transitions, decode
 from gateway.tasks.redis.waiting import Waiting
 from gateway.tasks.redis.wakeups import Wakeups
 
@@ -51,6 +52,7 @@ class Claiming:
         wakeups: Wakeups,
         waiting: Waiting,
         held: dict[str, Held],
+        hand_over: Callable[[str], Coroutine[Any, Any, None]],
         *,
         ordered: bool,
     ) -> None:
@@ -62,6 +64,8 @@ class Claiming:
         self._wakeups = wakeups
         self._waiting = waiting
         self._held = held
+        self._hand_over = hand_over  # a task it holds goes to another worker
+        self._handing: set[asyncio.Task[None]] = set()
         # One node: a start takes its slots in the same script (else they are another node's).
         self._ordered = ordered
         # When the queue was last found empty, and the wake-ups missed then (`_next`).
@@ -80,9 +84,14 @@ class Claiming:
                 if not self._queue.lost_group(exc):
                     raise
                 return None
-            raise_if_cancelled_since(seen)
             if isinstance(entry, Claim):  # started for this worker (`_open`)
+                try:
+                    raise_if_cancelled_since(seen)
+                except BaseException:
+                    self._hand_back(entry.record.task.id)
+                    raise
                 return entry
+            raise_if_cancelled_since(seen)
             if entry is not None and (claim := await self._start(entry)) is not None:
                 return claim  # else cancelled, expired or deferred: take the next one
             look = True
@@ -97,7 +106,10 @@ class Claiming:
         woken = await self._wakeups.worker_waiter()
         missed = self._wakeups.missed
         empty = self._empty
-        if look or empty is None or empty[1] != missed or empty[0] < time.monotonic() - _QUIET_S:
+        looked = (
+            look or empty is None or empty[1] != missed or empty[0] < time.monotonic() - _QUIET_S
+        )
+        if looked:
             try:
                 entry = await self._queue.take()
             except BaseException:
@@ -107,7 +119,20 @@ class Claiming:
             if entry is not None:
                 self._wakeups.pass_on(woken)
                 return entry
-        return await self._wakeups.wait(woken, timeout_s)
+        try:
+            # A worker that did not look waits briefly: a wake-up used up without a take (one for
+            # many lost tasks, say) must not hold the queue for the whole claim.
+            return await self._wakeups.wait(woken, timeout_s if looked else _QUIET_S)
+        except BaseException:
+            if woken.done() and not woken.cancelled() and (claim := woken.result()) is not None:
+                self._hand_back(claim.record.task.id)  # stopped holding a task given to it
+            raise
+
+    def _hand_back(self, task_id: str) -> None:
+        """A task started for this worker, which stopped before it ran it: another takes it."""
+        handing = asyncio.create_task(self._hand_over(task_id))
+        self._handing.add(handing)
+        handing.add_done_callback(self._handing.discard)
 
     async def _reclaim(self) -> Entry | None:
         reclaimed = await self._queue.reclaim()
@@ -143,12 +168,18 @@ class Claiming:
             started = await self._transitions.start(
                 task_id, entry.id, entry.takeover, None if read is None else read[0], take
             )
+            if started == OLDER:  # made by an older gateway: started from the task as read
+                read = await self._read(entry)
+                started = None
+                if read is not None:
+                    args = (task_id, entry.id, entry.takeover, read[0], take)
+                    started = await self._transitions.start(*args)
         if slots is None or started == FULL:  # a slot it needs is full: it waits again, queued
             if read is not None or (read := await self._read(entry)) is not None:
                 await self._queue.put_back(entry, read[0].owner, len(read[1].body), limits)
                 await asyncio.sleep(DEFER_PAUSE_S)
             return None
-        if started is None:  # ended, gone, or a duplicate entry of a running task
+        if not isinstance(started, tuple):  # ended, gone, or a duplicate entry of a running task
             async with self._redis.pipeline(transaction=False) as pipe:
                 if not together:
                     self._slots.release_call(pipe, task_id, slots)

@@ -13,6 +13,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from gateway.aio import cancel_requests, raise_if_cancelled_since
+from gateway.errors import StoreUnavailable
 from gateway.tasks.models import (
     TERMINAL,
     Claim,
@@ -88,6 +89,7 @@ class RedisStore:
             self._wakeups,
             self._waiting,
             self._held,
+            self._hand_over,
             ordered=not cluster,
         )
         # redis-py's cluster client, first used by many calls at once, can fail them with
@@ -162,15 +164,19 @@ class RedisStore:
             raise
         if not started:
             self._waiting.expect(task_id, "queued", mark)
-            if aside is not None:
-                self._wakeups.give(aside, None)  # it looks at the queue
+            if aside is not None and not self._wakeups.give(aside, None):  # else it looks
+                await self._queue.announce()  # it stopped waiting: wake one anywhere
             return
         running = msgspec.structs.replace(with_status(record, "in_progress"), attempt=1)
         self._held[task_id] = Held(b"", slots, running, limits)
         self._waiting.expect(task_id, "in_progress", mark)
         assert aside is not None
         if not self._wakeups.give(aside, Claim(running, job)):
-            await self.release(task_id, handover=True)  # its worker went: another takes over
+            await self._hand_over(task_id)  # its worker went: another takes it over
+
+    async def _hand_over(self, task_id: str) -> None:
+        with contextlib.suppress(StoreUnavailable):  # else its lease lapses, and it is found
+            await self.release(task_id, handover=True)
 
     @store_call
     async def get(self, task_id: str) -> TaskRecord | None:

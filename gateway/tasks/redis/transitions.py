@@ -43,6 +43,7 @@ def script(name: str) -> str:
 _CREATE, _START = script("task") + script("create"), script("slots") + script("start")
 _END = script("end")
 FULL: Literal["full"] = "full"  # a start that found a concurrency slot full
+OLDER: Literal["older"] = "older"  # a start of a task an older gateway made: pass `read`
 
 
 def with_status(record: TaskRecord, status: Status, error: TaskError | None = None) -> TaskRecord:
@@ -92,11 +93,12 @@ class Transitions:
         takeover: bool,
         read: TaskRecord | None = None,
         slots: tuple[list[str], list[int]] = ([], []),
-    ) -> tuple[TaskRecord, Job] | Literal["full"] | None:
+    ) -> tuple[TaskRecord, Job] | Literal["full", "older"] | None:
         """The task in progress with a new attempt, and its job; None if it is not this run's
         to start (ended, gone, or another run's). `read`: the task as this worker read it
         before, started only if no other run came between. `slots`: the keys and `take_args`
-        of concurrency slots to take with the start (a standalone Redis); FULL if one is."""
+        of concurrency slots to take with the start (a standalone Redis); FULL if one is.
+        OLDER: the task keeps no start event (an older gateway made it); start it with `read`."""
         event = b"" if read is None else _task_json(with_status(read, "in_progress").task)
         keys = [self._keys.task(task_id), self._keys.events(task_id), self._keys.job(task_id)]
         got = await self._start(
@@ -113,6 +115,8 @@ class Transitions:
         )
         if got == 0:  # not None: Lua's false
             return FULL
+        if got == -1:
+            return OLDER
         if not got:
             return None
         attempt, record, job = got

@@ -93,7 +93,8 @@ class Wakeups:
         that is not known (not listening then, a subscription lost, or too many changes)."""
         if mark is None or not self._listening or self._heard - mark >= _RECENT:
             return False
-        return self._recent.get(task_id)
+        heard = self._recent.get(task_id)
+        return False if heard == "" else heard
 
     async def worker_waiter(self) -> asyncio.Future[Claim | None]:
         """Done when a task starts waiting (one idle worker per wake-up), or with a task
@@ -105,15 +106,22 @@ class Wakeups:
         return woken
 
     async def wait(self, woken: asyncio.Future[Claim | None], timeout_s: float) -> Claim | None:
-        """A worker waits for its wake-up: None, or a task started for it."""
+        """A worker waits for its wake-up: None, or a task started for it (`give`). The timeout
+        never cancels a future already given a task (asyncio.wait, not asyncio.timeout)."""
         self._awaiting.add(woken)
         try:
-            async with asyncio.timeout(timeout_s):
-                return await woken
-        except TimeoutError:
-            return None
+            await asyncio.wait((woken,), timeout=timeout_s)
         finally:
             self._awaiting.discard(woken)
+            self._forget(woken)
+        return None if woken.cancelled() else woken.result()
+
+    def _forget(self, woken: asyncio.Future[Claim | None]) -> None:
+        """A worker no longer waits on `woken`: out of the line, so the line stays short."""
+        if not woken.done():
+            woken.cancel()
+        with contextlib.suppress(ValueError):
+            self._idle_workers.remove(woken)
 
     def set_aside(self) -> asyncio.Future[Claim | None] | None:
         """A worker of this process that waits for work, kept for a task this process creates
@@ -139,7 +147,7 @@ class Wakeups:
         if woken.done():
             self._wake_a_worker()
         else:
-            woken.cancel()
+            self._forget(woken)
 
     def idle_here(self) -> bool:
         """Whether a worker of this process waits for work."""
@@ -162,11 +170,12 @@ class Wakeups:
 
     def _heard_of(self, task_id: str, status: str | None) -> None:
         self._heard += 1
-        if status is not None:
-            self._recent.pop(task_id, None)
-            self._recent[task_id] = status
-            if len(self._recent) > _RECENT:
-                del self._recent[next(iter(self._recent))]
+        self._recent.pop(task_id, None)
+        self._recent[task_id] = (
+            status or ""
+        )  # "": changed, to what it did not say (an older gateway)
+        if len(self._recent) > _RECENT:
+            del self._recent[next(iter(self._recent))]
         for watch in self._watches.get(task_id, ()):
             watch.status = status
             watch.changed.set()

@@ -6,8 +6,9 @@
 -- trip; in a Redis Cluster they are another slot's keys, taken before (`acquire.lua`).
 -- KEYS: the task hash, its events, its job, then the slots to take (none: taken already).
 -- ARGV: see below, then the slots' lease in ms and each slot's limit in KEYS order.
--- Returns the new attempt, the task as created and its job; 0 if a slot is full; false if it
--- is not this run's to start.
+-- Returns the new attempt, the task as created and its job; 0 if a slot is full; -1 if the
+-- task keeps no start event (created by an older gateway: pass one); false if it is not this
+-- run's to start.
 local task_key = KEYS[1]
 local events_key = KEYS[2]
 local job_key = KEYS[3]
@@ -23,8 +24,9 @@ local status, attempt, record, started = unpack(
 if status ~= 'queued' and not (status == 'in_progress' and takeover) then return false end
 if expected_attempt ~= '' and attempt ~= expected_attempt then return false end
 local job = redis.call('GET', job_key)
+if not job then return false end
 if event == '' then event = started end
-if not job or not event then return false end
+if not event then return -1 end
 if #KEYS > 3 and not take_slots({unpack(KEYS, 4)}, task_id, ARGV[7], {unpack(ARGV, 8)}) then
   return 0
 end
