@@ -66,6 +66,8 @@ class Cluster:
             "[server]\naccess_log = false\ndrain_timeout_s = 1.0\n"
             f"[upstream]\nurl = '{self._upstream}'\npool_size = 0\n"
             f"[tasks]\nredis_url = '{self.redis_url}'\nworkers = {workers}\nlease_s = 5.0\n"
+            # One key submits every task here: past the default cap it would get 429s.
+            "max_queued_per_caller = 100000\n"
         )
         args = [command, "--config", str(config)]
         if command == "serve":
