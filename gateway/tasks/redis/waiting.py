@@ -76,7 +76,7 @@ class Waiting:
         local = self._outcomes.setdefault(task_id, loop.create_future())
         heard: str | None = None
         try:
-            async with self._wakeups.watch(task_id) as watch:
+            async with self._wakeups.watch(task_id, ends_only=True) as watch:
                 while True:
                     if task_id not in running_here:  # else its end comes in `local`
                         status = await self._status(task_id, heard)
@@ -124,7 +124,7 @@ class Waiting:
         deadline = loop.time() + timeout_s
         heard: str | None = None
         timed_out = False
-        async with self._wakeups.watch(task_id) as watch:
+        async with self._wakeups.watch(task_id, ends_only=True) as watch:
             while True:
                 seen = cancel_requests()
                 # After a quiet wait it reads: a wake-up lost unnoticed is not waited on forever.

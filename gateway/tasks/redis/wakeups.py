@@ -16,7 +16,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from gateway.accesslog import OncePer
-from gateway.tasks.models import Claim
+from gateway.tasks.models import TERMINAL, Claim
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +26,15 @@ _RECENT = 4096
 
 
 class Watch:
-    """One waiter's wake-ups of one task: `changed` is set on each change, and `status` is the
-    status the last one announced (None: unknown, read it)."""
+    """One waiter's wake-ups of one task: `changed` is set on each change (with `ends_only`,
+    only on its end, or on a change it cannot tell), and `status` is the status the last one
+    announced (None: unknown, read it)."""
 
-    __slots__ = ("changed", "status")
+    __slots__ = ("changed", "ends_only", "status")
 
-    def __init__(self) -> None:
+    def __init__(self, ends_only: bool) -> None:
         self.changed = asyncio.Event()
+        self.ends_only = ends_only
         self.status: str | None = None
 
     async def next(self) -> str | None:
@@ -70,11 +72,11 @@ class Wakeups:
                 self._listener = asyncio.create_task(self._dispatch(pubsub))
 
     @contextlib.asynccontextmanager
-    async def watch(self, task_id: str) -> AsyncIterator[Watch]:
-        """The task's wake-ups while in the block. Open it before reading, so no change is
-        missed."""
+    async def watch(self, task_id: str, *, ends_only: bool = False) -> AsyncIterator[Watch]:
+        """The task's wake-ups while in the block (`ends_only`: for a waiter of its end, which
+        a start need not wake). Open it before reading, so no change is missed."""
         await self.listen()
-        watch = Watch()
+        watch = Watch(ends_only)
         watches = self._watches.setdefault(task_id, [])
         watches.append(watch)
         try:
@@ -177,6 +179,8 @@ class Wakeups:
         if len(self._recent) > _RECENT:
             del self._recent[next(iter(self._recent))]
         for watch in self._watches.get(task_id, ()):
+            if watch.ends_only and status and status not in TERMINAL:
+                continue
             watch.status = status
             watch.changed.set()
 
