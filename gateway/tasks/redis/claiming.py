@@ -19,7 +19,7 @@ from gateway.tasks.models import DEFER_PAUSE_S, TERMINAL, Claim, Job, TaskError,
 from gateway.tasks.redis.keys import Keys
 from gateway.tasks.redis.queue import Entry, Limits, Queue
 from gateway.tasks.redis.slots import Slots
-from gateway.tasks.redis.transitions import FULL, OLDER, Transitions, decode
+from gateway.tasks.redis.transitions import FULL, OLDER, Transitions, unpack_job
 from gateway.tasks.redis.waiting import Waiting
 from gateway.tasks.redis.wakeups import Wakeups
 
@@ -27,8 +27,6 @@ logger = logging.getLogger(__name__)
 # How long a worker back from a run trusts that the queue was found empty (`_next`); a wake-up
 # lost in a way the subscription did not notice is then found by the next look.
 _QUIET_S = 1.0
-
-_job = msgspec.msgpack.Decoder(Job).decode
 
 
 class Held(msgspec.Struct):
@@ -192,12 +190,9 @@ class Claiming:
 
     async def _read(self, entry: Entry) -> tuple[TaskRecord, Job] | None:
         """The entry's task and job as they stand; None (and the entry done) if it ended."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(*self._transitions.read_call(entry.task_id))
-            pipe.get(self._keys.job(entry.task_id))
-            fields, job_raw = await pipe.execute()
-        record = decode(fields)
+        task_id = entry.task_id
+        record, job_raw = await self._transitions.read_with(task_id, self._keys.job(task_id))
         if record is None or job_raw is None or record.task.status in TERMINAL:
             await self._queue.done(entry.id)  # cancelled or expired
             return None
-        return record, _job(job_raw)
+        return record, unpack_job(job_raw)

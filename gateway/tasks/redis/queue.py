@@ -103,10 +103,9 @@ class Queue:
         self, task_id: str, caller: str, size: int, limits: Limits, set_aside: bool
     ) -> tuple[list[str], list[str | int | bytes]]:
         """`open.lua`'s keys and arguments after the task's own (`create_call`'s), but for the
-        slots it takes if it starts at once."""
-        keys = [self._keys.order, self._keys.fair, self.key, self._here]
-        args: list[str | int | bytes] = [task_id, caller, size, *self._caps, self._keys.wake]
-        return keys, [*args, pack(limits), _GROUP, "1" if set_aside else "0"]
+        slots it takes if it starts at once: `enqueue.lua`'s, then its own."""
+        keys, args = self.enqueue_call(task_id, caller, size, limits, announce=True)
+        return [*keys, self.key, self._here], [*args, _GROUP, "1" if set_aside else "0"]
 
     async def announce(self) -> None:
         """Wake an idle worker of each replica: a task waits."""

@@ -39,8 +39,6 @@ from gateway.tasks.redis.waiting import Outcome, Waiting
 from gateway.tasks.redis.wakeups import Wakeups
 
 logger = logging.getLogger(__name__)
-_job = msgspec.msgpack.Decoder(Job).decode
-_response = msgspec.msgpack.Decoder(StoredResponse).decode
 
 
 class RedisStore:

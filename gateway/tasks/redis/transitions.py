@@ -29,7 +29,7 @@ _task_json = msgspec.json.Encoder().encode
 _record = msgspec.msgpack.Decoder(TaskRecord).decode
 _error = msgspec.msgpack.Decoder(TaskError).decode
 _task = msgspec.json.Decoder(Task).decode
-_job = msgspec.msgpack.Decoder(Job).decode
+unpack_job = msgspec.msgpack.Decoder(Job).decode
 _FIELDS = ("status", "attempt", "error", "record")
 
 
@@ -82,6 +82,14 @@ class Transitions:
     async def read(self, task_id: str) -> TaskRecord | None:
         return decode(await self._redis.hmget(*self.read_call(task_id)))
 
+    async def read_with(self, task_id: str, key: str) -> tuple[TaskRecord | None, bytes | None]:
+        """The task and another of its keys (its job, its result), in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(*self.read_call(task_id))
+            pipe.get(key)
+            fields, raw = await pipe.execute()
+        return decode(fields), raw
+
     async def status(self, task_id: str) -> Status | None:
         status = await self._redis.hget(self._keys.task(task_id), "status")
         return None if status is None else cast(Status, status.decode())
@@ -121,7 +129,7 @@ class Transitions:
             return None
         attempt, record, job = got
         started = with_status(_record(record), "in_progress")
-        return msgspec.structs.replace(started, attempt=int(attempt)), _job(job)
+        return msgspec.structs.replace(started, attempt=int(attempt)), unpack_job(job)
 
     async def end(
         self,

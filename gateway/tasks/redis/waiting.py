@@ -14,8 +14,8 @@ import msgspec
 from gateway.aio import cancel_requests, raise_if_cancelled_since
 from gateway.tasks.models import TERMINAL, Status, StoredResponse, Task, TaskRecord
 from gateway.tasks.redis.keys import Keys
-from gateway.tasks.redis.transitions import Transitions, decode
-from gateway.tasks.redis.wakeups import Wakeups
+from gateway.tasks.redis.transitions import Transitions
+from gateway.tasks.redis.wakeups import Wakeups, remember
 
 Outcome = tuple[Task, StoredResponse | None]
 _response = msgspec.msgpack.Decoder(StoredResponse).decode
@@ -39,10 +39,7 @@ class Waiting:
 
     def expect(self, task_id: str, status: Status, mark: int | None) -> None:
         """This process wrote `status` to the task, after the wake-ups' `mark`."""
-        self._expected.pop(task_id, None)
-        self._expected[task_id] = (mark, status)
-        if len(self._expected) > _EXPECTED:
-            del self._expected[next(iter(self._expected))]
+        remember(self._expected, task_id, (mark, status), _EXPECTED)
 
     def hand(self, task_id: str, outcome: Outcome | None) -> None:
         """This process's run of the task ended: with its outcome, or None (no answer from
@@ -109,11 +106,7 @@ class Waiting:
 
     async def answered(self, task_id: str) -> tuple[TaskRecord, StoredResponse | None] | None:
         """The task and its answer, in one round trip."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(*self._transitions.read_call(task_id))
-            pipe.get(self._keys.result(task_id))
-            fields, raw = await pipe.execute()
-        record = decode(fields)
+        record, raw = await self._transitions.read_with(task_id, self._keys.result(task_id))
         if record is None:
             return None
         return record, None if raw is None else _response(raw)

@@ -11,7 +11,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -23,6 +23,15 @@ logger = logging.getLogger(__name__)
 # How many of the latest changes are remembered (`since`): far more than arrive between a write
 # and its writer's next look, which is what they are for.
 _RECENT = 4096
+_V = TypeVar("_V")
+
+
+def remember(latest: dict[str, _V], key: str, value: _V, most: int) -> None:
+    """Keep `value` as the newest of `latest`, which holds the `most` newest (oldest first)."""
+    latest.pop(key, None)
+    latest[key] = value
+    if len(latest) > most:
+        del latest[next(iter(latest))]
 
 
 class Watch:
@@ -172,12 +181,8 @@ class Wakeups:
 
     def _heard_of(self, task_id: str, status: str | None) -> None:
         self._heard += 1
-        self._recent.pop(task_id, None)
-        self._recent[task_id] = (
-            status or ""
-        )  # "": changed, to what it did not say (an older gateway)
-        if len(self._recent) > _RECENT:
-            del self._recent[next(iter(self._recent))]
+        # "": it changed, to what the message did not say (an older gateway's).
+        remember(self._recent, task_id, status or "", _RECENT)
         for watch in self._watches.get(task_id, ()):
             if watch.ends_only and status and status not in TERMINAL:
                 continue

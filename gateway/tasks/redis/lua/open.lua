@@ -31,8 +31,7 @@ if set_aside and nothing_ahead()
   args[5], args[6] = 'in_progress', 1  -- its first event says queued; then it starts
   new_task(task_key, job_key, events_key, args)
   redis.call('RPUSH', events_key, args[7])
-  local t = redis.call('TIME')
-  redis.call('ZADD', here_key, t[1] * 1000 + math.floor(t[2] / 1000) + lease_ms, task_id)
+  redis.call('ZADD', here_key, now_ms() + lease_ms, task_id)
   redis.call('PUBLISH', wake_channel, task_id .. ' in_progress')
   return 2
 end
