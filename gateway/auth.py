@@ -107,19 +107,15 @@ class Auth:
         known: str | None = request.get(_CALLER_KEY)
         if known is not None:
             return known
-        if self._upstream_key is None:
-            # Transparent: the first key found names the caller (the upstream checks it).
-            bearers = _bearers(request)
-            if len(set(bearers)) > 1:
-                raise Unauthorized(_TWO_KEYS)
-            key = next(iter(bearers or _presented_keys(request)), None)
-        else:
-            keys = _presented_keys(request)
-            key = keys[0] if keys else None
-            if key is None or key_digest(key) not in self._digests:
-                raise Unauthorized("Invalid or missing API key for this gateway.")
-            if any(other != key for other in keys):
-                raise Unauthorized(_TWO_KEYS)
+        # Passing through, the first key found names the caller (the upstream checks it); in
+        # either mode, keys that differ, wherever they are, would let one be charged here while
+        # the upstream bills another.
+        keys = _presented_keys(request)
+        key = keys[0] if keys else None
+        if self._upstream_key is not None and (key is None or key_digest(key) not in self._digests):
+            raise Unauthorized("Invalid or missing API key for this gateway.")
+        if any(other != key for other in keys):
+            raise Unauthorized(_TWO_KEYS)
         if key is not None:
             request[_CALLER_KEY] = key
         return key

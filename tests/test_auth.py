@@ -73,6 +73,23 @@ async def test_without_an_upstream_key_the_callers_key_passes_through(
 
 
 @pytest.mark.parametrize("mode", ["injecting", "passing through"])
+async def test_keys_that_differ_in_two_headers_are_a_401(
+    gateway_factory: GatewayFactory, fake: Fake, http: aiohttp.ClientSession, mode: str
+) -> None:
+    """A bearer key and another in `x-api-key`: one would be charged here, the other billed."""
+    auth = {"client_key_sha256": [key_digest(CLIENT_KEY)], "upstream_api_key": "sk-UPSTREAM"}
+    gateway = await gateway_factory(auth=auth if mode == "injecting" else {})
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}", "x-api-key": "sk-someone-else"}
+    body = {"model": "gpt-image-1", "prompt": "x"}
+    async with http.post(
+        f"{gateway.url}/v1/images/generations", json=body, headers=headers
+    ) as resp:
+        assert resp.status == 401
+        assert "two different API keys" in (await resp.json())["error"]["message"]
+    assert fake.stats.requests == 0
+
+
+@pytest.mark.parametrize("mode", ["injecting", "passing through"])
 async def test_a_second_authorization_header_with_another_key_is_a_401(
     gateway_factory: GatewayFactory, fake: Fake, http: aiohttp.ClientSession, mode: str
 ) -> None:
