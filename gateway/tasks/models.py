@@ -19,16 +19,15 @@ TERMINAL: frozenset[Status] = frozenset(("completed", "failed", "cancelled"))
 DEFER_PAUSE_S = 0.2
 
 
-# An event id: the event's place among its task's events (`N`); Redis stream ids (`ms-seq`)
-# are refused by shape elsewhere but still bounded here.
-_EVENT_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+# An event id: the event's place in its task's list of events. Below 2**63, the largest index
+# LRANGE takes: a larger one is an error from Redis, not an empty read.
+_EVENT_ID = re.compile(r"[0-9]{1,19}")
+_LAST_INDEX = 2**63 - 1
 
 
 def is_event_id(text: str) -> bool:
-    """Whether `text` has an event id's shape, every part below Redis's largest (whose
-    successor, which a resume reads from, does not exist)."""
-    match = _EVENT_ID.fullmatch(text)
-    return match is not None and all(int(part or 0) < 2**64 - 1 for part in match.groups())
+    """Whether `text` has an event id's shape and is an index Redis can read from."""
+    return _EVENT_ID.fullmatch(text) is not None and int(text) <= _LAST_INDEX
 
 
 class TaskError(msgspec.Struct, frozen=True):

@@ -274,7 +274,7 @@ class RedisStore:
 
     @store_call
     async def events(self, task_id: str, after: str | None, timeout_s: float) -> list[TaskEvent]:
-        if after is not None and not (after.isdecimal() and is_event_id(after)):
+        if after is not None and not is_event_id(after):
             raise ValueError(f"not an event id: {after!r}")
         seen = cancel_requests()
         async with self._wakeups.watch(task_id) as watch:
