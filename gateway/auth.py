@@ -38,7 +38,7 @@ def _presented_keys(request: web.BaseRequest) -> list[str]:
     headers = request.headers
     # Every value of a repeated header: a second `Authorization` must not slip past the check
     # while the upstream (which may read the last one) bills it.
-    keys = _bearers(request)
+    keys = _authorization_keys(request)
     keys.extend(
         v for name in _KEY_HEADERS for raw in headers.getall(name, ()) if (v := raw.strip())
     )
@@ -48,16 +48,16 @@ def _presented_keys(request: web.BaseRequest) -> list[str]:
     return keys
 
 
-def _bearers(request: web.BaseRequest) -> list[str]:
-    """The bearer token of every `Authorization` header."""
-    found = (_first_bearer(value) for value in request.headers.getall("Authorization", ()))
-    return [token for token in found if token is not None]
+def _authorization_keys(request: web.BaseRequest) -> list[str]:
+    """The credential of every `Authorization` header: a bearer's token, or the whole value
+    for any other scheme (`Basic ...`, `Token ...`), which the upstream may accept as well."""
+    found = (_credential(value) for value in request.headers.getall("Authorization", ()))
+    return [credential for credential in found if credential]
 
 
-def _first_bearer(authorization: str) -> str | None:
-    scheme, _, token = authorization.partition(" ")
-    token = token.strip()
-    return token if token and scheme.lower() == "bearer" else None
+def _credential(authorization: str) -> str:
+    scheme, _, token = authorization.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else authorization.strip()
 
 
 # Pairs split on `&` and `;` (some servers take either), separators kept to rebuild the rest.

@@ -107,3 +107,30 @@ async def test_a_second_authorization_header_with_another_key_is_a_401(
     same = CIMultiDict([("Authorization", f"Bearer {CLIENT_KEY}")] * 2)
     async with http.post(url, json=body, headers=same) as resp:
         assert resp.status == 200
+
+
+@pytest.mark.parametrize("mode", ["injecting", "passing through"])
+@pytest.mark.parametrize("other", ["Basic dXNlcjpwYXNz", "Token sk-someone-else"])
+async def test_another_scheme_beside_a_bearer_key_is_a_401(
+    gateway_factory: GatewayFactory, fake: Fake, http: aiohttp.ClientSession, mode: str, other: str
+) -> None:
+    """`Authorization: Basic ...` or `Token ...` is a credential too: passed through beside a
+    bearer key, the upstream could bill it while the gateway counts the bearer."""
+    auth = {"client_key_sha256": [key_digest(CLIENT_KEY)], "upstream_api_key": "sk-UPSTREAM"}
+    gateway = await gateway_factory(auth=auth if mode == "injecting" else {})
+    two = CIMultiDict([("Authorization", f"Bearer {CLIENT_KEY}"), ("Authorization", other)])
+    body = {"model": "gpt-image-1", "prompt": "x"}
+    async with http.post(f"{gateway.url}/v1/images/generations", json=body, headers=two) as resp:
+        assert resp.status == 401
+        assert "two different API keys" in (await resp.json())["error"]["message"]
+    assert fake.stats.requests == 0
+
+
+async def test_another_scheme_alone_passes_through(
+    gateway: Gateway, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    """Passing through, the upstream judges a lone `Basic` credential, not the gateway."""
+    headers = {"Authorization": "Basic dXNlcjpwYXNz"}
+    async with http.get(f"{gateway.url}/v1/models", headers=headers) as resp:
+        assert resp.status == 200
+    assert _sent_headers(fake)["authorization"] == "Basic dXNlcjpwYXNz"
