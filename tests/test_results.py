@@ -4,9 +4,11 @@ and a results store that fails says so on the task instead of losing it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import resource
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,8 +18,8 @@ import aiohttp
 import pytest
 
 from gateway.config import ConfigError, load_config
-from gateway.tasks.results import FileResults, Opened, ResultUnreadable
-from gateway.tasks.service import TASKS
+from gateway.tasks.results import FileResults, Opened, ResultStoreUnavailable, ResultUnreadable
+from gateway.tasks.service import TASKS, new_task_id
 from tests.conftest import Fake, GatewayFactory
 
 KEY = {"Authorization": "Bearer sk-caller"}
@@ -106,6 +108,76 @@ async def test_results_go_with_their_retention_and_say_so_after(
     async with http.get(f"{gateway.url}/v1/tasks/{task_id}/result", headers=KEY) as resp:
         assert resp.status == 404
         assert "no longer kept" in (await resp.json())["error"]["message"]
+
+
+def _aged(path: Path, seconds: float = 86_400) -> None:
+    old = time.time() - seconds
+    os.utime(path, (old, old), follow_symlinks=False)
+
+
+async def test_the_sweep_removes_old_results_and_nothing_else_in_the_directory(
+    tmp_path: Path,
+) -> None:
+    results = tmp_path / "results"
+    kept = FileResults(results)
+    expired, fresh = new_task_id(), new_task_id()
+    await kept.put(expired, b"an old answer")
+    await kept.put(fresh, b"a new answer")
+    leftover = results / f".{new_task_id()}.0123456789abcdef.partial"  # its writer was killed
+    leftover.write_bytes(b"half an ans")
+    outside = tmp_path / "elsewhere"
+    outside.write_bytes(b"not the gateway's")
+    operators = {
+        ".keep": b"",
+        "results-backup.tar": b"an operator's backup",
+        "README": b"what this volume is for",
+    }
+    for name, content in operators.items():
+        (results / name).write_bytes(content)
+    (results / "latest").symlink_to(outside)
+    (results / new_task_id()).symlink_to(outside)  # a result's name, but the gateway's never
+    (results / new_task_id()).mkdir()
+    for path in [*results.iterdir(), outside]:
+        if path.name != fresh:
+            _aged(path)
+
+    assert await kept.sweep(older_than_s=3600) == 2
+    assert not (results / expired).exists()
+    assert not leftover.exists()
+    assert (results / fresh).read_bytes() == b"a new answer"
+    for name, content in operators.items():
+        assert (results / name).read_bytes() == content
+    assert (results / "latest").is_symlink()
+    assert outside.read_bytes() == b"not the gateway's"
+    assert len(list(results.iterdir())) == 2 + len(operators) + 2  # fresh, operator's, links, dir
+
+
+async def test_a_failed_write_leaves_no_partial_file(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    kept = FileResults(results)
+    await kept.put(new_task_id(), b"a first answer")  # the directory exists
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # Files over 64 KiB cannot grow (EFBIG: a full disk, as far as the writer can tell).
+    resource.setrlimit(resource.RLIMIT_FSIZE, (65_536, limit[1]))
+    try:
+        with pytest.raises(ResultStoreUnavailable):
+            await kept.put(new_task_id(), b"x" * 1_000_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    assert [path.name.startswith(".") for path in results.iterdir()] == [False]
+
+
+async def test_writers_of_one_result_name_never_mix_their_bytes(tmp_path: Path) -> None:
+    """Writers in one process share a pid, as two containers both running as PID 1 on one
+    volume do: each one's file is its own, and the result is one writer's answer, whole."""
+    kept = FileResults(tmp_path / "results")
+    task_id = new_task_id()
+    bodies = [bytes([ord("a") + n]) * 4_000_000 for n in range(4)]
+    for _ in range(3):
+        refs = await asyncio.gather(*(kept.put(task_id, body) for body in bodies))
+        assert refs == [task_id] * len(bodies)
+        assert (tmp_path / "results" / task_id).read_bytes() in bodies
+    assert os.listdir(tmp_path / "results") == [task_id]
 
 
 class ResultsLostMidAnswer(FileResults):

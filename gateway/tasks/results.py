@@ -3,8 +3,9 @@ which a Redis should not hold for a day. A result above `tasks.result_inline_byt
 here and the task keeps a pointer; `/result` streams it back byte for byte.
 
 `file:///dir`: one file per result in a directory (a volume shared by the replicas), written to
-a temporary name and renamed, so a reader never sees half a result. `s3://bucket/prefix`: one
-object per result in S3-compatible storage (`results_s3.py`).
+a temporary name of its own and renamed, so a reader never sees half a result; the directory may
+hold other things (an operator's `.keep`, a backup), which are never touched.
+`s3://bucket/prefix`: one object per result in S3-compatible storage (`results_s3.py`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import re
+import secrets
+import stat
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
@@ -81,9 +85,18 @@ class Results(Protocol):
         ...
 
 
+# A result's name: its task's id (service.TASK_ID's shape; service imports this module, so the
+# pattern cannot come from there).
+_REF = re.compile(r"task_[A-Za-z0-9_-]{22}")
+# A result being written: `.<ref>.<random>.partial`, unique to its writer (two containers both
+# running as PID 1 on one volume would share a pid-named one, and mix their bytes).
+_PARTIAL = re.compile(rf"\.{_REF.pattern}\.[0-9a-f]{{16}}\.partial")
+
+
 def is_ref(name: str) -> bool:
-    """A reference is a task id: nothing that could reach out of a directory or a prefix."""
-    return name.replace("_", "").replace("-", "").isalnum()
+    """A name the gateway gives results, and only that: nothing that could reach out of a
+    directory or a prefix, nor anything an operator put beside them."""
+    return _REF.fullmatch(name) is not None
 
 
 class FileResults:
@@ -118,12 +131,20 @@ class FileResults:
     @staticmethod
     def _write(path: Path, body: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        with open(partial, "wb") as out:
-            out.write(body)
-            out.flush()
-            os.fsync(out.fileno())
-        partial.replace(path)
+        partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial")
+        # O_EXCL: a name some other writer holds is an error, never shared. 0o666 under the
+        # umask, as open() gives: replicas running as other users of the group read it.
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with open(fd, "wb") as out:
+                out.write(body)
+                out.flush()
+                os.fsync(out.fileno())
+            partial.replace(path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # a failed write leaves nothing behind
+                partial.unlink()
+            raise
 
     @contextlib.asynccontextmanager
     async def open(self, ref: str) -> AsyncIterator[Opened | None]:
@@ -143,13 +164,19 @@ class FileResults:
         return await asyncio.to_thread(self._sweep, older_than_s)
 
     def _sweep(self, older_than_s: float) -> int:
+        """Old results, and old temporaries of writers that died mid-write; nothing else: not
+        a symlink, not a directory, not a name the gateway does not give."""
         cutoff = time.time() - older_than_s
         removed = 0
-        for path in self._directory.glob("*"):
-            with contextlib.suppress(OSError):
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed += 1
+        with contextlib.suppress(FileNotFoundError), os.scandir(self._directory) as entries:
+            for entry in entries:
+                if not (is_ref(entry.name) or _PARTIAL.fullmatch(entry.name)):
+                    continue
+                with contextlib.suppress(OSError):
+                    found = entry.stat(follow_symlinks=False)
+                    if stat.S_ISREG(found.st_mode) and found.st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
         return removed
 
 
