@@ -58,7 +58,7 @@ def _as_task(
         return None
     try:
         streamed = _decode_stream_flag(body).stream
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None  # the upstream will say what is wrong with it
     return None if streamed else (None, once)
 

@@ -101,6 +101,8 @@ def _check_body(content_type: str, body: bytes) -> None:
             valid = isinstance(msgspec.json.decode(body), dict)
         except msgspec.DecodeError:
             valid = False
+        except RecursionError:
+            raise BadRequest("The request body's JSON is nested too deeply.") from None
         if not valid:
             raise BadRequest("The request body is not a JSON object.")
     elif mime == "multipart/form-data":
