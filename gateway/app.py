@@ -61,7 +61,7 @@ def create_app(config: Config) -> web.Application:
     app.on_response_prepare.append(add_request_id)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    if not config.server.metrics_port:
+    if config.metrics_on_main_port:
         app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/v1/tasks/{task_id}", task_view)
     app.router.add_delete("/v1/tasks/{task_id}", cancel_view)

@@ -46,7 +46,8 @@ class ServerConfig(_Section, frozen=True):
     # Access log lines as JSON objects instead of text.
     access_log_json: bool = False
     # Serve /metrics (with /healthz and /readyz) on this port instead of the main one, so
-    # tenants cannot read it (0: on the main port). `gateway worker` serves only this.
+    # tenants cannot read it (0: on the main port, except in key-injection mode, where /metrics
+    # is served on this port only). `gateway worker` serves only this.
     metrics_port: int = 0
 
 
@@ -196,6 +197,13 @@ class Config(_Section, frozen=True):
     idempotency: IdempotencyConfig = IdempotencyConfig()
     admission: AdmissionConfig = AdmissionConfig()
     auth: AuthConfig = AuthConfig()
+
+    @property
+    def metrics_on_main_port(self) -> bool:
+        """Whether the callers' port serves /metrics: not when an operators' port is set, and
+        never in key-injection mode, where callers are tenants of the organisation's key and
+        the metrics tell each the others' traffic."""
+        return not self.server.metrics_port and self.auth.upstream_api_key is None
 
 
 CONFIG = web.AppKey("config", Config)

@@ -18,8 +18,9 @@ import msgspec
 import pytest
 import yaml
 
+from gateway.auth import key_digest
 from gateway.config import Config
-from tests.conftest import Fake, Spawn
+from tests.conftest import Fake, GatewayFactory, Spawn
 from tests.procs import GatewayProcess, free_port
 from tests.redis_server import RedisServer
 
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 KEY = {"Authorization": "Bearer sk-tenant-a"}
+CLIENT_KEY = "gw-team-a-0123456789"
 
 
 def _promtool(*args: str, cwd: Path) -> str:
@@ -60,6 +62,10 @@ def test_every_alert_has_a_runbook_line() -> None:
 
 def _config(text: str) -> Config:
     return msgspec.convert(msgspec.toml.decode(text.encode()), Config)
+
+
+def _metrics_port_of(text: str) -> int:
+    return _config(text).server.metrics_port
 
 
 def test_compose_parses_and_mounts_files_that_exist() -> None:
@@ -121,6 +127,67 @@ def test_kubernetes_manifests_probe_drain_and_mount_their_config() -> None:
     worker = next(d for d in deployments if d["metadata"]["name"] == "image-gateway-worker")
     assert worker["spec"]["template"]["spec"]["containers"][0]["args"] == ["worker"]
     assert configs["worker.toml"].tasks.workers > 0
+
+
+def test_scrapes_probes_and_health_checks_point_at_the_metrics_port() -> None:
+    """Prometheus, the pod annotations, the probes and the image's health check all reach
+    the operators' port; the callers' port published by compose is not it."""
+    port = _metrics_port_of((DEPLOY / "gateway.toml").read_text())
+    assert port
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = [
+        t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]
+    ]
+    assert targets
+    assert all(t.endswith(f":{port}") for t in targets)
+    assert f"127.0.0.1:{port}/healthz" in (DEPLOY / "Dockerfile").read_text()
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert all(not p.endswith(f":{port}") for p in compose["services"]["gateway"]["ports"])
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc["kind"] != "Deployment":
+                continue
+            pod = doc["spec"]["template"]
+            assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+            (gateway,) = [c for c in pod["spec"]["containers"] if "image-gateway" in c["image"]]
+            ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+            assert ports["metrics"] == port
+            assert gateway["readinessProbe"]["httpGet"]["port"] == "metrics"
+
+
+async def test_with_the_shipped_config_metrics_are_off_the_callers_port(
+    spawn: Spawn, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    """deploy/gateway.toml in key-injection mode (its port moved to a free one): tenants get
+    404 for /metrics, even with their key; the operators' port serves it."""
+    port = free_port()
+    shipped = (DEPLOY / "gateway.toml").read_text()
+    moved = shipped.replace(f"metrics_port = {_metrics_port_of(shipped)}", f"metrics_port = {port}")
+    assert _metrics_port_of(moved) == port
+    keys = f"client_key_sha256 = ['{key_digest(CLIENT_KEY)}']"
+    config = f"{moved}\n[upstream]\nurl = '{fake.url}/v1'\n[auth]\n{keys}\n"
+    _, url = await spawn(config, {"GATEWAY_UPSTREAM_API_KEY": "sk-UPSTREAM"})
+    for headers in ({}, {"Authorization": f"Bearer {CLIENT_KEY}"}):
+        async with http.get(f"{url}/metrics", headers=headers) as resp:
+            assert resp.status == 404
+    async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        assert resp.status == 200
+        assert "gateway_requests_total" in await resp.text()
+
+
+@pytest.mark.parametrize("mode", ["injecting", "passing through"])
+async def test_key_injection_never_serves_metrics_on_the_callers_port(
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession, mode: str
+) -> None:
+    """config/gateway.toml (no metrics port): holding the organisation's key, the gateway keeps
+    every tenant's traffic to itself; passing through, /metrics stays where the contract has it."""
+    auth = {"client_key_sha256": [key_digest(CLIENT_KEY)], "upstream_api_key": "sk-UPSTREAM"}
+    gateway = await gateway_factory(auth=auth if mode == "injecting" else {})
+    assert gateway.config.server.metrics_port == Config().server.metrics_port == 0
+    async with http.get(
+        f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {CLIENT_KEY}"}
+    ) as resp:
+        assert resp.status == (404 if mode == "injecting" else 200)
 
 
 def _exprs(dashboard: dict[str, Any]) -> list[tuple[str, list[str]]]:
