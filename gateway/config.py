@@ -141,6 +141,9 @@ class TasksConfig(_Section, frozen=True):
     # S3-compatible storage, endpoint and credentials from the AWS_* environment.
     results_url: str | None = None
     result_inline_bytes: int = 64 * 1024
+    # The most one result's write to the results store may take, retries included: a store that
+    # hangs fails the task (result_store_unavailable) this soon, instead of holding a worker.
+    result_store_timeout_s: float = 10.0
     # With replicas, a task's creation and its end wait (WAIT) up to this long for one of them
     # to have the write, so a failover does not lose an accepted task or a paid answer. 0: off.
     replica_ack_timeout_ms: int = 100
@@ -258,6 +261,8 @@ def _check(config: Config, file: Path, env: Mapping[str, str]) -> None:
         raise ConfigError(f"{file}: upstream.credential_share must be between 0 and 1")
     if config.server.body_read_timeout_s <= 0:
         raise ConfigError(f"{file}: server.body_read_timeout_s must be positive")
+    if config.tasks.result_store_timeout_s <= 0:
+        raise ConfigError(f"{file}: tasks.result_store_timeout_s must be positive")
     if not config.upstream.url.startswith(("http://", "https://")):
         raise ConfigError(f"{where('upstream.url')} must be an http(s) URL")
     results = config.tasks.results_url

@@ -5,8 +5,11 @@ that is down or missing says so loudly instead of losing answers or hiding them 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -20,9 +23,10 @@ from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
 from gateway.tasks.service import TASKS
-from tests.conftest import Gateway, GatewayFactory
+from tests.conftest import Fake, Gateway, GatewayFactory
 from tests.moto_server import MotoServer
-from tests.test_results import KEY, answered_as_the_sync_call, async_answer
+from tests.redis_server import RedisServer
+from tests.test_results import BODY, KEY, answered_as_the_sync_call, async_answer
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -185,3 +189,51 @@ async def test_a_missing_bucket_fails_tasks_loudly(
     assert gateway.sample("gateway_result_store_errors_total") == 1
     assert "NoSuchBucket" in caplog.text
     assert SECRET not in caplog.text
+
+
+async def test_a_hung_s3_fails_its_task_in_seconds_and_never_runs_it_again(
+    gateway_factory: GatewayFactory,
+    fake: Fake,
+    redis_server: RedisServer,
+    s3_alone: S3,
+    http: aiohttp.ClientSession,
+) -> None:
+    """S3 stopped (not gone: connections open, nothing answers) while a task's answer is put:
+    the task fails result_store_unavailable within seconds, and its lease, renewed meanwhile,
+    never lapses into another paid generation."""
+    lease_s = 1.5
+    tasks = {
+        "redis_url": redis_server.url,
+        "key_prefix": f"test-{uuid.uuid4().hex[:8]}",
+        "results_url": s3_alone.url("gw"),
+        "lease_s": lease_s,
+        "result_store_timeout_s": 2.0,
+    }
+    gateway = await gateway_factory(tasks=tasks)
+    headers = {
+        **KEY,
+        "Prefer": "respond-async",
+        "X-Fake-Image-Bytes": "1000000",
+        "X-Fake-Latency": "0.5",
+    }
+    async with http.post(
+        f"{gateway.url}/v1/images/generations", json=BODY, headers=headers
+    ) as resp:
+        task_id = (await resp.json())["id"]
+    await fake.until_running()
+    os.kill(s3_alone.server.proc.pid, signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        waiting = {**KEY, "Prefer": "wait=20"}
+        async with http.get(f"{gateway.url}/v1/tasks/{task_id}/result", headers=waiting) as resp:
+            assert resp.status == 502
+            assert b"result_store_unavailable" in await resp.read()
+        assert time.monotonic() - stopped < 5  # the generation's 0.5 s and the put's 2 s
+        task = await _result(http, gateway, task_id)
+        assert task["status"] == "failed"
+        assert task["error"]["code"] == "result_store_unavailable"
+        await asyncio.sleep(3 * lease_s)  # a lapsed lease would have run it again by now
+        assert fake.stats.requests == 1  # one paid generation
+        assert gateway.sample("gateway_result_store_errors_total") == 1
+    finally:
+        os.kill(s3_alone.server.proc.pid, signal.SIGCONT)

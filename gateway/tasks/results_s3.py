@@ -38,10 +38,11 @@ logger = logging.getLogger(__name__)
 
 _CLIENT_CONFIG = AioConfig(
     # botocore's defaults (60 s to connect, 60 s per read, 5 tries) would hold a worker for
-    # minutes on a dead endpoint; this fails a put within seconds. The standard mode tries
-    # three times (AWS_MAX_ATTEMPTS), for the throttling and 5xx blips S3 asks clients to retry.
+    # minutes on a dead endpoint, and a reader of /result for as long on a hung one. The
+    # standard mode tries three times (AWS_MAX_ATTEMPTS), for the throttling and 5xx blips S3
+    # asks clients to retry; a put, retries and all, is bounded by tasks.result_store_timeout_s.
     connect_timeout=3.0,
-    read_timeout=30.0,
+    read_timeout=10.0,
     retries={"mode": "standard"},
     # Each /result being streamed holds a connection for as long as its caller reads.
     max_pool_connections=100,

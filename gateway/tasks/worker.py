@@ -128,14 +128,9 @@ class Worker:
         started = time.monotonic()
         handover = False
         try:
-            outcome = await self._outcome(claim, credential)
-            if answered is not None and not answered.done():
-                answered.set_result(outcome)
-            if outcome is not None:
-                outcome = await self._kept(task_id, *outcome)
-            if outcome is None:
-                logger.info("%s cancelled or ended elsewhere; upstream call aborted", task_id)
-            elif status := await self._finish(task_id, attempt, *outcome):
+            async with self._leased(task_id):
+                status = await self._end(claim, credential, answered)
+            if status is not None:
                 self._metrics.tasks(model, status).inc()
                 self._metrics.task_duration(model, status).observe(time.monotonic() - started)
         except asyncio.CancelledError:
@@ -146,18 +141,45 @@ class Worker:
             with contextlib.suppress(StoreUnavailable):  # else the lease lapses by itself
                 await self._store.release(task_id, handover=handover)
 
+    async def _end(
+        self,
+        claim: Claim,
+        credential: str | None,
+        answered: asyncio.Future[Outcome | None] | None,
+    ) -> Status | None:
+        """The upstream call, its answer kept and the task ended: the task's end status, or
+        None when the task was cancelled or taken over meanwhile."""
+        task_id, attempt = claim.record.task.id, claim.record.attempt
+        outcome = await self._outcome(claim, credential)
+        if answered is not None and not answered.done():
+            answered.set_result(outcome)
+        if outcome is None:
+            logger.info("%s cancelled or ended elsewhere; upstream call aborted", task_id)
+            return None
+        return await self._finish(task_id, attempt, *await self._kept(task_id, *outcome))
+
+    @contextlib.asynccontextmanager
+    async def _leased(self, task_id: str) -> AsyncIterator[None]:
+        """The run's lease renewed until its end is written, the answer kept included: a slow
+        results store or task store must not hand a paid-for task to another worker."""
+        renewal = asyncio.ensure_future(self._renew(task_id))
+        try:
+            yield
+        finally:
+            renewal.cancel()
+            await asyncio.gather(renewal, return_exceptions=True)
+
     async def _outcome(self, claim: Claim, credential: str | None) -> Outcome | None:
         """The upstream call's answer, or None if the task was cancelled while it ran."""
         task_id = claim.record.task.id
         call = asyncio.ensure_future(self._call(claim.job, claim.record.task, credential))
         cancel = asyncio.ensure_future(self._cancelled(task_id))
-        lease = asyncio.ensure_future(self._renew(task_id))
         try:
             await asyncio.wait((call, cancel), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for pending in (call, cancel, lease):
+            for pending in (call, cancel):
                 pending.cancel()
-            await asyncio.gather(call, cancel, lease, return_exceptions=True)
+            await asyncio.gather(call, cancel, return_exceptions=True)
         return None if call.cancelled() else call.result()
 
     async def _finish(
@@ -189,7 +211,7 @@ class Worker:
         if self._results is None or len(response.body) <= self._config.tasks.result_inline_bytes:
             return response, error
         try:
-            ref = await self._results.put(task_id, response.body)
+            ref = await self._put(task_id, response.body)
         except ResultStoreUnavailable as failure:
             self._metrics.result_store_errors.inc()
             logger.error(
@@ -197,6 +219,17 @@ class Worker:
             )
             return failed(failure)
         return msgspec.structs.replace(response, body=b"", body_ref=ref), error
+
+    async def _put(self, task_id: str, body: bytes) -> str:
+        """The answer put in the results store, in `tasks.result_store_timeout_s` at most: a
+        store that hangs (stopped, a dead NFS server) fails the task in seconds."""
+        assert self._results is not None
+        timeout_s = self._config.tasks.result_store_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._results.put(task_id, body)
+        except TimeoutError:
+            raise ResultStoreUnavailable() from TimeoutError(f"no answer in {timeout_s:g} s")
 
     async def _renew(self, task_id: str) -> None:
         while True:
