@@ -2,20 +2,29 @@
 bounded queue in front of them that serves credentials in turn, so one tenant's flood cannot
 starve another. A caller still waiting at its deadline gets 429 instead of a call APIYI would
 refuse anyway. Apart from models, each caller credential may hold only its share of the
-upstream pool: past it, 429 at once."""
+upstream pool: past it, 429 at once. Connections held open while nothing goes upstream (an
+event stream, a `Prefer: wait`, a large answer read slowly) are capped per caller and in total
+(`Held`), as nginx's limit_conn does: one tenant cannot spend the replica's file descriptors."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+import dataclasses
+import logging
+import resource
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from aiohttp import web
 
-from gateway.config import AdmissionConfig
+from gateway.config import AdmissionConfig, ServerConfig
 from gateway.errors import GatewayError
+from gateway.metrics import Metrics
 from gateway.turns import next_in_turn
+
+logger = logging.getLogger(__name__)
 
 
 class Overloaded(GatewayError):
@@ -34,6 +43,111 @@ class CallerOverloaded(Overloaded):
     default_message = (
         "This API key has as many calls in flight as the gateway allows one key; retry shortly."
     )
+
+
+class TooManyConnections(GatewayError):
+    """Refused before anything was read or sent: retrying once a connection closes is safe."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "too_many_connections"
+    should_retry = True
+    retry_after_s = 5
+    default_message = (
+        "This API key holds as many open event streams and waits as the gateway allows one "
+        "key; close one, or retry shortly."
+    )
+
+
+_FULL = "The gateway holds as many open connections as it can; retry shortly."
+# At most one warning line per this long for each cap: a flood of refusals is one line, not a
+# flood of lines (the metric counts every one).
+_WARN_EVERY_S = 10.0
+
+
+class Held:
+    """Connections held open, at most `per_caller` for one caller and `total` for everyone on
+    this replica (0: no cap), nginx limit_conn-style: past either, `TooManyConnections` at once.
+    `refused(reason)` counts each refusal ("per_caller" or "total", after `name`)."""
+
+    def __init__(
+        self, name: str, per_caller: int, total: int, refused: Callable[[str], None]
+    ) -> None:
+        self._name = name
+        self._per_caller = per_caller
+        self._total = total
+        self._refused = refused
+        self._by_caller: dict[str, int] = {}
+        self._count = 0
+        self._unlogged = 0
+        self._logged_at = -_WARN_EVERY_S
+
+    @contextlib.contextmanager
+    def hold(self, caller: str, message: str | None = None) -> Iterator[None]:
+        """One of `caller`'s connections (a keyed hash, never a key), for the `with`."""
+        held = self._by_caller.get(caller, 0)
+        if 0 < self._per_caller <= held:
+            self._refuse("per_caller", message)
+        if 0 < self._total <= self._count:
+            self._refuse("total", _FULL)
+        self._by_caller[caller] = held + 1
+        self._count += 1
+        try:
+            yield
+        finally:
+            self._count -= 1
+            if (left := self._by_caller[caller] - 1) > 0:
+                self._by_caller[caller] = left
+            else:
+                del self._by_caller[caller]
+
+    def _refuse(self, reason: str, message: str | None) -> None:
+        self._refused(reason)
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at >= _WARN_EVERY_S:
+            logger.warning(
+                "%d %s refused (%s cap reached: %d per caller, %d in total, %d open)",
+                self._unlogged,
+                self._name,
+                reason.replace("_", " "),
+                self._per_caller,
+                self._total,
+                self._count,
+            )
+            self._logged_at, self._unlogged = now, 0
+        raise TooManyConnections(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldConnections:
+    """This replica's caps on connections that stay open while nothing goes upstream."""
+
+    waiting: Held  # event streams, `Prefer: wait` on a result or a submit
+    reading: Held  # task answers too large to send at once, while they are read
+
+    @classmethod
+    def from_config(cls, config: ServerConfig, metrics: Metrics) -> HeldConnections:
+        refused = metrics.held_refused
+        total = config.held_total if config.held_total is not None else _open_files() // 2
+        return cls(
+            Held("held connections", config.held_per_caller, total, lambda why: refused(why).inc()),
+            Held(
+                "result readers",
+                config.result_readers_per_caller,
+                0,
+                lambda _: refused("result_readers").inc(),
+            ),
+        )
+
+
+def _open_files() -> int:
+    """The process's open-file limit: past it, accept() fails and callers see resets."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 2**16
+
+
+HELD = web.AppKey("held", HeldConnections)
 
 
 class CredentialSlot:

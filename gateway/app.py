@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.accesslog import add_request_id
-from gateway.admission import ADMISSION, Admission
+from gateway.admission import ADMISSION, HELD, Admission, HeldConnections
 from gateway.auth import AUTH, Auth
 from gateway.boundary import boundary
 from gateway.config import CONFIG, Config
@@ -57,6 +57,7 @@ def create_app(config: Config) -> web.Application:
     app[METRICS] = Metrics(config.timeouts.models, config.timeouts.default_s)
     app[READINESS] = Readiness()
     app[ADMISSION] = Admission(config.admission, config.upstream.per_credential)
+    app[HELD] = HeldConnections.from_config(config.server, app[METRICS])
     _add_tasks(app, config)
     app.on_response_prepare.append(add_request_id)
     app.router.add_get("/healthz", healthz)

@@ -49,6 +49,15 @@ class ServerConfig(_Section, frozen=True):
     # tenants cannot read it (0: on the main port, except in key-injection mode, where /metrics
     # is served on this port only). `gateway worker` serves only this.
     metrics_port: int = 0
+    # Connections held open while nothing goes upstream (task event streams, `Prefer: wait`)
+    # per caller and in total on this replica; past either, 429 too_many_connections at once
+    # (nginx's limit_conn; 0: no cap). Unset total: half the open-file limit, so the cap is met
+    # before accept() runs out of file descriptors and resets everyone's connections.
+    held_per_caller: int = 256
+    held_total: int | None = None
+    # Task answers too large to send at once (over tasks.result_inline_bytes) that one caller
+    # may be reading at once on this replica; past it, 429 too_many_connections.
+    result_readers_per_caller: int = 8
 
 
 class UpstreamConfig(_Section, frozen=True):
@@ -259,6 +268,9 @@ def _check(config: Config, file: Path, env: Mapping[str, str]) -> None:
         )
     if not 0 <= config.upstream.credential_share <= 1:
         raise ConfigError(f"{file}: upstream.credential_share must be between 0 and 1")
+    server = config.server
+    if min(server.held_per_caller, server.held_total or 0, server.result_readers_per_caller) < 0:
+        raise ConfigError(f"{file}: server.held_* and result_readers_per_caller must be >= 0")
     if config.server.body_read_timeout_s <= 0:
         raise ConfigError(f"{file}: server.body_read_timeout_s must be positive")
     if config.tasks.result_store_timeout_s <= 0:

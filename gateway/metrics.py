@@ -121,6 +121,11 @@ class Metrics:
             "client_disconnects", "Callers that went away before their answer.", "route"
         )
         self.inflight = self._gauge("inflight_requests", "Requests being handled.", "route")
+        self.held_refused = self._counter(
+            "held_connections_refused",
+            "Held connections refused with 429 by a cap: per_caller, total, result_readers.",
+            "reason",
+        )
 
     def _task_metrics(self) -> None:
         self.tasks = self._counter("tasks", "Tasks ended, by outcome.", "model", "status")

@@ -33,7 +33,7 @@ from gateway.tasks.idempotency import RunOnce, fingerprint, kept_for_retries
 from gateway.tasks.models import Claim, Job, OnceName, Status, Task, TaskRecord, TaskStore
 from gateway.tasks.prefer import Preferences
 from gateway.tasks.service import TASKS, new_task_id
-from gateway.tasks.views import replay, task_response
+from gateway.tasks.views import held_outcome, replay, task_response
 from gateway.tasks.worker import WORKER_POOL
 
 logger = logging.getLogger(__name__)
@@ -180,7 +180,8 @@ async def _accepted(
     request: web.Request, store: TaskStore, task: Task, wait_s: float | None, replayed: bool = False
 ) -> web.StreamResponse:
     """202 with the task, or the ordinary answer if it ends within `wait_s`."""
-    if wait_s and (got := await store.outcome(task.id, wait_s)) is not None:
+    got = await held_outcome(request, task.id, wait_s, submitted=True) if wait_s else None
+    if got is not None:
         ended, answer = got
         if ended.status != "cancelled" and answer is not None:
             return await replay(request, answer, replayed)

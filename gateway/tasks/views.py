@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 from multidict import CIMultiDict
 
+from gateway.admission import HELD, TooManyConnections
 from gateway.aio import until_set
 from gateway.errors import BadRequest, NotFound, StoreUnavailable, TaskCancelled
 from gateway.metrics import METRICS
@@ -134,19 +135,37 @@ async def result_view(request: web.Request) -> web.StreamResponse:
     task = record.task
     prefs = parse_prefer(request.headers.getall("Prefer", ()))
     if task.status not in TERMINAL and prefs.wait_s:  # else its answer came with it
-        ended = await tasks.store.outcome(task.id, min(prefs.wait_s, _MAX_RESULT_WAIT_S))
-        if ended is not None:
+        wait_s = min(prefs.wait_s, _MAX_RESULT_WAIT_S)
+        if (ended := await held_outcome(request, task.id, wait_s)) is not None:
             task, answer = ended
     if task.status == "cancelled":
         raise TaskCancelled()
     return await replay(request, answer) if answer is not None else task_response(task, status=202)
 
 
+async def held_outcome(
+    request: web.Request, task_id: str, wait_s: float, *, submitted: bool = False
+) -> tuple[Task, StoredResponse | None] | None:
+    """The task's end within `wait_s` (`TaskStore.outcome`), the caller's connection counted
+    among those it holds open meanwhile: past its cap, 429 at once. A task just `submitted`
+    is not waited for instead (its 202 at once): a 429 would have its caller submit, and pay,
+    again."""
+    tasks = request.app[TASKS]
+    try:
+        with request.app[HELD].waiting.hold(await tasks.owner(request)):
+            return await tasks.store.outcome(task_id, wait_s)
+    except TooManyConnections:
+        if submitted:
+            return None
+        raise
+
+
 async def events_view(request: web.Request) -> web.StreamResponse:
     """One event per status change; `Last-Event-ID` resumes; the stream ends after the last,
     or when this replica shuts down (the client resumes elsewhere with its Last-Event-ID)."""
     tasks = request.app[TASKS]
-    task_id = (await tasks.visible(request)).task.id
+    record = await tasks.visible(request)
+    task_id = record.task.id
     after = request.headers.get("Last-Event-ID") or None
     if after is not None and not is_event_id(after):
         raise BadRequest("Last-Event-ID is not an event id.")
@@ -154,6 +173,14 @@ async def events_view(request: web.Request) -> web.StreamResponse:
         first = await tasks.store.events(task_id, after, 0)
     except ValueError:
         raise BadRequest("Last-Event-ID is not an event of this task.") from None
+    with request.app[HELD].waiting.hold(record.owner):
+        return await _send_events(request, task_id, after, first)
+
+
+async def _send_events(
+    request: web.Request, task_id: str, after: str | None, first: list[TaskEvent]
+) -> web.StreamResponse:
+    tasks = request.app[TASKS]
     clients = request.app[METRICS].sse_clients
     async with sse_response(
         request, ping_interval=_HEARTBEAT_S, send_timeout=_SEND_TIMEOUT_S
