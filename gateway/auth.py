@@ -17,14 +17,18 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.config import AuthConfig
-from gateway.errors import Unauthorized
+from gateway.errors import BadRequest, Unauthorized
+from gateway.headers import drop_caller_side
 
 # Where SDKs put a key: OpenAI's bearer token, Google's GenAI header, Azure's `api-key`, and
-# the `X-Api-Key` many gateways take. Google also accepts `?key=` (see `_query_keys`).
+# the `X-Api-Key` many gateways take. Google also accepts `?key=` (see `_query_params`).
 _KEY_HEADERS = ("x-goog-api-key", "api-key", "x-api-key")
 # Also dropped in key-injection mode: a session cookie is a credential too.
 _CREDENTIAL_HEADERS = ("authorization", *_KEY_HEADERS, "cookie")
-_QUERY_KEY = "key"
+_QUERY_KEY = frozenset(("key",))
+# Query parameters that look like credentials, refused in key-injection mode: stripped, the
+# call would change silently; passed, the upstream would see a caller's secret.
+_CREDENTIAL_PARAMS = frozenset(("api_key", "api-key", "apikey", "access_token", "token"))
 _CALLER_KEY = web.RequestKey("caller_key", str)
 _TWO_KEYS = "The request carries two different API keys; send one."
 
@@ -44,7 +48,7 @@ def _presented_keys(request: web.BaseRequest) -> list[str]:
     )
     _, mark, query = request.raw_path.partition("?")
     if mark:
-        keys.extend(value for _, value, _ in _query_keys(query))
+        keys.extend(value for _, _, value in _query_params(query, _QUERY_KEY))
     return keys
 
 
@@ -64,24 +68,26 @@ def _credential(authorization: str) -> str:
 _QUERY_PARTS = re.compile(r"([&;])")
 
 
-def _query_keys(query: str) -> list[tuple[int, str, str]]:
-    """(index among the parts, decoded value, raw pair) of each `key` parameter, however it
-    is spelt (`key`, `KEY`, `%6Bey`)."""
-    if "%" not in query and "key" not in query.lower():  # the hot path: no key to look at
+def _query_params(query: str, names: frozenset[str]) -> list[tuple[int, str, str]]:
+    """(index among the parts, decoded name, decoded value) of each parameter in `names`,
+    however it is spelt (`key`, `KEY`, `%6Bey`)."""
+    lowered = query.lower()
+    if "%" not in query and not any(name in lowered for name in names):  # the hot path
         return []
     parts = _QUERY_PARTS.split(query)
     found = []
     for index, part in enumerate(parts[::2]):
-        name, _, value = part.partition("=")
-        if unquote_plus(name).strip().lower() == _QUERY_KEY:
-            found.append((index * 2, unquote_plus(value), part))
+        raw_name, _, value = part.partition("=")
+        name = unquote_plus(raw_name).strip().lower()
+        if name in names:
+            found.append((index * 2, name, unquote_plus(value)))
     return found
 
 
 def without_query_keys(target: str) -> str:
     """`target` with every `key` query parameter removed, the rest byte for byte."""
     path, mark, query = target.partition("?")
-    found = _query_keys(query) if mark else []
+    found = _query_params(query, _QUERY_KEY) if mark else []
     if not found:
         return target
     parts = _QUERY_PARTS.split(query)
@@ -90,6 +96,16 @@ def without_query_keys(target: str) -> str:
         del parts[max(index - 1, 0) : index + 1 if index else 2]
     kept = "".join(parts)
     return f"{path}?{kept}" if kept else path
+
+
+def _refuse_credential_params(target: str) -> None:
+    _, mark, query = target.partition("?")
+    found = _query_params(query, _CREDENTIAL_PARAMS) if mark else []
+    if found:
+        raise BadRequest(
+            f"The query parameter `{found[0][1]}` looks like a credential and is not forwarded; "
+            "send this gateway's key in the Authorization header."
+        )
 
 
 class Auth:
@@ -107,6 +123,8 @@ class Auth:
         known: str | None = request.get(_CALLER_KEY)
         if known is not None:
             return known
+        if self._upstream_key is not None:
+            _refuse_credential_params(request.raw_path)
         # Passing through, the first key found names the caller (the upstream checks it); in
         # either mode, keys that differ, wherever they are, would let one be charged here while
         # the upstream bills another.
@@ -121,13 +139,15 @@ class Auth:
         return key
 
     def strip_credentials(self, headers: CIMultiDict[str]) -> None:
-        """In key-injection mode, drop every caller credential from `headers` (in place): what
-        is stored for a task never holds one, and the gateway's own key is added only when the
+        """In key-injection mode, drop every caller credential from `headers` (in place), and
+        what would pick the account billed or tell of the network (`drop_caller_side`): what is
+        stored for a task never holds one, and the gateway's own key is added only when the
         call is sent (`upstream_headers`)."""
         if self._upstream_key is None:
             return
         for name in _CREDENTIAL_HEADERS:
             headers.popall(name, None)
+        drop_caller_side(headers)
 
     def upstream_headers(self, headers: CIMultiDict[str]) -> None:
         """In key-injection mode, replace every caller credential in `headers` (end-to-end

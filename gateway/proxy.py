@@ -27,7 +27,7 @@ from gateway.errors import (
     UpstreamBroken,
     UpstreamTimeout,
 )
-from gateway.headers import caller_timeout_s, strip_hop_by_hop
+from gateway.headers import answer_headers, caller_timeout_s, strip_hop_by_hop
 from gateway.metrics import METRICS
 from gateway.sniff import ModelScanner, model_from_body, model_from_path
 from gateway.target import check_method, check_target, check_version
@@ -137,12 +137,14 @@ async def _exchange(
             log_id=ctx.request_id,
         ) as exchange:
             up = exchange.response
+            kept = answer_headers(up.headers, request.app[AUTH].injects)
             if request.method != "HEAD" and (up.content_length or math.inf) <= SMALL_BODY:
-                out = _whole(up, await up.read())
-            else:
-                out = web.StreamResponse(
-                    status=up.status, reason=up.reason, headers=strip_hop_by_hop(up.headers)
+                kept.popall("Content-Length", None)
+                out = web.Response(
+                    status=up.status, reason=up.reason, headers=kept, body=await up.read()
                 )
+            else:
+                out = web.StreamResponse(status=up.status, reason=up.reason, headers=kept)
                 await _stream(request, up, out, ctx)
     except (UpstreamTimeout, UpstreamBroken):
         if out is None or not out.prepared:
@@ -151,12 +153,6 @@ async def _exchange(
         return out
     ctx.upstream_s = exchange.seconds
     return out
-
-
-def _whole(up: aiohttp.ClientResponse, body: bytes) -> web.Response:
-    headers = strip_hop_by_hop(up.headers)
-    headers.popall("Content-Length", None)
-    return web.Response(status=up.status, reason=up.reason, headers=headers, body=body)
 
 
 async def _stream(

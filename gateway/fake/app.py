@@ -245,8 +245,26 @@ async def reset_view(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
+# What APIYI's edge (Cloudflare) adds to its answers: a session cookie, its servers, the
+# account, the key's rate limits. The gateway in key-injection mode keeps the last only.
+_EDGE_HEADERS = (
+    ("Set-Cookie", "__cf_bm=fake-edge-session; path=/; HttpOnly; Secure"),
+    ("Server", "cloudflare"),
+    ("Via", "1.1 fake-edge"),
+    ("OpenAI-Organization", "org-fake-upstream"),
+    ("x-ratelimit-remaining-requests", "4999"),
+)
+
+
+async def _add_edge_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if not request.path.startswith("/_fake/"):
+        for name, value in _EDGE_HEADERS:
+            response.headers[name] = value  # over aiohttp's own Server
+
+
 def create_fake_app(settings: FakeSettings | None = None) -> web.Application:
     app = web.Application(middlewares=[record], client_max_size=512 * 2**20)
+    app.on_response_prepare.append(_add_edge_headers)
     app[SETTINGS] = settings or FakeSettings()
     app[STATS] = FakeStats()
     app[IMAGES] = {}

@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 from gateway.admission import Admission
 from gateway.auth import Auth
 from gateway.errors import GatewayError, ResultTooLarge
-from gateway.headers import header_pairs, strip_hop_by_hop
+from gateway.headers import answer_headers, header_pairs
 from gateway.tasks.models import Job, StoredResponse, Task, TaskError
 from gateway.upstream import Upstream
 
@@ -70,7 +70,9 @@ class TaskCall:
             logger.warning("%s failed: %s", task.id, failure.code)
             return failed(failure)
         answer = StoredResponse(
-            status=up.status, headers=header_pairs(strip_hop_by_hop(up.headers)), body=body
+            status=up.status,
+            headers=header_pairs(answer_headers(up.headers, self._auth.injects)),
+            body=body,
         )
         if up.status < 400:
             return answer, None

@@ -13,7 +13,9 @@ from multidict import CIMultiDict
 
 from gateway.admission import HELD, TooManyConnections
 from gateway.aio import until_set
+from gateway.auth import AUTH
 from gateway.errors import BadRequest, NotFound, StoreUnavailable, TaskCancelled
+from gateway.headers import answer_headers
 from gateway.metrics import METRICS
 from gateway.tasks.follow import follow
 from gateway.tasks.models import (
@@ -70,7 +72,8 @@ async def replay(
     """The stored answer exactly as the sync call would have returned it; a body kept in the
     results store is streamed from there, never whole in memory. Headers are final once it
     streams: say `replayed` here, not after."""
-    headers = CIMultiDict(answer.headers)
+    # Kept by an older gateway, or before key injection was turned on: checked again here.
+    headers = answer_headers(CIMultiDict(answer.headers), request.app[AUTH].injects)
     headers.popall("Content-Length", None)
     if replayed:  # another request's answer (a run-once call found again)
         headers["Idempotent-Replayed"] = "true"
