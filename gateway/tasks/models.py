@@ -8,6 +8,7 @@ credential included, lives in a `Job` only until the task ends.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncGenerator, Callable
 from typing import Literal, Protocol
 
 import msgspec
@@ -86,6 +87,14 @@ class StoredResponse(msgspec.Struct, frozen=True, kw_only=True):
     body: bytes
     # The body lives in the results store under this reference instead (`results.py`).
     body_ref: str | None = None
+
+
+class RangedResponse(StoredResponse, frozen=True, kw_only=True):
+    """An answer read without its body, too large to hold for every reader: its `size`
+    bytes come a range at a time from `chunks()` as the caller takes them. Never stored."""
+
+    size: int
+    chunks: Callable[[], AsyncGenerator[bytes, None]]
 
 
 class TaskEvent(msgspec.Struct, frozen=True):

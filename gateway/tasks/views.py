@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import msgspec
@@ -20,6 +21,7 @@ from gateway.metrics import METRICS
 from gateway.tasks.follow import follow
 from gateway.tasks.models import (
     TERMINAL,
+    RangedResponse,
     StoredResponse,
     Task,
     TaskEvent,
@@ -27,7 +29,7 @@ from gateway.tasks.models import (
     is_event_id,
 )
 from gateway.tasks.prefer import parse_prefer
-from gateway.tasks.results import Opened, ResultStoreUnavailable
+from gateway.tasks.results import CHUNK_BYTES, Opened, ResultStoreUnavailable
 from gateway.tasks.service import TASKS
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,10 @@ _HEARTBEAT_S = 15.0
 _SEND_TIMEOUT_S = 30.0
 _encode = msgspec.json.Encoder().encode
 _GONE = "The call's answer is no longer kept."
+_READERS = (
+    "This API key is reading as many large task results at once as the gateway allows one "
+    "key; retry shortly."
+)
 
 
 class PublicTask(Task, frozen=True, kw_only=True):
@@ -77,12 +83,9 @@ async def replay(
     headers.popall("Content-Length", None)
     if replayed:  # another request's answer (a run-once call found again)
         headers["Idempotent-Replayed"] = "true"
-    if answer.body_ref is None:
+    if not streamed(answer):
         return web.Response(status=answer.status, headers=headers, body=answer.body)
-    results = request.app[TASKS].results
-    if results is None:
-        raise NotFound(_GONE)
-    async with results.open(answer.body_ref) as opened:
+    async with _opened(request, answer) as opened:
         if opened is None:
             raise NotFound(_GONE)
         response = web.StreamResponse(status=answer.status, headers=headers)
@@ -90,6 +93,38 @@ async def replay(
         await response.prepare(request)
         await _send_kept(response, opened)
     return response
+
+
+def streamed(answer: StoredResponse) -> bool:
+    """Whether the answer is too large to hand to the socket whole: sent a chunk at a time,
+    as the caller takes it."""
+    return (
+        isinstance(answer, RangedResponse)
+        or answer.body_ref is not None
+        or len(answer.body) > CHUNK_BYTES
+    )
+
+
+@contextlib.asynccontextmanager
+async def _opened(request: web.Request, answer: StoredResponse) -> AsyncIterator[Opened | None]:
+    """A large body from where it is: the task store's ranges, memory (the embedded store; a
+    body written whole would be copied into the socket's buffer for each slow reader), or the
+    results store."""
+    if isinstance(answer, RangedResponse):
+        async with aclosing(answer.chunks()) as chunks:
+            yield Opened(answer.size, chunks)
+    elif answer.body_ref is None:
+        yield Opened(len(answer.body), _slices(answer.body))
+    elif (results := request.app[TASKS].results) is None:
+        yield None
+    else:
+        async with results.open(answer.body_ref) as opened:
+            yield opened
+
+
+async def _slices(body: bytes) -> AsyncIterator[bytes]:
+    for start in range(0, len(body), CHUNK_BYTES):
+        yield body[start : start + CHUNK_BYTES]
 
 
 async def _send_kept(response: web.StreamResponse, opened: Opened) -> None:
@@ -102,7 +137,7 @@ async def _send_kept(response: web.StreamResponse, opened: Opened) -> None:
     except ConnectionError:
         raise  # the caller left: nothing to tell it
     except ResultStoreUnavailable as failure:
-        logger.warning("results store failed mid-answer: %s", failure.__cause__)
+        logger.warning("kept answer failed mid-answer: %s", failure.__cause__ or failure)
         response.force_close()
     except Exception:
         logger.exception("kept answer failed mid-answer")
@@ -143,7 +178,13 @@ async def result_view(request: web.Request) -> web.StreamResponse:
             task, answer = ended
     if task.status == "cancelled":
         raise TaskCancelled()
-    return await replay(request, answer) if answer is not None else task_response(task, status=202)
+    if answer is None:
+        return task_response(task, status=202)
+    if not streamed(answer):
+        return await replay(request, answer)
+    # A large answer read slowly holds its connection and a chunk of memory meanwhile.
+    with request.app[HELD].reading.hold(record.owner, _READERS):
+        return await replay(request, answer)
 
 
 async def held_outcome(

@@ -9,16 +9,14 @@ import asyncio
 from collections.abc import Container
 from typing import Any, cast
 
-import msgspec
-
 from gateway.aio import cancel_requests, raise_if_cancelled_since
 from gateway.tasks.models import TERMINAL, Status, StoredResponse, Task, TaskRecord
+from gateway.tasks.redis.answers import Answers
 from gateway.tasks.redis.keys import Keys
 from gateway.tasks.redis.transitions import Transitions
 from gateway.tasks.redis.wakeups import Wakeups, remember
 
 Outcome = tuple[Task, StoredResponse | None]
-_response = msgspec.msgpack.Decoder(StoredResponse).decode
 
 
 # Tasks whose last write by this process is remembered (`expect`): the latest created or started.
@@ -31,6 +29,7 @@ class Waiting:
         self._keys = keys
         self._transitions = transitions
         self._wakeups = wakeups
+        self._answers = Answers(redis, keys, transitions)
         # A waiter's end of a task this process runs: handed over here, not read back.
         self._outcomes: dict[str, asyncio.Future[Outcome | None]] = {}
         # The status this process last wrote to a task, and the wake-ups' mark from before the
@@ -105,11 +104,9 @@ class Waiting:
                 del self._outcomes[task_id]
 
     async def answered(self, task_id: str) -> tuple[TaskRecord, StoredResponse | None] | None:
-        """The task and its answer, in one round trip."""
-        record, raw = await self._transitions.read_with(task_id, self._keys.result(task_id))
-        if record is None:
-            return None
-        return record, None if raw is None else _response(raw)
+        """The task and its answer: one round trip, and a large answer's body read later."""
+        record, answer = await self._answers.answered(task_id)
+        return None if record is None else (record, answer)
 
     async def ended(self, task_id: str, timeout_s: float) -> Status | None:
         """The task's status once it has ended, or as it stands after `timeout_s`."""
