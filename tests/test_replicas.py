@@ -9,7 +9,7 @@ import json
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from gateway.fake import png
 from tests.conftest import Fake, Spawn
+from tests.procs import GatewayProcess
 from tests.redis_cluster import ClusterNodes
 from tests.redis_server import RedisServer
 
@@ -219,6 +220,7 @@ async def test_a_redis_outage_fails_async_fast_keeps_sync_working_then_recovers(
     _, url = await spawn(_config(fake, own_redis, "gw", workers=4))
     async with aiohttp.ClientSession() as http:
         own_redis.stop()
+        await asyncio.sleep(1.5)  # readiness is the last background check's (once a second)
         async with http.get(f"{url}/readyz") as resp:
             assert resp.status == 503
         started = time.monotonic()
@@ -312,3 +314,96 @@ async def test_the_store_is_told_apart_at_start_up_from_any_cluster_node(
         proc.close()
     proc, _ = await spawn(_config(fake, redis_server, _prefix(), workers=1))
     assert f"task store: standalone Redis at 127.0.0.1:{redis_server.port}" in proc.output()
+
+
+async def _until(condition: Callable[[], bool], within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time"
+        await asyncio.sleep(0.02)
+
+
+StalledPair = tuple[
+    GatewayProcess,
+    str,
+    str,
+    Callable[[aiohttp.ClientSession, str], Coroutine[Any, Any, tuple[bytes, str | None]]],
+]
+
+
+async def _stalled_pair(spawn: Spawn, fake: Fake, redis: Any, tmp_path: Path) -> StalledPair:
+    """Two replicas with a short lease, results kept in files they share, and a keyed sync
+    call to make on either: its body, and the stand-in's stamp of when it answered."""
+    results = f"'file://{tmp_path / 'results'}'"
+    config = _config(fake, redis, _prefix(), workers=4, lease_s=1, results_url=results)
+    stalled, first = await spawn(config)
+    _, second = await spawn(config)
+    key = f"stall-{uuid.uuid4().hex}"
+
+    async def call(http: aiohttp.ClientSession, url: str) -> tuple[bytes, str | None]:
+        async with http.post(
+            f"{url}/v1/images/generations",
+            json={"model": "gpt-image-1", "prompt": "a lighthouse"},
+            headers={
+                **KEY,
+                "Idempotency-Key": key,
+                "X-Fake-Latency": "2",
+                "X-Fake-Image-Bytes": str(IMAGE_BYTES),
+            },
+        ) as resp:
+            assert resp.status == 200
+            return await resp.read(), resp.headers.get("X-Fake-Sent-At")
+
+    return stalled, first, second, call
+
+
+def _one_image(answers: list[tuple[bytes, str | None]], fake: Fake) -> None:
+    # The two runs' answers differ (`created`, a lease apart at least); one is everyone's.
+    assert all(answer == answers[0] for answer in answers)
+    body = json.loads(answers[0][0])
+    assert base64.b64decode(body["data"][0]["b64_json"]) == png(IMAGE_BYTES)
+    # Paid twice: a replica stalled past its lease cannot be told from a dead one.
+    assert fake.stats.requests == 2
+
+
+async def test_a_replica_stalled_past_its_lease_gives_every_caller_of_a_key_one_answer(
+    spawn: Spawn, fake: Fake, shared_redis: Any, tmp_path: Path
+) -> None:
+    """A keyed sync call's replica stops (SIGSTOP) mid-generation past its lease: another
+    replica runs the call again. The stalled run, resumed while the other goes on, is fenced
+    out, and its own caller gets the answer the task keeps, as the retries do."""
+    stalled, first, second, call = await _stalled_pair(spawn, fake, shared_redis, tmp_path)
+    async with aiohttp.ClientSession() as http:
+        caller = asyncio.create_task(call(http, first))
+        await fake.until_running()
+        stalled.proc.send_signal(signal.SIGSTOP)
+        try:
+            await _until(lambda: fake.stats.requests == 2, within_s=15)  # run again elsewhere
+            # The stalled run's generation has answered, into a process that cannot read it.
+            await _until(lambda: fake.stats.running == 1, within_s=5)
+        finally:
+            stalled.proc.send_signal(signal.SIGCONT)
+        retry = asyncio.create_task(call(http, second))
+        answers = [await caller, await retry, await call(http, first)]
+    _one_image(answers, fake)
+
+
+async def test_a_stalled_run_resumed_after_the_takeover_ended_leaves_its_answer_alone(
+    spawn: Spawn, fake: Fake, shared_redis: Any, tmp_path: Path
+) -> None:
+    """The stalled run resumes only once the run that took it over has ended and a retry has
+    its answer: writing its own answer's file then must not replace the one the task keeps."""
+    stalled, first, second, call = await _stalled_pair(spawn, fake, shared_redis, tmp_path)
+    async with aiohttp.ClientSession() as http:
+        caller = asyncio.create_task(call(http, first))
+        await fake.until_running()
+        stalled.proc.send_signal(signal.SIGSTOP)
+        try:
+            await _until(lambda: fake.stats.requests == 2, within_s=15)
+            retry = await call(http, second)  # waits for the other run's end
+        finally:
+            stalled.proc.send_signal(signal.SIGCONT)
+        answers = [retry, await caller]
+        await asyncio.sleep(1)  # the resumed run has written whatever it writes
+        answers.append(await call(http, second))
+    _one_image(answers, fake)

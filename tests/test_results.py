@@ -121,6 +121,8 @@ async def test_the_sweep_removes_old_results_and_nothing_else_in_the_directory(
     results = tmp_path / "results"
     kept = FileResults(results)
     expired, fresh = new_task_id(), new_task_id()
+    taken_over = f"{new_task_id()}.2"  # the answer of a run that took another over
+    await kept.put(taken_over, b"an old answer too")
     await kept.put(expired, b"an old answer")
     await kept.put(fresh, b"a new answer")
     leftover = results / f".{new_task_id()}.0123456789abcdef.partial"  # its writer was killed
@@ -141,8 +143,9 @@ async def test_the_sweep_removes_old_results_and_nothing_else_in_the_directory(
         if path.name != fresh:
             _aged(path)
 
-    assert await kept.sweep(older_than_s=3600) == 2
+    assert await kept.sweep(older_than_s=3600) == 3
     assert not (results / expired).exists()
+    assert not (results / taken_over).exists()
     assert not leftover.exists()
     assert (results / fresh).read_bytes() == b"a new answer"
     for name, content in operators.items():

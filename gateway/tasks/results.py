@@ -72,8 +72,8 @@ class Results(Protocol):
     async def close(self) -> None:
         """When the app stops."""
 
-    async def put(self, task_id: str, body: bytes) -> str:
-        """Keep `body`; its reference, which the task keeps."""
+    async def put(self, name: str, body: bytes) -> str:
+        """Keep `body` under `name` (`is_ref`); its reference, which the task keeps."""
         ...
 
     def open(self, ref: str) -> AbstractAsyncContextManager[Opened | None]:
@@ -86,11 +86,21 @@ class Results(Protocol):
 
 
 # A result's name: its task's id (service.TASK_ID's shape; service imports this module, so the
-# pattern cannot come from there).
-_REF = re.compile(r"task_[A-Za-z0-9_-]{22}")
+# pattern cannot come from there), and for a run that took another over, its attempt.
+_REF = re.compile(r"task_[A-Za-z0-9_-]{22}(?:\.[0-9]{1,20})?")
 # A result being written: `.<ref>.<random>.partial`, unique to its writer (two containers both
 # running as PID 1 on one volume would share a pid-named one, and mix their bytes).
 _PARTIAL = re.compile(rf"\.{_REF.pattern}\.[0-9a-f]{{16}}\.partial")
+
+
+async def put_within(results: Results, name: str, body: bytes, timeout_s: float) -> str:
+    """`results.put`, in `timeout_s` at most: a store that hangs (stopped, a dead NFS server)
+    fails its task in seconds instead of holding it."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await results.put(name, body)
+    except TimeoutError:
+        raise ResultStoreUnavailable() from TimeoutError(f"no answer in {timeout_s:g} s")
 
 
 def is_ref(name: str) -> bool:
@@ -121,12 +131,12 @@ class FileResults:
             raise ValueError(f"not a result reference: {ref!r}")
         return self._directory / ref
 
-    async def put(self, task_id: str, body: bytes) -> str:
+    async def put(self, name: str, body: bytes) -> str:
         try:
-            await asyncio.to_thread(self._write, self._path(task_id), body)
+            await asyncio.to_thread(self._write, self._path(name), body)
         except OSError as exc:
             raise ResultStoreUnavailable() from exc
-        return task_id
+        return name
 
     @staticmethod
     def _write(path: Path, body: bytes) -> None:

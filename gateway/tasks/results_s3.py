@@ -111,10 +111,10 @@ class S3Results:
             raise ValueError(f"not a result reference: {ref!r}")
         return self._prefix + ref
 
-    async def put(self, task_id: str, body: bytes) -> str:
+    async def put(self, name: str, body: bytes) -> str:
         with _failures(ResultStoreUnavailable):
-            await self._s3.put_object(Bucket=self._bucket, Key=self._key(task_id), Body=body)
-        return task_id
+            await self._s3.put_object(Bucket=self._bucket, Key=self._key(name), Body=body)
+        return name
 
     @contextlib.asynccontextmanager
     async def open(self, ref: str) -> AsyncIterator[Opened | None]:

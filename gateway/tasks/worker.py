@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 from aiohttp import web
@@ -20,22 +21,13 @@ from gateway.admission import ADMISSION, Admission
 from gateway.aio import until_set
 from gateway.auth import AUTH, Auth
 from gateway.config import Config
-from gateway.errors import (
-    StoreUnavailable,
-)
+from gateway.errors import StoreUnavailable
 from gateway.metrics import METRICS, Metrics
 from gateway.tasks.call import Outcome, TaskCall, failed
 from gateway.tasks.follow import IDLE_S
 from gateway.tasks.idempotency import kept_for_retries
-from gateway.tasks.models import (
-    TERMINAL,
-    Claim,
-    Status,
-    StoredResponse,
-    TaskError,
-    TaskStore,
-)
-from gateway.tasks.results import Results, ResultStoreUnavailable
+from gateway.tasks.models import TERMINAL, Claim, Status, StoredResponse, TaskError, TaskStore
+from gateway.tasks.results import Results, ResultStoreUnavailable, put_within
 from gateway.tasks.service import TASKS
 from gateway.upstream import UPSTREAM, Upstream
 
@@ -100,9 +92,11 @@ class Worker:
         self, claim: Claim, credential: str, answered: asyncio.Future[Outcome | None]
     ) -> None:
         """A sync call's task, run by the replica that holds its caller: under the limits a
-        plain call meets (`admission`), not the task slots. `answered` gets the upstream's
-        answer as soon as it is in (None if the task was cancelled), before it is kept: a store
-        outage then delays the caller's retries, never the caller."""
+        plain call meets (`admission`), not the task slots. `answered` gets this run's answer
+        once the task keeps it, or at once if the task store is unreachable (an outage delays
+        the caller's retries, never the caller); None if the task was cancelled, or ended by
+        another run that took this one over (its replica stalled past the lease): the caller
+        then gets the answer the task keeps, as every retry does."""
         try:
             await self._run(claim, credential, answered)
         except StoreUnavailable:
@@ -151,12 +145,16 @@ class Worker:
         None when the task was cancelled or taken over meanwhile."""
         task_id, attempt = claim.record.task.id, claim.record.attempt
         outcome = await self._outcome(claim, credential)
-        if answered is not None and not answered.done():
-            answered.set_result(outcome)
         if outcome is None:
             logger.info("%s cancelled or ended elsewhere; upstream call aborted", task_id)
             return None
-        return await self._finish(task_id, attempt, *await self._kept(task_id, *outcome))
+        kept = await self._kept(task_id, attempt, *outcome)
+        # The caller gets the body in hand, not a read of the copy just stored.
+        hand = functools.partial(_hand, answered, kept if kept[0].body_ref is None else outcome)
+        status = await self._finish(task_id, attempt, *kept, store_down=hand)
+        if status is not None:
+            hand()
+        return status
 
     @contextlib.asynccontextmanager
     async def _leased(self, task_id: str) -> AsyncIterator[None]:
@@ -183,11 +181,17 @@ class Worker:
         return None if call.cancelled() else call.result()
 
     async def _finish(
-        self, task_id: str, attempt: int, response: StoredResponse, error: TaskError | None
+        self,
+        task_id: str,
+        attempt: int,
+        response: StoredResponse,
+        error: TaskError | None,
+        store_down: Callable[[], None],
     ) -> Status | None:
         """Keep the answer, waiting out a store outage for up to a lease: the upstream was
         paid for it, and after the lease another worker would pay again. The task's end
-        status, or None when the task had been cancelled or taken over meanwhile."""
+        status, or None when the task had been cancelled or taken over meanwhile.
+        `store_down` is called when the store first fails to answer."""
         give_up = asyncio.get_running_loop().time() + self._config.tasks.lease_s
         while True:
             try:
@@ -199,19 +203,24 @@ class Worker:
                 logger.info("%s %s (upstream status %d)", task_id, task.status, response.status)
                 return task.status
             except StoreUnavailable:
+                store_down()
                 if asyncio.get_running_loop().time() > give_up:
                     raise
                 await asyncio.sleep(_RETRY_S)
 
     async def _kept(
-        self, task_id: str, response: StoredResponse, error: TaskError | None
+        self, task_id: str, attempt: int, response: StoredResponse, error: TaskError | None
     ) -> Outcome:
         """The answer as the store keeps it: a large body goes to the results store first,
-        and the task keeps a reference. An answer that cannot be kept fails the task loudly."""
+        and the task keeps a reference. An answer that cannot be kept fails the task loudly.
+        A run that took another over writes a name of its own: the run it took over, if it
+        is still alive, must not overwrite the answer the task keeps."""
         if self._results is None or len(response.body) <= self._config.tasks.result_inline_bytes:
             return response, error
         try:
-            ref = await self._put(task_id, response.body)
+            name = task_id if attempt <= 1 else f"{task_id}.{attempt}"
+            timeout_s = self._config.tasks.result_store_timeout_s
+            ref = await put_within(self._results, name, response.body, timeout_s)
         except ResultStoreUnavailable as failure:
             self._metrics.result_store_errors.inc()
             logger.error(
@@ -219,17 +228,6 @@ class Worker:
             )
             return failed(failure)
         return msgspec.structs.replace(response, body=b"", body_ref=ref), error
-
-    async def _put(self, task_id: str, body: bytes) -> str:
-        """The answer put in the results store, in `tasks.result_store_timeout_s` at most: a
-        store that hangs (stopped, a dead NFS server) fails the task in seconds."""
-        assert self._results is not None
-        timeout_s = self._config.tasks.result_store_timeout_s
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await self._results.put(task_id, body)
-        except TimeoutError:
-            raise ResultStoreUnavailable() from TimeoutError(f"no answer in {timeout_s:g} s")
 
     async def _renew(self, task_id: str) -> None:
         while True:
@@ -249,6 +247,12 @@ class Worker:
                     return
             except StoreUnavailable:
                 await asyncio.sleep(_RETRY_S)
+
+
+def _hand(answered: asyncio.Future[Outcome | None] | None, outcome: Outcome) -> None:
+    """Give a caller waiting for this run (a sync call run here) its answer, once."""
+    if answered is not None and not answered.done():
+        answered.set_result(outcome)
 
 
 class WorkerPool:
