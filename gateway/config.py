@@ -156,6 +156,10 @@ class TasksConfig(_Section, frozen=True):
     # With replicas, a task's creation and its end wait (WAIT) up to this long for one of them
     # to have the write, so a failover does not lose an accepted task or a paid answer. 0: off.
     replica_ack_timeout_ms: int = 100
+    # The most a caller waits for the task store (Redis) on its request's path: a hung Redis
+    # is then an outage, not a 15 s stall (an SDK call goes upstream plainly, a keyed or async
+    # one gets a retryable 503), and a task whose caller was answered so never runs.
+    store_timeout_s: float = 2.0
 
     def limits(
         self, model: str | None, credential: str, caller: str, per_caller: int
@@ -275,6 +279,8 @@ def _check(config: Config, file: Path, env: Mapping[str, str]) -> None:
         raise ConfigError(f"{file}: server.body_read_timeout_s must be positive")
     if config.tasks.result_store_timeout_s <= 0:
         raise ConfigError(f"{file}: tasks.result_store_timeout_s must be positive")
+    if config.tasks.store_timeout_s <= 0:
+        raise ConfigError(f"{file}: tasks.store_timeout_s must be positive")
     if not config.upstream.url.startswith(("http://", "https://")):
         raise ConfigError(f"{where('upstream.url')} must be an http(s) URL")
     results = config.tasks.results_url

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import platform
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Generic, TypeVar
 
 import aiohttp
@@ -13,7 +12,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway import __version__
-from gateway.errors import StoreUnavailable
 
 # Image calls take 10-600 s; resolve 1 s to 15 min, with a few sub-second buckets for the
 # models list and errors.
@@ -81,9 +79,6 @@ class Metrics:
             {"version": __version__, "python": platform.python_version()}
         )
 
-        # Gauges read from elsewhere (the task store's queue) just before each scrape.
-        self.before_scrape: list[Callable[[], Awaitable[None]]] = []
-
     def _counter(self, name: str, help: str, *labels: str) -> _Labelled[Counter]:
         return _Labelled(Counter(f"gateway_{name}", help, labels, registry=self.registry))
 
@@ -140,7 +135,7 @@ class Metrics:
         )
         self.task_queue_depth = self._gauge(
             "task_queue_depth",
-            "Tasks waiting for a worker (all replicas', when on Redis); read at scrape time.",
+            "Tasks waiting for a worker (all replicas', when on Redis); read every second.",
         )()
         self.sse_clients = self._gauge("sse_clients", "Open task event streams.")()
         self.task_workers = self._gauge(
@@ -163,6 +158,11 @@ class Metrics:
         self.result_store_errors = self._counter(
             "result_store_errors",
             "Task results the results store (GATEWAY_RESULTS_URL) failed to keep.",
+        )()
+        self.store_wait_skipped = self._counter(
+            "store_wait_skipped",
+            "Task writes not waited for on a replica (WAIT): their Redis node had none connected "
+            "(a primary promoted by a failover, say); a failover of that node now would lose them.",
         )()
         self.store_errors = self._counter(
             "store_errors",
@@ -206,9 +206,6 @@ METRICS = web.AppKey("metrics", Metrics)
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS]
-    for refresh in metrics.before_scrape:
-        with contextlib.suppress(StoreUnavailable):  # the scrape still shows everything else
-            await refresh()
-    body = generate_latest(metrics.registry)
+    # Nothing here waits on the task store: what it reads is refreshed in the background.
+    body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -35,6 +36,9 @@ class TaskService:
         # the store (shared by every replica) when the app starts.
         self._owner_key = b""
         self.closing = asyncio.Event()  # set on shutdown: open event streams end
+        # Whether the store answered its last check (`watch_store`): what /readyz says, so a
+        # probe never waits on a hung Redis.
+        self.reachable = False
 
     async def start(self) -> None:
         """Fetch the owner key now if the store answers; a replica that starts while Redis is
@@ -90,16 +94,36 @@ class TaskService:
 TASKS = web.AppKey("tasks", TaskService)
 
 
+# Between two checks of the store: how stale /readyz and the queue depth may be.
+_WATCH_INTERVAL_S = 1.0
+
+
 async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     service, metrics = app[TASKS], app[METRICS]
-
-    async def queue_depth() -> None:
-        metrics.task_queue_depth.set(await service.store.queue_depth())
-
-    metrics.before_scrape.append(queue_depth)
     await service.start()
+    await check_store(service, metrics)  # ready once the store has answered, not before
+    watcher = asyncio.create_task(watch_store(service, metrics))
     yield
+    watcher.cancel()
+    await asyncio.gather(watcher, return_exceptions=True)  # no check left on a closed client
     await service.store.close()
+
+
+async def watch_store(service: TaskService, metrics: Metrics) -> None:
+    """Check the store once a second, in the background. Probes and scrapes then never wait on
+    a hung Redis: a scrape that did would outlast Prometheus's timeout, and the metrics vanish
+    mid-incident."""
+    while True:
+        await asyncio.sleep(_WATCH_INTERVAL_S)
+        await check_store(service, metrics)
+
+
+async def check_store(service: TaskService, metrics: Metrics) -> None:
+    """Whether the store answers (for /readyz), and its queue depth (for /metrics)."""
+    service.reachable = await service.store.ping()
+    if service.reachable:
+        with contextlib.suppress(StoreUnavailable):
+            metrics.task_queue_depth.set(await service.store.queue_depth())
 
 
 async def results_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -143,7 +167,7 @@ def open_store(config: Config, metrics: Metrics) -> TaskStore:
             config.tasks.max_queued_per_caller,
             config.tasks.max_queued_bytes_per_caller,
         )
-    return redis.connect(config.tasks, metrics.store_call)
+    return redis.connect(config.tasks, metrics.store_call, metrics.store_wait_skipped.inc)
 
 
 def describe_store(config: Config) -> str:

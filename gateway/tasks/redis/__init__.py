@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from redis import Redis as SyncRedis
@@ -29,7 +30,8 @@ __all__ = ["RedisStore", "connect"]
 
 logger = logging.getLogger(__name__)
 _SPARE_CONNECTIONS = 64
-# A hung Redis must not hang callers; longer than any command the store waits on.
+# A hung Redis must not hang a worker for good; longer than any command the store waits on.
+# Callers wait much less (`tasks.store_timeout_s`, `observed.py`).
 _SOCKET_TIMEOUT_S = 15.0
 # redis-py 8 asks every new connection for Redis Enterprise's maintenance notifications: a round
 # trip that a connection dying mid-failover fails with errors redis-py does not wrap (a closed
@@ -37,10 +39,13 @@ _SOCKET_TIMEOUT_S = 15.0
 _NO_MAINTENANCE_NOTIFICATIONS = MaintNotificationsConfig(enabled=False)
 
 
-def connect(tasks: TasksConfig, observe: Observer) -> RedisStore:
+def connect(
+    tasks: TasksConfig, observe: Observer, on_wait_skipped: Callable[[], object] = lambda: None
+) -> RedisStore:
     """The store on `tasks.redis_url`: a standalone Redis (or Valkey), or a Redis Cluster found
     from any one of its nodes; told apart at start-up and logged. `rediss://` and
-    `redis://user:password@` work for both."""
+    `redis://user:password@` work for both. `on_wait_skipped`: told of each write not waited
+    for on a replica (`replicas.py`)."""
     url = tasks.redis_url
     assert url is not None
     client: Any
@@ -71,6 +76,8 @@ def connect(tasks: TasksConfig, observe: Observer) -> RedisStore:
         cluster=cluster,
         replicas=1 if replicas and tasks.replica_ack_timeout_ms > 0 else 0,
         replica_ack_timeout_ms=tasks.replica_ack_timeout_ms,
+        deadline_s=tasks.store_timeout_s,
+        on_wait_skipped=on_wait_skipped,
     )
 
 

@@ -1,28 +1,29 @@
 """Creating a task in Redis: its keys, then its run-once name, then its place in the queue (or,
 for a task run here, its lease first), in that order. A name always finds a task that exists,
-and a task created for a call found again, or over its caller's caps, leaves nothing behind."""
+and a task created for a call found again, or over its caller's caps, leaves nothing behind.
+Every step is fenced (`lua/fence.lua`): one that reaches a hung Redis after the gateway stopped
+waiting for it does nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from gateway.errors import QueueFull
 from gateway.tasks.models import Job, OnceName, TaskRecord
 from gateway.tasks.redis.keys import Keys
-from gateway.tasks.redis.queue import Queue
+from gateway.tasks.redis.queue import ENQUEUE, HOLD_HERE, OPEN, Queue
 from gateway.tasks.redis.replicas import ReplicaAcks
-from gateway.tasks.redis.transitions import Transitions, script
+from gateway.tasks.redis.transitions import CREATE, Transitions, script
+
+_FENCE = script("fence")
 
 
 class _Step(NamedTuple):
-    """One command of a pipelined round trip: a script with its keys and arguments, or a
-    plain command queued by `command`."""
+    """One script of a pipelined round trip, with its keys and arguments."""
 
     script: Any
     keys: list[str]
     args: list[Any]
-    command: Callable[[Any], object] = lambda pipe: None
 
 
 class Creation:
@@ -45,6 +46,10 @@ class Creation:
         # in no order: steps whose order matters are sent one after the other there.
         self._ordered = ordered
         self._forget_name = redis.register_script(script("forget_name"))
+        fenced = (HOLD_HERE, CREATE, script("take_name"), ENQUEUE, OPEN)
+        self._hold, self._create, self._take_name, self._enqueue, self._open = (
+            redis.register_script(_FENCE + unfenced) for unfenced in fenced
+        )
 
     async def create(
         self,
@@ -54,24 +59,26 @@ class Creation:
         once: OnceName | None,
         here: bool,
         announce: bool,
+        fence_ms: int,
     ) -> str | None:
         """Create the task (see `TaskStore.find_or_create`): None, or what its name already
         held (and nothing was created). `QueueFull` over the caller's caps. `announce`: wake a
-        worker of every replica when it is queued (else the caller wakes one of its own)."""
+        worker of every replica when it is queued (else the caller wakes one of its own).
+        `fence_ms`: Redis's time after which no step does anything."""
         task_id, caller, size, limits = record.task.id, record.owner, len(job.body), job.limits
         keys, args = self._transitions.create_call(record, job, retention_ms)
         # A task run here holds its lease before it exists, so a replica dying in between
         # leaves nothing stuck. The task exists before its name does, so whoever finds the name
         # finds the task. The queue is another Redis Cluster slot, so it is not in the script.
-        steps = [_Step(self._transitions.create_script, keys, args)]
+        steps = [_Step(self._create, keys, args)]
         if here:
-            steps.insert(0, _Step(self._queue.hold_script, *self._queue.hold_call(task_id)))
+            steps.insert(0, _Step(self._hold, *self._queue.hold_call(task_id)))
         if once is not None:
-            steps.append(_Step(None, [self._keys.once(once.name)], [], self._take_name(once)))
+            steps.append(self._name_step(once))
         elif not here:
             enqueue = self._queue.enqueue_call(task_id, caller, size, limits, announce=announce)
-            steps.append(_Step(self._queue.enqueue_script, *enqueue))
-        last = (await self._pipelined(steps))[-1]
+            steps.append(_Step(self._enqueue, *enqueue))
+        last = (await self._pipelined(steps, fence_ms))[-1]
         if once is not None and last is not None and not once.replace:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.delete(*keys)  # never queued: no worker saw it
@@ -80,7 +87,8 @@ class Creation:
                 await pipe.execute()
             return bytes(last).decode()
         if not here and once is not None:  # queued only now that its name is its own
-            last = await self._queue.enqueue(task_id, caller, size, limits, announce=announce)
+            enqueue = self._queue.enqueue_call(task_id, caller, size, limits, announce=announce)
+            last = await self._enqueue(keys=enqueue[0], args=[*enqueue[1], fence_ms])
         if not here and not last:
             await self._redis.delete(*keys)  # over the caller's caps: nothing stays
             if once is not None:
@@ -95,6 +103,7 @@ class Creation:
         retention_ms: int | None,
         set_aside: bool,
         slots: tuple[list[str], list[int]],
+        fence_ms: int,
     ) -> bool:
         """Create and queue the task in one step (a standalone Redis: `open.lua`); with
         `set_aside` (an idle worker of this replica kept for it), started at once instead if
@@ -103,8 +112,8 @@ class Creation:
         keys, args = self._transitions.create_call(record, job, retention_ms)
         task_id, caller, size = record.task.id, record.owner, len(job.body)
         more_keys, more_args = self._queue.open_call(task_id, caller, size, job.limits, set_aside)
-        keys, args = [*keys, *more_keys, *slots[0]], [*args, *more_args, *slots[1]]
-        opened = await self._acks.run(self._queue.open_script, keys, args)
+        keys, args = [*keys, *more_keys, *slots[0]], [*args, *more_args, *slots[1], fence_ms]
+        opened = await self._acks.run(self._open, keys, args)
         if not opened:
             raise QueueFull()
         return bool(opened == 2)
@@ -113,12 +122,13 @@ class Creation:
         """Let a run-once name go, if it still names this call's task."""
         await self._forget_name(keys=[self._keys.once(once.name)], args=[once.value])
 
-    def _take_name(self, once: OnceName) -> Callable[[Any], object]:
-        """SET the name (unless held, or `replace`), answering what it held."""
-        name, px = self._keys.once(once.name), max(int(once.ttl_s * 1000), 1)
-        return lambda pipe: pipe.set(name, once.value, px=px, nx=not once.replace, get=True)
+    def _name_step(self, once: OnceName) -> _Step:
+        """Set the name (unless held, or `replace`), answering what it held."""
+        px = max(int(once.ttl_s * 1000), 1)
+        args = [once.value, px, "1" if once.replace else "0"]
+        return _Step(self._take_name, [self._keys.once(once.name)], args)
 
-    async def _pipelined(self, steps: list[_Step]) -> list[Any]:
+    async def _pipelined(self, steps: list[_Step], fence_ms: int) -> list[Any]:
         """Scripts and commands in one round trip, in order. Scripts go as EVAL, not EVALSHA:
         a Redis that restarted or failed over has forgotten its scripts, and a step re-run
         after the others would break the order that makes a name find its task. Each round trip
@@ -128,14 +138,11 @@ class Creation:
         for batch in batches:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for step in batch:
-                    if step.script is None:
-                        step.command(pipe)
-                    else:
-                        pipe.eval(step.script.script, len(step.keys), *step.keys, *step.args)
-                if self._acks.waits:
-                    self._acks.queue_wait(pipe, batch[-1].keys[0])
+                    keys, args = step.keys, [*step.args, fence_ms]
+                    pipe.eval(step.script.script, len(keys), *keys, *args)
+                waited = self._acks.queue_wait(pipe, batch[-1].keys[0])
                 answers = await pipe.execute()
-            if self._acks.waits:
-                self._acks.check(answers.pop())
+            if waited:
+                await self._acks.check(batch[-1].keys[0], answers.pop())
             replies += answers
         return replies

@@ -1,12 +1,15 @@
 """What every public Redis store call goes through: one error for an unreachable Redis, a
-metric per call, and no lost cancellation."""
+metric per call, no lost cancellation, and on the request path a deadline of its own: a hung
+Redis (stopped, not dead) costs a caller that deadline, not the socket timeout and its retries."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import time
 from collections.abc import Callable, Coroutine
+from contextvars import ContextVar
 from typing import Any, ParamSpec, TypeVar
 
 from redis.exceptions import (
@@ -17,6 +20,7 @@ from redis.exceptions import (
     OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
+    ResponseError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -91,11 +95,43 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+# When the store call under way stops waiting (loop time): a fenced write (`store_write`) is
+# refused by Redis after a time before it (`RedisClock.fence_ms`).
+giving_up_at: ContextVar[float] = ContextVar("giving_up_at")
+
+
 def store_call(
     method: Callable[_P, Coroutine[Any, Any, _R]],
 ) -> Callable[_P, Coroutine[Any, Any, _R]]:
-    """Every public store method: Redis being unreachable is one clear 503 for callers, each
-    call is observed, and a cancellation redis-py swallowed is raised again."""
+    """A call on the request path: it waits at most the store's `deadline_s`."""
+    return _observed(method, lambda store: store.deadline_s, fenced=False)
+
+
+def store_write(
+    method: Callable[_P, Coroutine[Any, Any, _R]],
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """A task's creation: it waits at most the store's `write_deadline_s`, and its writes are
+    fenced (`lua/fence.lua`): once it stopped waiting they did nothing and never will, so its
+    caller may be told to retry, or its call go upstream plainly (`unsent`)."""
+    return _observed(method, lambda store: store.write_deadline_s, fenced=True)
+
+
+def store_wait(
+    method: Callable[_P, Coroutine[Any, Any, _R]],
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """A call that waits by design (for a task's end, its events, work) or a worker's own
+    (renew, finish): each command is bounded by the socket timeout alone."""
+    return _observed(method, lambda store: None, fenced=False)
+
+
+def _observed(
+    method: Callable[_P, Coroutine[Any, Any, _R]],
+    bound: Callable[[Any], float | None],
+    *,
+    fenced: bool,
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """Redis being unreachable (or too slow: `bound`'s seconds) is one clear 503 for callers,
+    each call is observed, and a cancellation redis-py swallowed is raised again."""
     op = method.__name__
 
     @functools.wraps(method)
@@ -104,18 +140,30 @@ def store_call(
         observe: Observer = store.observe
         seen = cancel_requests()
         started = time.monotonic()
+        limit_s = bound(store)
+        deadline = asyncio.timeout(limit_s)
+        token = giving_up_at.set(asyncio.get_running_loop().time() + (limit_s or 0.0))
         try:
-            if not store.ready:
-                await store.get_ready()
-            result = await method(*args, **kwargs)
+            async with deadline:
+                if not store.ready:
+                    await store.get_ready()
+                result = await method(*args, **kwargs)
         except _FAILURES as exc:
-            observe(op, time.monotonic() - started, _reason(exc))
-            raise StoreUnavailable(unsent=_unsent(exc)) from exc
+            late = deadline.expired()
+            observe(op, time.monotonic() - started, "timeout" if late else _reason(exc))
+            raise StoreUnavailable(unsent=(fenced and late) or _unsent(exc)) from exc
+        except ResponseError as exc:
+            if not str(exc).startswith("LATE"):  # `lua/fence.lua` refused it: it did nothing
+                raise
+            observe(op, time.monotonic() - started, "timeout")
+            raise StoreUnavailable(unsent=True) from exc
         except (RuntimeError, AttributeError) as exc:
             if not _in_a_dying_connection(exc):
                 raise
             observe(op, time.monotonic() - started, "unreachable")
             raise StoreUnavailable(unsent=False) from exc
+        finally:
+            giving_up_at.reset(token)
         observe(op, time.monotonic() - started, "")
         raise_if_cancelled_since(seen)
         return result

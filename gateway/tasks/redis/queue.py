@@ -42,12 +42,13 @@ class Entry(msgspec.Struct, frozen=True):
 
 
 _FAIR = script("fair")
-_OPEN = script("slots") + _FAIR + script("task") + script("open")
-_HOLD_HERE, _REQUEUE_LOST, _REQUEUE, _ENQUEUE, _TAKE, _UNQUEUE, _PUT_BACK = (
-    script("hold_here"),
+# Creating a task's scripts, run fenced (`creation.py`).
+OPEN = script("slots") + _FAIR + script("task") + script("open")
+ENQUEUE = _FAIR + script("enqueue")
+HOLD_HERE = script("hold_here")
+_REQUEUE_LOST, _REQUEUE, _TAKE, _UNQUEUE, _PUT_BACK = (
     script("requeue_lost"),
     script("requeue"),
-    _FAIR + script("enqueue"),
     _FAIR + script("take"),
     _FAIR + script("unqueue"),
     _FAIR + script("put_back"),
@@ -69,14 +70,12 @@ class Queue:
         self._keys = keys
         self._here = keys.here
         self._caps = caps  # most tasks, most request bytes one caller may have waiting
-        self.hold_script = redis.register_script(_HOLD_HERE)
+        self._hold = redis.register_script(HOLD_HERE)
         self._requeue_lost = redis.register_script(_REQUEUE_LOST)
         self._requeue = redis.register_script(_REQUEUE)
-        self.enqueue_script = redis.register_script(_ENQUEUE)
         self._take = redis.register_script(_TAKE)
         self._unqueue = redis.register_script(_UNQUEUE)
         self._put_back = redis.register_script(_PUT_BACK)
-        self.open_script = redis.register_script(_OPEN)
         self._consumer = consumer
         self._lease_ms = lease_ms
         self._max_deliveries = max_deliveries
@@ -92,12 +91,6 @@ class Queue:
         keys = [self._keys.order, self._keys.fair]
         wake = self._keys.wake if announce else ""
         return keys, [task_id, caller, size, *self._caps, wake, pack(limits)]
-
-    async def enqueue(
-        self, task_id: str, caller: str, size: int, limits: Limits, *, announce: bool
-    ) -> bool:
-        keys, args = self.enqueue_call(task_id, caller, size, limits, announce=announce)
-        return bool(await self.enqueue_script(keys=keys, args=args))
 
     def open_call(
         self, task_id: str, caller: str, size: int, limits: Limits, set_aside: bool
@@ -118,7 +111,7 @@ class Queue:
 
     async def keep_here(self, task_id: str) -> None:
         """Renew a task run here's lease (if it still has one: else it was requeued)."""
-        await self.hold_script(keys=[self._here], args=[task_id, self._lease_ms, "XX"])
+        await self._hold(keys=[self._here], args=[task_id, self._lease_ms, "XX"])
 
     async def unqueue(self, task_id: str) -> None:
         """A waiting task cancelled: it stops counting against its caller's caps now."""

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -28,9 +29,17 @@ from gateway.tasks.models import (
     is_event_id,
 )
 from gateway.tasks.redis.claiming import Claiming, Held
+from gateway.tasks.redis.clock import RedisClock
 from gateway.tasks.redis.creation import Creation
 from gateway.tasks.redis.keys import Keys
-from gateway.tasks.redis.observed import Observer, store_call, unobserved
+from gateway.tasks.redis.observed import (
+    Observer,
+    giving_up_at,
+    store_call,
+    store_wait,
+    store_write,
+    unobserved,
+)
 from gateway.tasks.redis.queue import Queue
 from gateway.tasks.redis.replicas import ReplicaAcks
 from gateway.tasks.redis.slots import Slots
@@ -57,17 +66,28 @@ class RedisStore:
         cluster: bool = False,
         replicas: int = 0,
         replica_ack_timeout_ms: int = 100,
+        deadline_s: float = 2.0,
+        on_wait_skipped: Callable[[], object] = lambda: None,
     ) -> None:
         # redis-py types its replies as unions over decode_responses; this store always works
         # in bytes, so the client is used untyped rather than narrowed at every call.
         self._redis: Any = redis
         self.observe = observe
+        # How long a caller waits for Redis (`observed.py`); a creation, also for a replica.
+        self.deadline_s = deadline_s
+        self._ack_s = replica_ack_timeout_ms / 1000 if replicas else 0.0
+        self.write_deadline_s = deadline_s + self._ack_s
+        self._clock = RedisClock(redis)
         keys = self._keys = Keys(prefix)
         lease_ms = int(lease_s * 1000)
         caps = (max_queued_per_caller, max_queued_bytes_per_caller)
         self._queue = Queue(redis, keys, consumer.encode(), lease_ms, max_deliveries, caps)
         acks = ReplicaAcks(
-            redis, replicas=replicas, timeout_ms=replica_ack_timeout_ms, cluster=cluster
+            redis,
+            replicas=replicas,
+            timeout_ms=replica_ack_timeout_ms,
+            cluster=cluster,
+            on_skip=on_wait_skipped,
         )
         self._transitions = Transitions(redis, keys, int(retention_s * 1000), acks)
         self._creation = Creation(
@@ -101,13 +121,13 @@ class RedisStore:
                 await self._redis.initialize()
                 self.ready = True
 
-    @store_call
+    @store_write
     async def create(
         self, record: TaskRecord, job: Job, retention_s: float | None = None, *, here: bool = False
     ) -> None:
         await self._create(record, job, retention_s, None, here)
 
-    @store_call
+    @store_write
     async def find_or_create(
         self,
         record: TaskRecord,
@@ -128,13 +148,20 @@ class RedisStore:
         here: bool,
     ) -> str | None:
         retention_ms = None if retention_s is None else int(retention_s * 1000)
+        # Before its caller stops waiting, by the time a replica may take and a quarter of the
+        # deadline for the error of reading Redis's clock: a write later than that does nothing.
+        fence_ms = await self._clock.fence_ms(
+            giving_up_at.get() - self._ack_s - self.deadline_s / 4
+        )
         mark = self._wakeups.mark()
         if self._ordered and once is None and not here:
-            await self._open(record, job, retention_ms, mark)
+            await self._open(record, job, retention_ms, mark, fence_ms)
             return None
         # A worker of this replica idle: it takes the task, and no other replica is woken.
         announce = not (here or self._wakeups.idle_here())
-        found = await self._creation.create(record, job, retention_ms, once, here, announce)
+        found = await self._creation.create(
+            record, job, retention_ms, once, here, announce, fence_ms
+        )
         if found is None and not (here or announce or self._wakeups.wake_here()):
             await self._queue.announce()  # it found work meanwhile
         if found is None:
@@ -144,7 +171,12 @@ class RedisStore:
         return found
 
     async def _open(
-        self, record: TaskRecord, job: Job, retention_ms: int | None, mark: int | None
+        self,
+        record: TaskRecord,
+        job: Job,
+        retention_ms: int | None,
+        mark: int | None,
+        fence_ms: int,
     ) -> None:
         """A new task on a standalone Redis, in one round trip (`open.lua`): given at once to
         an idle worker of this replica, set aside for it, when nothing waits ahead of it and
@@ -154,7 +186,12 @@ class RedisStore:
         slots = self._slots.keys(limits)
         try:
             started = await self._creation.open(
-                record, job, retention_ms, aside is not None, (slots, self._slots.take_args(limits))
+                record,
+                job,
+                retention_ms,
+                aside is not None,
+                (slots, self._slots.take_args(limits)),
+                fence_ms,
             )
         except BaseException:
             if aside is not None:
@@ -180,11 +217,11 @@ class RedisStore:
     async def get(self, task_id: str) -> TaskRecord | None:
         return await self._transitions.read(task_id)
 
-    @store_call
+    @store_wait
     async def claim(self, timeout_s: float) -> Claim | None:
         return await self._claiming.claim(timeout_s)
 
-    @store_call
+    @store_wait
     async def renew(self, task_id: str) -> None:
         held = self._held.get(task_id)
         if held is None:
@@ -195,7 +232,7 @@ class RedisStore:
             await self._queue.keep_here(task_id)
         await self._slots.renew(task_id, held.slots)
 
-    @store_call
+    @store_wait
     async def release(self, task_id: str, *, handover: bool) -> None:
         held = self._held.pop(task_id, None)
         self._waiting.hand(task_id, None)
@@ -207,7 +244,7 @@ class RedisStore:
         elif handover:  # the task is in progress: its fresh entry says it may be taken over
             await self._queue.hand_over(held.entry_id, task_id, held.limits)
 
-    @store_call
+    @store_wait
     async def finish(
         self,
         task_id: str,
@@ -272,7 +309,7 @@ class RedisStore:
     async def answered(self, task_id: str) -> tuple[TaskRecord, StoredResponse | None] | None:
         return await self._waiting.answered(task_id)
 
-    @store_call
+    @store_wait
     async def events(self, task_id: str, after: str | None, timeout_s: float) -> list[TaskEvent]:
         if after is not None and not is_event_id(after):
             raise ValueError(f"not an event id: {after!r}")
@@ -291,11 +328,11 @@ class RedisStore:
         events, _ = await self._transitions.events(task_id, after)
         return events
 
-    @store_call
+    @store_wait
     async def outcome(self, task_id: str, timeout_s: float) -> Outcome | None:
         return await self._waiting.outcome(task_id, timeout_s, running_here=self._held)
 
-    @store_call
+    @store_wait
     async def ended(self, task_id: str, timeout_s: float) -> Status | None:
         return await self._waiting.ended(task_id, timeout_s)
 
@@ -311,10 +348,14 @@ class RedisStore:
         return value
 
     async def ping(self) -> bool:
+        """Whether Redis answers within the deadline; its clock is read as it does."""
         try:
-            return bool(await self._redis.ping())
-        except RedisError:
+            async with asyncio.timeout(self.deadline_s):
+                await self.get_ready()
+                await self._clock.read()
+        except (RedisError, OSError):  # OSError: a timeout, too
             return False
+        return True
 
     async def close(self) -> None:
         await self._wakeups.close()

@@ -40,7 +40,8 @@ def script(name: str) -> str:
     return "".join(line for line in text.splitlines(True) if not line.lstrip().startswith("--"))
 
 
-_CREATE, _START = script("task") + script("create"), script("slots") + script("start")
+CREATE = script("task") + script("create")  # run fenced (`creation.py`)
+_START = script("slots") + script("start")
 _END = script("end")
 FULL: Literal["full"] = "full"  # a start that found a concurrency slot full
 OLDER: Literal["older"] = "older"  # a start of a task an older gateway made: pass `read`
@@ -58,7 +59,6 @@ class Transitions:
         self._acks = acks
         self._keys = keys
         self._ttl_ms = ttl_ms
-        self.create_script = redis.register_script(_CREATE)
         self._start = redis.register_script(_START)
         self._end = redis.register_script(_END)
 
