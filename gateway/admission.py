@@ -65,38 +65,60 @@ _FULL = "The gateway holds as many open connections as it can; retry shortly."
 _WARN_EVERY_S = 10.0
 
 
+class TooManyBytes(GatewayError):
+    """Refused before anything was stored or sent: retrying once calls end is safe."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "too_many_bytes_in_flight"
+    should_retry = True
+    retry_after_s = 5
+    default_message = (
+        "This API key has as many request bytes in flight as the gateway allows one key; "
+        "retry shortly."
+    )
+
+
 class Held:
-    """Connections held open, at most `per_caller` for one caller and `total` for everyone on
-    this replica (0: no cap), nginx limit_conn-style: past either, `TooManyConnections` at once.
-    `refused(reason)` counts each refusal ("per_caller" or "total", after `name`)."""
+    """What is held (connections, or bytes), at most `per_caller` for one caller and `total`
+    for everyone on this replica (0: no cap), nginx limit_conn-style: past either, `refusal`
+    at once. `refused(reason)` counts each refusal ("per_caller" or "total", after `name`)."""
 
     def __init__(
-        self, name: str, per_caller: int, total: int, refused: Callable[[str], None]
+        self,
+        name: str,
+        per_caller: int,
+        total: int,
+        refused: Callable[[str], None],
+        refusal: type[GatewayError] = TooManyConnections,
+        full_message: str = _FULL,
     ) -> None:
         self._name = name
         self._per_caller = per_caller
         self._total = total
         self._refused = refused
+        self._refusal = refusal
+        self._full_message = full_message
         self._by_caller: dict[str, int] = {}
         self._count = 0
         self._unlogged = 0
         self._logged_at = -_WARN_EVERY_S
 
     @contextlib.contextmanager
-    def hold(self, caller: str, message: str | None = None) -> Iterator[None]:
-        """One of `caller`'s connections (a keyed hash, never a key), for the `with`."""
+    def hold(self, caller: str, message: str | None = None, amount: int = 1) -> Iterator[None]:
+        """`amount` more of `caller`'s (never logged), for the `with`."""
         held = self._by_caller.get(caller, 0)
-        if 0 < self._per_caller <= held:
+        if 0 < self._per_caller < held + amount:
             self._refuse("per_caller", message)
-        if 0 < self._total <= self._count:
-            self._refuse("total", _FULL)
-        self._by_caller[caller] = held + 1
-        self._count += 1
+        if 0 < self._total < self._count + amount:
+            self._refuse("total", self._full_message)
+        self._by_caller[caller] = held + amount
+        self._count += amount
         try:
             yield
         finally:
-            self._count -= 1
-            if (left := self._by_caller[caller] - 1) > 0:
+            self._count -= amount
+            if (left := self._by_caller[caller] - amount) > 0:
                 self._by_caller[caller] = left
             else:
                 del self._by_caller[caller]
@@ -116,7 +138,7 @@ class Held:
                 self._count,
             )
             self._logged_at, self._unlogged = now, 0
-        raise TooManyConnections(message)
+        raise self._refusal(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +147,9 @@ class HeldConnections:
 
     waiting: Held  # event streams, `Prefer: wait` on a result or a submit
     reading: Held  # task answers too large to send at once, while they are read
+    # Request bytes of calls run as tasks, held whole in memory until stored or answered
+    # (plain calls' bodies wait on disk instead).
+    body_bytes: Held
 
     @classmethod
     def from_config(cls, config: ServerConfig, metrics: Metrics) -> HeldConnections:
@@ -137,6 +162,14 @@ class HeldConnections:
                 config.result_readers_per_caller,
                 0,
                 lambda _: refused("result_readers").inc(),
+            ),
+            Held(
+                "task request bodies",
+                config.task_body_bytes_per_caller,
+                config.task_body_bytes_total,
+                lambda why: metrics.body_bytes_refused(why).inc(),
+                TooManyBytes,
+                "The gateway holds as many request bytes as it can; retry shortly.",
             ),
         )
 

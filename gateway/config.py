@@ -15,6 +15,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from gateway.tasks.models import QueueCaps
+
 DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
 # Results store URLs: a directory, or a bucket (S3 and GCS naming rules, loosely) and a prefix.
 _RESULTS_URL = re.compile(r"file:///[^?#]*|s3://[a-z0-9][a-z0-9._-]*[a-z0-9](/[^?#]*)?")
@@ -58,6 +60,11 @@ class ServerConfig(_Section, frozen=True):
     # Task answers too large to send at once (over tasks.result_inline_bytes) that one caller
     # may be reading at once on this replica; past it, 429 too_many_connections.
     result_readers_per_caller: int = 8
+    # Request bytes of calls run as tasks (async, keyed, SDK calls) that this replica holds in
+    # memory at once, per API key and in all, until each is stored or answered; past either,
+    # 429 too_many_bytes_in_flight (0: no cap).
+    task_body_bytes_per_caller: int = 256 * 2**20
+    task_body_bytes_total: int = 2**30
 
 
 class UpstreamConfig(_Section, frozen=True):
@@ -141,6 +148,10 @@ class TasksConfig(_Section, frozen=True):
     # these bound memory, not fairness.
     max_queued_per_caller: int = 1000
     max_queued_bytes_per_caller: int = 256 * 2**20
+    # The same for all callers together: in pass-through every bearer a caller makes up is a
+    # caller of its own, so only these bound what a flood of them may queue.
+    max_queued_total: int = 10_000
+    max_queued_bytes_total: int = 2**30
     # How long a task, its events and its result are kept after it was created.
     retention_s: float = 86400.0
     # Largest upstream answer kept as a task result; a larger one fails the task clearly.
@@ -160,6 +171,14 @@ class TasksConfig(_Section, frozen=True):
     # is then an outage, not a 15 s stall (an SDK call goes upstream plainly, a keyed or async
     # one gets a retryable 503), and a task whose caller was answered so never runs.
     store_timeout_s: float = 2.0
+
+    def queue_caps(self) -> QueueCaps:
+        return QueueCaps(
+            per_caller=self.max_queued_per_caller,
+            bytes_per_caller=self.max_queued_bytes_per_caller,
+            total=self.max_queued_total,
+            bytes_total=self.max_queued_bytes_total,
+        )
 
     def limits(
         self, model: str | None, credential: str, caller: str, per_caller: int
@@ -273,8 +292,17 @@ def _check(config: Config, file: Path, env: Mapping[str, str]) -> None:
     if not 0 <= config.upstream.credential_share <= 1:
         raise ConfigError(f"{file}: upstream.credential_share must be between 0 and 1")
     server = config.server
-    if min(server.held_per_caller, server.held_total or 0, server.result_readers_per_caller) < 0:
-        raise ConfigError(f"{file}: server.held_* and result_readers_per_caller must be >= 0")
+    caps = (
+        server.held_per_caller,
+        server.held_total or 0,
+        server.result_readers_per_caller,
+        server.task_body_bytes_per_caller,
+        server.task_body_bytes_total,
+    )
+    if min(caps) < 0:
+        raise ConfigError(
+            f"{file}: server.held_*, result_readers_per_caller and task_body_bytes_* must be >= 0"
+        )
     if config.server.body_read_timeout_s <= 0:
         raise ConfigError(f"{file}: server.body_read_timeout_s must be positive")
     if config.tasks.result_store_timeout_s <= 0:

@@ -7,6 +7,8 @@ import msgspec
 from aiohttp import web
 
 from gateway.accesslog import REQUEST_CONTEXT, RequestContext
+from gateway.admission import HELD
+from gateway.auth import AUTH
 from gateway.config import CONFIG
 from gateway.proxy import SMALL_BODY, admit, forward, receive_body
 from gateway.tasks.idempotency import RunOnce, run_once
@@ -25,9 +27,11 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             return await forward(request, ctx, target, body)
         prefs, once = as_task
         ctx.mode = "async" if prefs is not None else "sync"
-        whole = body.read() if isinstance(body, SpooledBody) else body
-        answer = await submit(request, ctx, target, whole, prefs, once)
-        return answer if answer is not None else await forward(request, ctx, target, whole)
+        caller = request.app[AUTH].caller_key(request) or ""
+        with request.app[HELD].body_bytes.hold(caller, amount=ctx.bytes_in):
+            whole = body.read() if isinstance(body, SpooledBody) else body
+            answer = await submit(request, ctx, target, whole, prefs, once)
+            return answer if answer is not None else await forward(request, ctx, target, whole)
     finally:
         if isinstance(body, SpooledBody):
             body.close()

@@ -112,6 +112,9 @@ class QueueFull(GatewayError):
     default_message = "This API key has as many tasks queued as the gateway allows one key."
 
 
+QUEUE_FULL_FOR_ALL = "The gateway has as many tasks queued as it allows in all; retry later."
+
+
 class UpstreamUnreachable(GatewayError):
     """Nothing reached the upstream, so nothing was billed: retrying is safe."""
 

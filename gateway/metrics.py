@@ -116,6 +116,12 @@ class Metrics:
             "client_disconnects", "Callers that went away before their answer.", "route"
         )
         self.inflight = self._gauge("inflight_requests", "Requests being handled.", "route")
+        self.body_bytes_refused = self._counter(
+            "body_bytes_refused",
+            "Calls run as tasks refused with 429: their request bodies over a cap on bytes "
+            "held at once (per_caller, total).",
+            "reason",
+        )
         self.held_refused = self._counter(
             "held_connections_refused",
             "Held connections refused with 429 by a cap: per_caller, total, result_readers.",

@@ -18,6 +18,7 @@ from gateway.tasks.memory import MemoryStore
 from gateway.tasks.models import (
     Job,
     OnceName,
+    QueueCaps,
     StoredResponse,
     Task,
     TaskError,
@@ -41,9 +42,9 @@ ANSWER = StoredResponse(status=200, headers=[("Content-Type", "application/json"
 @pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[TaskStore]:
     made: TaskStore
-    caps: dict[str, Any] = {"max_queued_per_caller": 50, "max_queued_bytes_per_caller": 2**20}
+    caps = QueueCaps(per_caller=50, bytes_per_caller=2**20, total=80, bytes_total=2**30)
     if request.param == "memory":
-        made = MemoryStore(60.0, **caps)
+        made = MemoryStore(60.0, caps)
     else:
         cluster = request.param == "cluster"
         client: Any
@@ -60,7 +61,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[TaskStore]:
             retention_s=60.0,
             lease_s=0.5,
             cluster=cluster,
-            **caps,
+            caps=caps,
         )
     yield made
     await made.close()
@@ -198,6 +199,22 @@ async def test_a_caller_over_its_queue_caps_is_refused_and_others_are_not(
     await store.cancel("a0")  # a cancelled task frees its place
     await store.create(record("a51", owner="tenant-a"), JOB)
     assert await store.queue_depth() == 51
+
+
+async def test_callers_together_over_the_queues_total_are_refused(store: TaskStore) -> None:
+    """In pass-through every bearer a caller makes up is a caller: only a total bounds them."""
+    for i in range(80):
+        await store.create(record(f"made-up-{i}", owner=f"made-up-key-{i}"), JOB)
+    with pytest.raises(QueueFull) as refused:
+        await store.create(record("one-more", owner="yet-another-key"), JOB)
+    assert "in all" in refused.value.message
+    assert await store.get("one-more") is None  # nothing of the refused task stays
+    claim = await store.claim(1.0)  # a task leaving the queue makes room for one more
+    assert claim is not None
+    await store.create(record("one-more", owner="yet-another-key"), JOB)
+    with pytest.raises(QueueFull):
+        await store.create(record("and-another", owner="and-another-key"), JOB)
+    assert await store.queue_depth() == 80
 
 
 async def test_tasks_with_empty_bodies_are_taken_like_any_other(store: TaskStore) -> None:

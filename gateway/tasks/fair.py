@@ -7,33 +7,34 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from gateway.errors import QueueFull
+from gateway.tasks.models import QueueCaps
 from gateway.turns import next_in_turn
 
 
 class FairQueue:
-    def __init__(self, max_per_caller: int, max_bytes_per_caller: int) -> None:
+    def __init__(self, caps: QueueCaps) -> None:
         self._lines: collections.OrderedDict[str, collections.deque[tuple[str, int]]] = (
             collections.OrderedDict()
         )
         self._queued_bytes: collections.Counter[str] = collections.Counter()
-        self._max_per_caller = max_per_caller
-        self._max_bytes = max_bytes_per_caller
+        self._caps = caps
         self._added = asyncio.Event()
+        self._count = 0
+        self._bytes = 0
 
     def put(self, caller: str, task_id: str, size: int, *, check: bool = True) -> None:
-        """Queue a task at the end of its caller's line; `QueueFull` over the caller's caps
-        (not checked for a task put back, which was counted when it came)."""
+        """Queue a task at the end of its caller's line; `QueueFull` over the caller's caps or
+        everyone's (not checked for a task put back, which was counted when it came)."""
         line = self._lines.get(caller)
-        if check and (
-            (line is not None and len(line) >= self._max_per_caller)
-            or self._queued_bytes[caller] + size > self._max_bytes
-        ):
-            raise QueueFull()
+        if check:
+            self._caps.check(0 if line is None else len(line), self._queued_bytes[caller], size)
+            self._caps.check_total(self._count, self._bytes, size)
         if line is None:
             line = self._lines[caller] = collections.deque()
         line.append((task_id, size))
         self._queued_bytes[caller] += size
+        self._count += 1
+        self._bytes += size
         self._added.set()
 
     async def get(self, timeout_s: float) -> tuple[str, str] | None:
@@ -48,7 +49,7 @@ class FairQueue:
             except TimeoutError:
                 return None
         caller, (task_id, size) = next_in_turn(self._lines)
-        self._queued_bytes[caller] -= size
+        self._left(caller, size)
         if not self._queued_bytes[caller]:
             del self._queued_bytes[caller]
         return caller, task_id
@@ -59,10 +60,15 @@ class FairQueue:
         for item in list(line or ()):
             if item[0] == task_id:
                 line.remove(item)  # type: ignore[union-attr]
-                self._queued_bytes[caller] -= item[1]
+                self._left(caller, item[1])
         if line is not None and not line:
             del self._lines[caller]
             self._queued_bytes.pop(caller, None)
 
+    def _left(self, caller: str, size: int) -> None:
+        self._queued_bytes[caller] -= size
+        self._count -= 1
+        self._bytes -= size
+
     def __len__(self) -> int:
-        return sum(len(line) for line in self._lines.values())
+        return self._count

@@ -18,6 +18,7 @@ from gateway.tasks.models import (
     Claim,
     Job,
     OnceName,
+    QueueCaps,
     Status,
     StoredResponse,
     Task,
@@ -26,8 +27,10 @@ from gateway.tasks.models import (
     TaskRecord,
 )
 
-# A queued job with a body larger than this waits on disk, not in the process heap.
+# A queued job with a body larger than this waits on disk, not in the process heap; so does
+# any job once queued jobs hold this much of the heap (a flood of small ones).
 SPOOL_BYTES = 2**20
+_HEAP_JOB_BYTES = 64 * 2**20
 _pack_job = msgspec.msgpack.Encoder().encode
 _unpack_job = msgspec.msgpack.Decoder(Job).decode
 
@@ -45,15 +48,18 @@ class _Entry:
         "size",
     )
 
-    def __init__(self, record: TaskRecord, job: Job | None, expires_at: float) -> None:
-        """`job` None: a task its caller's replica runs, which never reads it from here."""
+    def __init__(
+        self, record: TaskRecord, job: Job | None, expires_at: float, *, spool: bool
+    ) -> None:
+        """`job` None: a task its caller's replica runs, which never reads it from here.
+        `spool`: the job waits on disk."""
         self.record = record
         self._job = job
         self._spool: IO[bytes] | None = None
         # What a claim needs of a waiting job, without reading a spooled one back each turn.
         self.limits = [] if job is None else job.limits
         self.size = 0 if job is None else len(job.body)
-        if job is not None and self.size > SPOOL_BYTES:
+        if job is not None and spool:
             # Open as long as the task waits; `drop_job` (or the entry going) closes it.
             self._spool = tempfile.TemporaryFile()  # noqa: SIM115
             self._spool.write(_pack_job(job))
@@ -62,6 +68,11 @@ class _Entry:
         self.events: list[TaskEvent] = []
         self.changed = asyncio.Event()
         self.expires_at = expires_at
+
+    @property
+    def heap_bytes(self) -> int:
+        """What the job holds of the process heap."""
+        return self.size if self._job is not None else 0
 
     @property
     def has_job(self) -> bool:
@@ -87,12 +98,12 @@ class MemoryStore:
     def __init__(
         self,
         retention_s: float,
-        max_queued_per_caller: int = 1000,
-        max_queued_bytes_per_caller: int = 256 * 2**20,
+        caps: QueueCaps = QueueCaps(),  # noqa: B008 (frozen)
     ) -> None:
         self._retention_s = retention_s
         self._entries: dict[str, _Entry] = {}
-        self._queue = FairQueue(max_queued_per_caller, max_queued_bytes_per_caller)
+        self._queue = FairQueue(caps)
+        self._heap_job_bytes = 0
         self._holders: dict[str, set[str]] = {}  # concurrency slot -> running task ids
         self._names: dict[str, tuple[str, float]] = {}  # remembered name -> (value, expiry)
         self._owner_key = secrets.token_bytes(32)  # tasks die with the process, so may the key
@@ -100,9 +111,14 @@ class MemoryStore:
     def _entry(self, task_id: str) -> _Entry | None:
         entry = self._entries.get(task_id)
         if entry is not None and entry.expires_at <= time.monotonic():
+            self._drop_job(entry)
             del self._entries[task_id]
             return None
         return entry
+
+    def _drop_job(self, entry: _Entry) -> None:
+        self._heap_job_bytes -= entry.heap_bytes
+        entry.drop_job()
 
     def _set(self, entry: _Entry, record: TaskRecord) -> None:
         """The one place a task changes: status and its event together, and readers woken."""
@@ -118,7 +134,10 @@ class MemoryStore:
         if not here:  # else its caller's replica, this one, runs it
             self._queue.put(record.owner, record.task.id, len(job.body))  # or QueueFull
         kept_s = self._retention_s if retention_s is None else retention_s
-        entry = _Entry(record, None if here else job, time.monotonic() + kept_s)
+        size = len(job.body)
+        spool = size > SPOOL_BYTES or self._heap_job_bytes + size > _HEAP_JOB_BYTES
+        entry = _Entry(record, None if here else job, time.monotonic() + kept_s, spool=spool)
+        self._heap_job_bytes += entry.heap_bytes
         self._entries[record.task.id] = entry
         self._set(entry, record)
 
@@ -206,7 +225,7 @@ class MemoryStore:
         if not keep_name and record.once is not None:
             self._forget(record.once)
         entry.response = response
-        entry.drop_job()
+        self._drop_job(entry)
         self._set(entry, msgspec.structs.replace(record, task=task))
         return task
 
@@ -218,7 +237,7 @@ class MemoryStore:
         if record.task.status == "queued":
             self._queue.remove(record.owner, task_id)
         if record.task.status not in TERMINAL:
-            entry.drop_job()
+            self._drop_job(entry)
             record = msgspec.structs.replace(
                 record, task=msgspec.structs.replace(record.task, status="cancelled")
             )
@@ -290,6 +309,7 @@ class MemoryStore:
             task_id, entry = next(iter(self._entries.items()))
             if entry.expires_at > now:
                 break
+            self._drop_job(entry)
             del self._entries[task_id]
         while self._names:
             name, (_, expires_at) = next(iter(self._names.items()))

@@ -13,6 +13,8 @@ from typing import Literal, Protocol
 
 import msgspec
 
+from gateway.errors import QUEUE_FULL_FOR_ALL, QueueFull
+
 Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[Status] = frozenset(("completed", "failed", "cancelled"))
 # A worker that found a task's concurrency slot full waits this long before its next try, so a
@@ -107,6 +109,25 @@ class TaskEvent(msgspec.Struct, frozen=True):
 class Claim(msgspec.Struct, frozen=True):
     record: TaskRecord
     job: Job
+
+
+class QueueCaps(msgspec.Struct, frozen=True, kw_only=True):
+    """What may wait queued: per caller (tasks, request bytes), and for all callers together,
+    since a pass-through caller names itself by any bearer it makes up."""
+
+    per_caller: int = 1000
+    bytes_per_caller: int = 256 * 2**20
+    total: int = 10_000
+    bytes_total: int = 2**30
+
+    def check(self, queued: int, queued_bytes: int, size: int) -> None:
+        """`QueueFull` if one caller's `queued` tasks of `queued_bytes` cannot take `size` more."""
+        if queued >= self.per_caller or queued_bytes + size > self.bytes_per_caller:
+            raise QueueFull()
+
+    def check_total(self, queued: int, queued_bytes: int, size: int) -> None:
+        if queued >= self.total or queued_bytes + size > self.bytes_total:
+            raise QueueFull(QUEUE_FULL_FOR_ALL)
 
 
 class TaskStore(Protocol):

@@ -162,11 +162,7 @@ def open_results(config: Config) -> Results | None:
 
 def open_store(config: Config, metrics: Metrics) -> TaskStore:
     if config.tasks.redis_url is None:
-        return MemoryStore(
-            config.tasks.retention_s,
-            config.tasks.max_queued_per_caller,
-            config.tasks.max_queued_bytes_per_caller,
-        )
+        return MemoryStore(config.tasks.retention_s, config.tasks.queue_caps())
     return redis.connect(config.tasks, metrics.store_call, metrics.store_wait_skipped.inc)
 
 

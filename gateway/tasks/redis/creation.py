@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from gateway.errors import QueueFull
+from gateway.errors import QUEUE_FULL_FOR_ALL, QueueFull
 from gateway.tasks.models import Job, OnceName, TaskRecord
 from gateway.tasks.redis.keys import Keys
 from gateway.tasks.redis.queue import ENQUEUE, HOLD_HERE, OPEN, Queue
@@ -89,11 +89,11 @@ class Creation:
         if not here and once is not None:  # queued only now that its name is its own
             enqueue = self._queue.enqueue_call(task_id, caller, size, limits, announce=announce)
             last = await self._enqueue(keys=enqueue[0], args=[*enqueue[1], fence_ms])
-        if not here and not last:
-            await self._redis.delete(*keys)  # over the caller's caps: nothing stays
+        if not here and last != 1:
+            await self._redis.delete(*keys)  # over the queue's caps: nothing stays
             if once is not None:
                 await self.forget_name(once)
-            raise QueueFull()
+            raise _over_caps(last)
         return None
 
     async def open(
@@ -114,8 +114,8 @@ class Creation:
         more_keys, more_args = self._queue.open_call(task_id, caller, size, job.limits, set_aside)
         keys, args = [*keys, *more_keys, *slots[0]], [*args, *more_args, *slots[1], fence_ms]
         opened = await self._acks.run(self._open, keys, args)
-        if not opened:
-            raise QueueFull()
+        if opened not in (1, 2):
+            raise _over_caps(opened)
         return bool(opened == 2)
 
     async def forget_name(self, once: OnceName) -> None:
@@ -146,3 +146,8 @@ class Creation:
                 await self._acks.check(batch[-1].keys[0], answers.pop())
             replies += answers
         return replies
+
+
+def _over_caps(queued: int) -> QueueFull:
+    """The queue scripts' refusal: 0 over the caller's caps, -1 over all callers'."""
+    return QueueFull(QUEUE_FULL_FOR_ALL if queued == -1 else None)

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 from redis.exceptions import ResponseError
 
+from gateway.tasks.models import QueueCaps
 from gateway.tasks.redis.keys import Keys
 from gateway.tasks.redis.transitions import script
 
@@ -63,13 +64,14 @@ class Queue:
         consumer: bytes,
         lease_ms: int,
         max_deliveries: int,
-        caps: tuple[int, int],
+        caps: QueueCaps,
     ) -> None:
         self._redis = redis
         self.key = keys.queue
         self._keys = keys
         self._here = keys.here
-        self._caps = caps  # most tasks, most request bytes one caller may have waiting
+        # As `fair.lua`'s `caps_at` reads them.
+        self._caps = (caps.per_caller, caps.bytes_per_caller, caps.total, caps.bytes_total)
         self._hold = redis.register_script(HOLD_HERE)
         self._requeue_lost = redis.register_script(_REQUEUE_LOST)
         self._requeue = redis.register_script(_REQUEUE)

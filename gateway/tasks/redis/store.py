@@ -20,6 +20,7 @@ from gateway.tasks.models import (
     Claim,
     Job,
     OnceName,
+    QueueCaps,
     Status,
     StoredResponse,
     Task,
@@ -61,8 +62,7 @@ class RedisStore:
         lease_s: float = 30.0,
         max_deliveries: int = 3,
         observe: Observer = unobserved,
-        max_queued_per_caller: int = 1000,
-        max_queued_bytes_per_caller: int = 256 * 2**20,
+        caps: QueueCaps = QueueCaps(),  # noqa: B008 (frozen)
         cluster: bool = False,
         replicas: int = 0,
         replica_ack_timeout_ms: int = 100,
@@ -80,7 +80,6 @@ class RedisStore:
         self._clock = RedisClock(redis)
         keys = self._keys = Keys(prefix)
         lease_ms = int(lease_s * 1000)
-        caps = (max_queued_per_caller, max_queued_bytes_per_caller)
         self._queue = Queue(redis, keys, consumer.encode(), lease_ms, max_deliveries, caps)
         acks = ReplicaAcks(
             redis,

@@ -4,5 +4,5 @@
 -- id, caller, request bytes, the wake-up channel, the task's packed limits.
 redis.call('XACK', KEYS[3], ARGV[2], ARGV[1])
 redis.call('XDEL', KEYS[3], ARGV[1])
-enqueue(KEYS[1], KEYS[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), 0, 0, false, ARGV[6], ARGV[7])
+enqueue(KEYS[1], KEYS[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), nil, ARGV[6], ARGV[7])
 return 1
