@@ -45,6 +45,7 @@ _REFUSALS: dict[type[Exception], str] = {
 _UNAVAILABLE = tuple(_REFUSALS)
 # The cluster client gave up on a slot after its own retries: it may have sent the command.
 _GAVE_UP = (ClusterError, RedisClusterException)
+_FENCED_OUT = "LATE the gateway stopped waiting for this write"
 _FAILURES: tuple[type[Exception], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
@@ -153,7 +154,8 @@ def _observed(
             observe(op, time.monotonic() - started, "timeout" if late else _reason(exc))
             raise StoreUnavailable(unsent=(fenced and late) or _unsent(exc)) from exc
         except ResponseError as exc:
-            if not str(exc).startswith("LATE"):  # `lua/fence.lua` refused it: it did nothing
+            # `lua/fence.lua` refused it: it did nothing. A pipeline names the command first.
+            if _FENCED_OUT not in str(exc):
                 raise
             observe(op, time.monotonic() - started, "timeout")
             raise StoreUnavailable(unsent=True) from exc
