@@ -33,6 +33,10 @@ def is_event_id(text: str) -> bool:
     return _EVENT_ID.fullmatch(text) is not None and int(text) <= _LAST_INDEX
 
 
+# What `service.new_task_id` makes: any other id is refused before it reaches a store or a log.
+TASK_ID = re.compile(r"task_[A-Za-z0-9_-]{22}")
+
+
 class TaskError(msgspec.Struct, frozen=True):
     message: str
     type: str

@@ -26,6 +26,7 @@ from typing import BinaryIO, Protocol
 from yarl import URL
 
 from gateway.errors import GatewayError
+from gateway.tasks.models import TASK_ID
 
 CHUNK_BYTES = 256 * 1024
 
@@ -85,9 +86,8 @@ class Results(Protocol):
         ...
 
 
-# A result's name: its task's id (service.TASK_ID's shape; service imports this module, so the
-# pattern cannot come from there), and for a run that took another over, its attempt.
-_REF = re.compile(r"task_[A-Za-z0-9_-]{22}(?:\.[0-9]{1,20})?")
+# A result's name: its task's id, and for a run that took another over, its attempt.
+_REF = re.compile(rf"{TASK_ID.pattern}(?:\.[0-9]{{1,20}})?")
 # A result being written: `.<ref>.<random>.partial`, unique to its writer (two containers both
 # running as PID 1 on one volume would share a pid-named one, and mix their bytes).
 _PARTIAL = re.compile(rf"\.{_REF.pattern}\.[0-9a-f]{{16}}\.partial")
