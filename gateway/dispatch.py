@@ -29,9 +29,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         ctx.mode = "async" if prefs is not None else "sync"
         caller = request.app[AUTH].caller_key(request) or ""
         with request.app[HELD].body_bytes.hold(caller, amount=ctx.bytes_in):
-            whole = body.read() if isinstance(body, SpooledBody) else body
-            answer = await submit(request, ctx, target, whole, prefs, once)
-            return answer if answer is not None else await forward(request, ctx, target, whole)
+            answer = await submit(request, ctx, target, body, prefs, once)
+            return answer if answer is not None else await forward(request, ctx, target, body)
     finally:
         if isinstance(body, SpooledBody):
             body.close()

@@ -9,8 +9,10 @@ the same). Bodies past `server.body_memory_bytes` wait in an unlinked temporary 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import mmap
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import IO
 
 from aiohttp import StreamReader, web
@@ -37,6 +39,18 @@ class SpooledBody:
     def read(self) -> bytes:
         self._file.seek(0)
         return self._file.read()
+
+    def rewound(self) -> IO[bytes]:
+        """The file from its start, to copy elsewhere."""
+        self._file.seek(0)
+        return self._file
+
+    @contextlib.contextmanager
+    def view(self) -> Iterator[mmap.mmap]:
+        """The body's bytes without reading them into the heap: what a check or a hash reads
+        comes from the page cache."""
+        with mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            yield mapped
 
     def close(self) -> None:
         self._file.close()

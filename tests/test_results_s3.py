@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import io
 import logging
 import os
 import signal
@@ -237,3 +239,29 @@ async def test_a_hung_s3_fails_its_task_in_seconds_and_never_runs_it_again(
         assert gateway.sample("gateway_result_store_errors_total") == 1
     finally:
         os.kill(s3_alone.server.proc.pid, signal.SIGCONT)
+
+
+async def test_a_large_request_body_waits_in_s3_until_its_task_ends(
+    gateway_factory: GatewayFactory, fake: Fake, s3: S3, http: aiohttp.ClientSession
+) -> None:
+    gateway = await gateway_factory(
+        server={"body_memory_bytes": 100_000}, tasks={"results_url": s3.url("gw")}
+    )
+    body = b'{"model": "gpt-image-1", "prompt": "' + b"x" * 3_000_000 + b'"}'
+    headers = {
+        **KEY,
+        "Prefer": "respond-async",
+        "Content-Type": "application/json",
+        "X-Fake-Latency": "1",
+    }
+    async with http.post(
+        f"{gateway.url}/v1/images/generations", data=io.BytesIO(body), headers=headers
+    ) as resp:
+        task_id = (await resp.json())["id"]
+    await fake.until_running()
+    assert await s3.size(f"gw/{task_id}.request") == len(body)  # not in the task store
+    result = f"{gateway.url}/v1/tasks/{task_id}/result"
+    async with http.get(result, headers={**KEY, "Prefer": "wait=30"}) as resp:
+        assert resp.status == 200
+    assert fake.stats.last["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert await s3.size(f"gw/{task_id}.request") is None  # gone with its task's end

@@ -17,7 +17,8 @@ from gateway.auth import Auth
 from gateway.errors import GatewayError, ResultTooLarge
 from gateway.headers import answer_headers, header_pairs
 from gateway.tasks.models import Job, StoredResponse, Task, TaskError
-from gateway.upstream import Upstream
+from gateway.tasks.results import Results, ResultUnreadable
+from gateway.upstream import Payload, Upstream
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,34 @@ def failed(failure: GatewayError) -> Outcome:
     return stored(failure.response()), TaskError(failure.message, failure.type, failure.code)
 
 
+class RequestBodyLost(GatewayError):
+    """A task's request body, kept in the results store, could not be read: nothing reached
+    the upstream whole, so nothing was generated."""
+
+    status = 503
+    code = "request_body_unavailable"
+    should_retry = True
+    retry_after_s = 5
+    default_message = (
+        "The task's request body could not be read from the results store; nothing was "
+        "generated. Submit the call again."
+    )
+
+
 class TaskCall:
     def __init__(
-        self, upstream: Upstream, auth: Auth, admission: Admission | None, result_max_bytes: int
+        self,
+        upstream: Upstream,
+        auth: Auth,
+        admission: Admission | None,
+        result_max_bytes: int,
+        results: Results | None,
     ) -> None:
         self._upstream = upstream
         self._auth = auth
         self._admission = admission
         self._result_max_bytes = result_max_bytes
+        self._results = results
 
     async def __call__(self, job: Job, task: Task, credential: str | None) -> Outcome:
         """The upstream call. `credential`: a sync call run here, under its caller's limits."""
@@ -54,11 +75,12 @@ class TaskCall:
         try:
             async with (
                 self._admitted(task.model, credential, deadline),
+                self._payload(job, headers) as payload,
                 self._upstream.call(
                     job.method,
                     job.path_qs,
                     headers,
-                    job.body,
+                    payload,
                     deadline=deadline,
                     model=task.model,
                     log_id=task.id,
@@ -79,6 +101,27 @@ class TaskCall:
         return answer, TaskError(
             f"The upstream answered {up.status}.", "upstream_error", str(up.status)
         )
+
+    @contextlib.asynccontextmanager
+    async def _payload(self, job: Job, headers: CIMultiDict[str]) -> AsyncIterator[Payload]:
+        """The body as sent: in hand, or read from the results store a chunk at a time. It is
+        opened before the call, so a body that is gone fails the task with nothing sent (a
+        body failing inside the send would look like a broken, billed call)."""
+        if job.body_ref is None:
+            yield job.body
+            return
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                if self._results is None:  # a replica without the results store took it
+                    raise ResultUnreadable()
+                opened = await stack.enter_async_context(self._results.open(job.body_ref))
+            except ResultUnreadable as exc:
+                raise RequestBodyLost() from exc
+            if opened is None:
+                raise RequestBodyLost()
+            headers["Content-Length"] = str(opened.size)
+            # A connect that fails reads none of it, so a retry sends it from its start.
+            yield lambda: opened.chunks
 
     @contextlib.asynccontextmanager
     async def _admitted(

@@ -9,6 +9,7 @@ stored: a fingerprint of the request, never the prompt.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import re
 
 import msgspec
@@ -74,7 +75,7 @@ def kept_for_retries(error: TaskError | None) -> bool:
     return code not in _NOT_KEPT and not (len(code) == 3 and code.startswith("5"))
 
 
-def fingerprint(method: str, path_qs: str, owner: str, body: bytes) -> str:
+def fingerprint(method: str, path_qs: str, owner: str, body: bytes | mmap.mmap) -> str:
     digest = hashlib.sha256()
     for part in (method.encode(), path_qs.encode(), owner.encode()):
         digest.update(len(part).to_bytes(4, "big") + part)

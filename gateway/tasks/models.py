@@ -80,6 +80,9 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     headers: list[tuple[str, str]]
     body: bytes
     deadline_s: float
+    # A body too large to hold in memory lives in the results store under `body_ref` instead
+    # (`body` is empty), until the task ends.
+    body_ref: str | None = None
     # Concurrency slots the task must hold while it runs: (slot, limit), e.g. its model's and
     # its upstream credential's (APIYI limits both). A task whose slot is full stays queued.
     limits: list[tuple[str, int]] = []

@@ -1,6 +1,8 @@
 """Task results outside the task store (`GATEWAY_RESULTS_URL`): an image is megabytes of base64,
 which a Redis should not hold for a day. A result above `tasks.result_inline_bytes` is written
-here and the task keeps a pointer; `/result` streams it back byte for byte.
+here and the task keeps a pointer; `/result` streams it back byte for byte. So is a task's
+request body that arrived too large to keep in memory, until the task ends: the task store
+keeps a pointer to it, not the body.
 
 `file:///dir`: one file per result in a directory (a volume shared by the replicas), written to
 a temporary name of its own and renamed, so a reader never sees half a result; the directory may
@@ -16,12 +18,13 @@ import dataclasses
 import os
 import re
 import secrets
+import shutil
 import stat
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import IO, BinaryIO, Protocol
 
 from yarl import URL
 
@@ -63,9 +66,14 @@ class Opened:
     chunks: AsyncIterator[bytes]
 
 
+# What is kept: an answer in hand, or a request body waiting in its spool file (from its start).
+Content = bytes | IO[bytes]
+
+
 class Results(Protocol):
-    """Where results too large for the task store live. A storage failure of any kind raises
-    `ResultStoreUnavailable` (`ResultUnreadable` when reading), never anything else."""
+    """Where results too large for the task store live, and the large request bodies of the
+    tasks that will make them. A storage failure of any kind raises `ResultStoreUnavailable`
+    (`ResultUnreadable` when reading), never anything else."""
 
     async def start(self) -> None:
         """Before first use, when the app starts."""
@@ -73,9 +81,12 @@ class Results(Protocol):
     async def close(self) -> None:
         """When the app stops."""
 
-    async def put(self, name: str, body: bytes) -> str:
+    async def put(self, name: str, body: Content) -> str:
         """Keep `body` under `name` (`is_ref`); its reference, which the task keeps."""
         ...
+
+    async def delete(self, ref: str) -> None:
+        """Remove what `ref` names, if it is still there."""
 
     def open(self, ref: str) -> AbstractAsyncContextManager[Opened | None]:
         """The result kept under `ref` (None once it is gone), closed on leaving."""
@@ -86,14 +97,15 @@ class Results(Protocol):
         ...
 
 
-# A result's name: its task's id, and for a run that took another over, its attempt.
-_REF = re.compile(rf"{TASK_ID.pattern}(?:\.[0-9]{{1,20}})?")
+# A result's name: its task's id, and for a run that took another over, its attempt; a task's
+# request body: its id and `.request`.
+_REF = re.compile(rf"{TASK_ID.pattern}(?:\.[0-9]{{1,20}}|\.request)?")
 # A result being written: `.<ref>.<random>.partial`, unique to its writer (two containers both
 # running as PID 1 on one volume would share a pid-named one, and mix their bytes).
 _PARTIAL = re.compile(rf"\.{_REF.pattern}\.[0-9a-f]{{16}}\.partial")
 
 
-async def put_within(results: Results, name: str, body: bytes, timeout_s: float) -> str:
+async def put_within(results: Results, name: str, body: Content, timeout_s: float) -> str:
     """`results.put`, in `timeout_s` at most: a store that hangs (stopped, a dead NFS server)
     fails its task in seconds instead of holding it."""
     try:
@@ -101,6 +113,18 @@ async def put_within(results: Results, name: str, body: bytes, timeout_s: float)
             return await results.put(name, body)
     except TimeoutError:
         raise ResultStoreUnavailable() from TimeoutError(f"no answer in {timeout_s:g} s")
+
+
+async def discard(results: Results | None, ref: str) -> None:
+    """Remove what `ref` names if the store answers; else the sweep removes it in time."""
+    if results is not None:
+        with contextlib.suppress(ResultStoreUnavailable):
+            await results.delete(ref)
+
+
+def request_ref(task_id: str) -> str:
+    """The name a task's request body is kept under until the task ends."""
+    return f"{task_id}.request"
 
 
 def is_ref(name: str) -> bool:
@@ -131,15 +155,21 @@ class FileResults:
             raise ValueError(f"not a result reference: {ref!r}")
         return self._directory / ref
 
-    async def put(self, name: str, body: bytes) -> str:
+    async def put(self, name: str, body: Content) -> str:
         try:
             await asyncio.to_thread(self._write, self._path(name), body)
         except OSError as exc:
             raise ResultStoreUnavailable() from exc
         return name
 
+    async def delete(self, ref: str) -> None:
+        try:
+            await asyncio.to_thread(self._path(ref).unlink, missing_ok=True)
+        except OSError as exc:
+            raise ResultStoreUnavailable() from exc
+
     @staticmethod
-    def _write(path: Path, body: bytes) -> None:
+    def _write(path: Path, body: Content) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial")
         # O_EXCL: a name some other writer holds is an error, never shared. 0o666 under the
@@ -147,7 +177,10 @@ class FileResults:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with open(fd, "wb") as out:
-                out.write(body)
+                if isinstance(body, bytes):
+                    out.write(body)
+                else:
+                    shutil.copyfileobj(body, out, CHUNK_BYTES)
                 out.flush()
                 os.fsync(out.fileno())
             partial.replace(path)

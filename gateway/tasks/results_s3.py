@@ -23,6 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from gateway.tasks.results import (
     CHUNK_BYTES,
+    Content,
     Opened,
     ResultStoreUnavailable,
     ResultUnreadable,
@@ -111,10 +112,14 @@ class S3Results:
             raise ValueError(f"not a result reference: {ref!r}")
         return self._prefix + ref
 
-    async def put(self, name: str, body: bytes) -> str:
+    async def put(self, name: str, body: Content) -> str:
         with _failures(ResultStoreUnavailable):
             await self._s3.put_object(Bucket=self._bucket, Key=self._key(name), Body=body)
         return name
+
+    async def delete(self, ref: str) -> None:
+        with _failures(ResultStoreUnavailable):
+            await self._s3.delete_object(Bucket=self._bucket, Key=self._key(ref))
 
     @contextlib.asynccontextmanager
     async def open(self, ref: str) -> AsyncIterator[Opened | None]:

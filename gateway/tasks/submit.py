@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import mmap
 import time
+from collections.abc import Awaitable
 
 import msgspec
 from aiohttp import web
@@ -33,8 +35,10 @@ from gateway.tasks.idempotency import RunOnce, fingerprint, kept_for_retries
 from gateway.tasks.models import Claim, Job, OnceName, Status, Task, TaskRecord, TaskStore
 from gateway.tasks.prefer import Preferences
 from gateway.tasks.service import TASKS, new_task_id
+from gateway.tasks.submission import Submission, create_task, readable
 from gateway.tasks.views import held_outcome, replay, task_response
 from gateway.tasks.worker import WORKER_POOL
+from gateway.uploads import Body, SpooledBody
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +61,15 @@ _MIN_TASK_DEADLINE_S = 1.0
 # racing request of the same call ran.
 _MAX_RUNS = 3
 _store_down_said = OncePer(60.0)
+# A multipart body must end with its close delimiter: whitespace after it is looked past this far.
+_MULTIPART_TAIL = 64 * 1024
 
 
 async def submit(
     request: web.Request,
     ctx: RequestContext,
     target: str,
-    body: bytes,
+    body: Body,
     prefs: Preferences | None,
     once: RunOnce | None,
 ) -> web.StreamResponse | None:
@@ -83,16 +89,22 @@ async def submit(
             raise
         _say_store_down(request)
         return None
-    _check_body(request.headers.get("Content-Type", ""), body)
-    job = _job(request, ctx, target, body, owner)
+    # A body that waits on disk is read from there (the page cache), never copied whole into
+    # the heap, and kept in the results store, if there is one, rather than the task store.
+    spool = body if isinstance(body, SpooledBody) and tasks.results is not None else None
+    with readable(body) as data:
+        _check_body(request.headers.get("Content-Type", ""), data)
+        job = _job(request, ctx, target, b"" if spool else bytes(data), owner)
+        request_print = None if once is None else fingerprint(job.method, job.path_qs, owner, data)
+    call = Submission(owner, job, spool, request_print)
     ctx.call_goes_on = True
     if prefs is not None and prefs.respond_async:
-        return await _submit_async(request, ctx, owner, job, once, prefs)
+        return await _submit_async(request, ctx, call, once, prefs)
     assert once is not None  # a sync call runs as a task only to run once
-    return await _run_once_here(request, ctx, owner, job, once)
+    return await _run_once_here(request, ctx, call, once)
 
 
-def _check_body(content_type: str, body: bytes) -> None:
+def _check_body(content_type: str, body: bytes | mmap.mmap) -> None:
     """Refuse a body the task must keep but that cannot work: truncated JSON or multipart."""
     mime, _, params = content_type.partition(";")
     mime = mime.strip().lower()
@@ -112,7 +124,8 @@ def _check_body(content_type: str, body: bytes) -> None:
             ),
             "",
         )
-        if not boundary or not body.rstrip().endswith(b"--" + boundary.encode() + b"--"):
+        tail = bytes(body[-_MULTIPART_TAIL:]).rstrip()
+        if not boundary or not tail.endswith(b"--" + boundary.encode() + b"--"):
             raise BadRequest("The multipart body is malformed or truncated.")
 
 
@@ -157,8 +170,7 @@ def _record(
 async def _submit_async(
     request: web.Request,
     ctx: RequestContext,
-    owner: str,
-    job: Job,
+    call: Submission,
     once: RunOnce | None,
     prefs: Preferences,
 ) -> web.StreamResponse:
@@ -166,13 +178,16 @@ async def _submit_async(
     store = request.app[TASKS].store
     task_id = new_task_id()
     if once is None:
-        record = _record(ctx, owner, "queued", task_id)
-        await store.create(record, job)
+        record = _record(ctx, call.owner, "queued", task_id)
+        await create_task(request, call, task_id, lambda job: store.create(record, job))
         return await _accepted(request, store, record.task, prefs.wait_s)
-    request_print = _print(owner, job)
-    name = _name(config, once, owner, request_print, task_id)
-    record = _record(ctx, owner, "queued", task_id, name)
-    held = await store.find_or_create(record, job, None, name)
+    request_print = call.request_print
+    assert request_print is not None  # computed for every call that runs once
+    name = _name(config, once, call.owner, request_print, task_id)
+    record = _record(ctx, call.owner, "queued", task_id, name)
+    _, held = await create_task(
+        request, call, task_id, lambda job: store.find_or_create(record, job, None, name)
+    )
     if held is None:
         return await _accepted(request, store, record.task, prefs.wait_s)
     found = await _found(store, once, request_print, held)
@@ -203,7 +218,7 @@ async def _accepted(
 
 
 async def _run_once_here(
-    request: web.Request, ctx: RequestContext, owner: str, job: Job, once: RunOnce
+    request: web.Request, ctx: RequestContext, call: Submission, once: RunOnce
 ) -> web.StreamResponse | None:
     """Run the call here, or attach to the run of an earlier request of it; the answer as the
     sync call would have given it. The run goes on if the caller leaves: its retry attaches."""
@@ -211,13 +226,20 @@ async def _run_once_here(
     store = request.app[TASKS].store
     # A sync SDK call's answer is kept only as long as its retries can come for it.
     kept_s = config.idempotency.sdk_window_s if once.key is None else None
-    request_print = _print(owner, job)
+    request_print = call.request_print
+    assert request_print is not None  # computed for every call that runs once
     for run in range(_MAX_RUNS):
         task_id = new_task_id()
-        name = _name(config, once, owner, request_print, task_id)
-        record = _record(ctx, owner, "in_progress", task_id, name)
+        name = _name(config, once, call.owner, request_print, task_id)
+        record = _record(ctx, call.owner, "in_progress", task_id, name)
+
+        def here(
+            job: Job, record: TaskRecord = record, name: OnceName = name
+        ) -> Awaitable[str | None]:
+            return store.find_or_create(record, job, kept_s, name, here=True)
+
         try:
-            held = await store.find_or_create(record, job, kept_s, name, here=True)
+            job, held = await create_task(request, call, task_id, here)
         except StoreUnavailable as exc:
             # A key promises one run: without the store it cannot be kept. A store that may
             # have taken the task (the answer was lost) will run it: the retry attaches.
@@ -255,11 +277,6 @@ def _say_store_down(request: web.Request) -> None:
             "task store unreachable: SDK calls go upstream as plain calls (their retries "
             "cannot attach to a running generation until it is back)"
         )
-
-
-def _print(owner: str, job: Job) -> str:
-    """The request's fingerprint: what a retry must match."""
-    return fingerprint(job.method, job.path_qs, owner, job.body)
 
 
 def _name(config: Config, once: RunOnce, owner: str, request_print: str, task_id: str) -> OnceName:

@@ -27,7 +27,7 @@ from gateway.tasks.call import Outcome, TaskCall, failed
 from gateway.tasks.follow import IDLE_S
 from gateway.tasks.idempotency import kept_for_retries
 from gateway.tasks.models import TERMINAL, Claim, Status, StoredResponse, TaskError, TaskStore
-from gateway.tasks.results import Results, ResultStoreUnavailable, put_within
+from gateway.tasks.results import Results, ResultStoreUnavailable, discard, put_within
 from gateway.tasks.service import TASKS
 from gateway.upstream import UPSTREAM, Upstream
 
@@ -52,7 +52,7 @@ class Worker:
     ) -> None:
         self._store = store
         self._results = results
-        self._call = TaskCall(upstream, auth, admission, config.tasks.result_max_bytes)
+        self._call = TaskCall(upstream, auth, admission, config.tasks.result_max_bytes, results)
         self._config = config
         self._metrics = metrics
         self._stopping = asyncio.Event()
@@ -124,6 +124,10 @@ class Worker:
         try:
             async with self._leased(task_id):
                 status = await self._end(claim, credential, answered)
+            if status is not None and claim.job.body_ref is not None:
+                # A request body in the results store goes with its task's end (a cancelled
+                # task's, with the sweep).
+                await discard(self._results, claim.job.body_ref)
             if status is not None:
                 self._metrics.tasks(model, status).inc()
                 self._metrics.task_duration(model, status).observe(time.monotonic() - started)

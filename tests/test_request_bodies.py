@@ -1,0 +1,119 @@
+"""A large request body of a call run as a task (keyed, async) waits in the results store until
+its task ends, as a large answer does: Redis keeps a pointer, never the body."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import aiohttp
+from redis.asyncio import Redis
+
+from tests.conftest import Fake, GatewayFactory, Spawn
+from tests.redis_server import RedisServer
+
+GENERATE = "/v1/images/generations"
+KEY = {"Authorization": "Bearer sk-tenant-a", "Content-Type": "application/json"}
+
+
+def _config(fake: Fake, redis: RedisServer, prefix: str, results: Path) -> str:
+    return (
+        f"[upstream]\nurl = '{fake.url}/v1'\n"
+        f"[tasks]\nredis_url = '{redis.url}'\nkey_prefix = '{prefix}'\n"
+        f"results_url = 'file://{results}'\n"
+    )
+
+
+def _body(size: int) -> bytes:
+    return b'{"model": "gpt-image-1", "prompt": "' + os.urandom(size // 2).hex().encode() + b'"}'
+
+
+async def _redis_bytes(redis: Redis, prefix: str) -> int:
+    """What the gateway's keys hold in Redis, in bytes."""
+    held = 0
+    async for key in redis.scan_iter(match=f"{prefix}:*"):
+        held += await redis.memory_usage(key) or 0
+    return held
+
+
+async def test_a_large_keyed_body_waits_in_the_results_store_not_in_redis(
+    spawn: Spawn, fake: Fake, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """4 keyed calls of 130 MB put 963 MB in Redis: the body sat in the task's job."""
+    results = tmp_path / "results"
+    _, url = await spawn(_config(fake, redis_server, "bodies", results))
+    body = _body(20_000_000)
+    redis = Redis.from_url(redis_server.url)
+    try:
+        async with aiohttp.ClientSession() as http:
+            headers = {**KEY, "Idempotency-Key": "poster-1", "X-Fake-Latency": "2"}
+            call = asyncio.create_task(
+                http.post(url + GENERATE, data=io.BytesIO(body), headers=headers)
+            )
+            await fake.until_running()
+            # While it runs: a pointer in Redis, the body a file of the results store.
+            assert await _redis_bytes(redis, "bodies") < 64 * 1024
+            assert [p.stat().st_size for p in results.glob("*.request")] == [len(body)]
+            async with await call as resp:
+                assert resp.status == 200
+                first = await resp.read()
+            # The upstream got the caller's exact bytes, and the retry the same answer.
+            assert fake.stats.last["body_sha256"] == hashlib.sha256(body).hexdigest()
+            async with http.post(url + GENERATE, data=io.BytesIO(body), headers=headers) as resp:
+                assert resp.headers["Idempotent-Replayed"] == "true"
+                assert await resp.read() == first
+        assert fake.stats.requests == 1
+        # The body went with its task's end; the retry's copy with its replay.
+        assert not list(results.glob("*.request"))
+    finally:
+        await redis.aclose()
+
+
+async def test_a_queued_task_is_sent_its_body_from_the_results_store(
+    spawn: Spawn, fake: Fake, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """An async task is run by whichever worker takes it: that worker reads the body back."""
+    results = tmp_path / "results"
+    _, url = await spawn(_config(fake, redis_server, "queued-bodies", results))
+    body = _body(5_000_000)
+    async with aiohttp.ClientSession() as http:
+        headers = {**KEY, "Prefer": "respond-async, wait=30"}
+        async with http.post(url + GENERATE, data=io.BytesIO(body), headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            assert json.loads(await resp.read())["data"]
+    assert fake.stats.last["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert fake.stats.last["body_bytes"] == len(body)
+    assert not list(results.glob("*.request"))
+
+
+async def test_a_task_whose_body_is_gone_fails_clearly_and_sends_nothing(
+    gateway_factory: GatewayFactory, fake: Fake, tmp_path: Path
+) -> None:
+    """A body swept (or lost with its store) before its task ran: the task fails, retryable,
+    and the upstream gets no call to bill."""
+    results = tmp_path / "results"
+    gateway = await gateway_factory(tasks={"workers": 1, "results_url": f"file://{results}"})
+    async with aiohttp.ClientSession() as http:
+
+        async def submit(latency_s: str) -> str:
+            headers = {**KEY, "Prefer": "respond-async", "X-Fake-Latency": latency_s}
+            data = io.BytesIO(_body(3_000_000))
+            async with http.post(gateway.url + GENERATE, data=data, headers=headers) as resp:
+                assert resp.status == 202
+                task_id: str = (await resp.json())["id"]
+                return task_id
+
+        await submit("1")  # the one worker is busy with it
+        waiting = await submit("0")
+        (results / f"{waiting}.request").unlink()
+        async with http.get(
+            f"{gateway.url}/v1/tasks/{waiting}/result", headers={**KEY, "Prefer": "wait=20"}
+        ) as resp:
+            assert resp.status == 503
+            assert resp.headers["x-should-retry"] == "true"
+            assert (await resp.json())["error"]["code"] == "request_body_unavailable"
+    assert fake.stats.requests == 1
