@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from gateway.fake import png
+from gateway.tasks.idempotency import fingerprint
 from tests.conftest import Fake, Gateway, GatewayFactory
 
 KEY = {"Authorization": "Bearer sk-tenant-a"}
@@ -71,6 +72,37 @@ async def test_sdk_retries_after_client_timeouts_pay_for_one_generation(
     await _settle(fake)
     assert fake.stats.requests == 1
     assert fake.stats.cancelled == 0
+
+
+async def test_an_sdk_edits_keyed_retries_are_the_same_call_whatever_their_boundary(
+    gateway: Gateway, fake: Fake
+) -> None:
+    """The SDK builds a multipart body anew for each retry, with a new random boundary: the
+    key's retry must attach to the generation under way, not get 422 for another request."""
+    async with openai.AsyncOpenAI(
+        base_url=f"{gateway.url}/v1", api_key="sk-caller", timeout=1.0
+    ) as sdk:
+        result = await sdk.images.edit(
+            model="gpt-image-1",
+            image=("in.png", png(200_000), "image/png"),
+            prompt="a lighthouse",
+            extra_headers={"Idempotency-Key": "edit-1", "X-Fake-Latency": "3"},
+        )
+    assert result.data is not None
+    await _settle(fake)
+    assert fake.stats.requests == 1
+
+
+def test_a_forms_fingerprint_ignores_its_boundary_and_nothing_else() -> None:
+    def form(boundary: bytes, prompt: bytes) -> bytes:
+        part = b'Content-Disposition: form-data; name="prompt"\r\n\r\n' + prompt + b"\r\n"
+        return b"--" + boundary + b"\r\n" + part + b"--" + boundary + b"--\r\n"
+
+    def print_of(boundary: bytes, prompt: bytes) -> str:
+        return fingerprint("POST", "/v1/images/edits", "owner", form(boundary, prompt), boundary)
+
+    assert print_of(b"abc123", b"a lighthouse") == print_of(b"zz9", b"a lighthouse")
+    assert print_of(b"abc123", b"a lighthouse") != print_of(b"abc123", b"a lighthouse!")
 
 
 async def test_the_sdks_first_attempts_are_new_generations(gateway: Gateway, fake: Fake) -> None:

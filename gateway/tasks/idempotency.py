@@ -75,9 +75,27 @@ def kept_for_retries(error: TaskError | None) -> bool:
     return code not in _NOT_KEPT and not (len(code) == 3 and code.startswith("5"))
 
 
-def fingerprint(method: str, path_qs: str, owner: str, body: bytes | mmap.mmap) -> str:
+def fingerprint(
+    method: str, path_qs: str, owner: str, body: bytes | mmap.mmap, boundary: bytes = b""
+) -> str:
+    """What a retry of the request must match. A multipart body's `boundary` does not count:
+    a client that builds the same form again (the OpenAI SDK, on each retry) picks a new
+    random one, and its retry is the same call."""
     digest = hashlib.sha256()
     for part in (method.encode(), path_qs.encode(), owner.encode()):
         digest.update(len(part).to_bytes(4, "big") + part)
-    digest.update(body)
+    if not boundary:
+        digest.update(body)
+        return digest.hexdigest()
+    # The parts between delimiters, each after its length: no body's bytes can pass for a
+    # delimiter.
+    delimiter = b"--" + boundary
+    with memoryview(body) as view:
+        at = 0
+        while (found := body.find(delimiter, at)) != -1:
+            digest.update((found - at).to_bytes(8, "big"))
+            digest.update(view[at:found])
+            at = found + len(delimiter)
+        digest.update((len(body) - at).to_bytes(8, "big"))
+        digest.update(view[at:])
     return digest.hexdigest()

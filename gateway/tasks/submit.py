@@ -92,10 +92,15 @@ async def submit(
     # A body that waits on disk is read from there (the page cache), never copied whole into
     # the heap, and kept in the results store, if there is one, rather than the task store.
     spool = body if isinstance(body, SpooledBody) and tasks.results is not None else None
+    content_type = request.headers.get("Content-Type", "")
     with readable(body) as data:
-        _check_body(request.headers.get("Content-Type", ""), data)
+        _check_body(content_type, data)
         job = _job(request, ctx, target, b"" if spool else bytes(data), owner)
-        request_print = None if once is None else fingerprint(job.method, job.path_qs, owner, data)
+        request_print = (
+            None
+            if once is None
+            else fingerprint(job.method, job.path_qs, owner, data, _boundary(content_type))
+        )
     call = Submission(owner, job, spool, request_print)
     ctx.call_goes_on = True
     if prefs is not None and prefs.respond_async:
@@ -106,8 +111,7 @@ async def submit(
 
 def _check_body(content_type: str, body: bytes | mmap.mmap) -> None:
     """Refuse a body the task must keep but that cannot work: truncated JSON or multipart."""
-    mime, _, params = content_type.partition(";")
-    mime = mime.strip().lower()
+    mime = content_type.partition(";")[0].strip().lower()
     if mime == "application/json":
         try:
             _check_json_object(body)
@@ -116,17 +120,21 @@ def _check_body(content_type: str, body: bytes | mmap.mmap) -> None:
         except RecursionError:
             raise BadRequest("The request body's JSON is nested too deeply.") from None
     elif mime == "multipart/form-data":
-        boundary = next(
-            (
-                v.strip().strip('"')
-                for k, _, v in (p.partition("=") for p in params.split(";"))
-                if k.strip().lower() == "boundary"
-            ),
-            "",
-        )
+        boundary = _boundary(content_type)
         tail = bytes(body[-_MULTIPART_TAIL:]).rstrip()
-        if not boundary or not tail.endswith(b"--" + boundary.encode() + b"--"):
+        if not boundary or not tail.endswith(b"--" + boundary + b"--"):
             raise BadRequest("The multipart body is malformed or truncated.")
+
+
+def _boundary(content_type: str) -> bytes:
+    """A multipart body's boundary (b"" for any other body)."""
+    mime, _, params = content_type.partition(";")
+    if mime.strip().lower() != "multipart/form-data":
+        return b""
+    for key, _, value in (param.partition("=") for param in params.split(";")):
+        if key.strip().lower() == "boundary":
+            return value.strip().strip('"').encode()
+    return b""
 
 
 # Checks a JSON object whole without making its values: a 100 MB body of base64 images is not
