@@ -95,29 +95,44 @@ async def test_a_task_whose_body_is_gone_fails_clearly_and_sends_nothing(
     gateway_factory: GatewayFactory, fake: Fake, tmp_path: Path
 ) -> None:
     """A body swept (or lost with its store) before its task ran: the task fails, retryable,
-    and the upstream gets no call to bill."""
+    the upstream gets no call to bill, and the key's retry runs the call anew."""
     results = tmp_path / "results"
     gateway = await gateway_factory(tasks={"workers": 1, "results_url": f"file://{results}"})
+    body = _body(3_000_000)
     async with aiohttp.ClientSession() as http:
 
-        async def submit(latency_s: str) -> str:
-            headers = {**KEY, "Prefer": "respond-async", "X-Fake-Latency": latency_s}
-            data = io.BytesIO(_body(3_000_000))
-            async with http.post(gateway.url + GENERATE, data=data, headers=headers) as resp:
+        async def submit(latency_s: str, key: str) -> str:
+            headers = {
+                **KEY,
+                "Prefer": "respond-async",
+                "X-Fake-Latency": latency_s,
+                "Idempotency-Key": key,
+            }
+            async with http.post(
+                gateway.url + GENERATE, data=io.BytesIO(body), headers=headers
+            ) as resp:
                 assert resp.status == 202
                 task_id: str = (await resp.json())["id"]
                 return task_id
 
-        await submit("1")  # the one worker is busy with it
-        waiting = await submit("0")
+        async def result(task_id: str) -> tuple[int, dict[str, str], bytes]:
+            async with http.get(
+                f"{gateway.url}/v1/tasks/{task_id}/result", headers={**KEY, "Prefer": "wait=20"}
+            ) as resp:
+                return resp.status, dict(resp.headers), await resp.read()
+
+        await submit("1", "busy")  # the one worker is busy with it
+        waiting = await submit("0", "poster-lost")
         (results / f"{waiting}.request").unlink()
-        async with http.get(
-            f"{gateway.url}/v1/tasks/{waiting}/result", headers={**KEY, "Prefer": "wait=20"}
-        ) as resp:
-            assert resp.status == 503
-            assert resp.headers["x-should-retry"] == "true"
-            assert (await resp.json())["error"]["code"] == "request_body_unavailable"
-    assert fake.stats.requests == 1
+        status, headers, answer = await result(waiting)
+        assert status == 503
+        assert headers["x-should-retry"] == "true"
+        assert json.loads(answer)["error"]["code"] == "request_body_unavailable"
+        assert fake.stats.requests == 1
+        retried = await submit("0", "poster-lost")
+        assert retried != waiting  # nothing was sent, so nothing is kept for the key
+        assert (await result(retried))[0] == 200
+    assert fake.stats.requests == 2
 
 
 async def test_keyed_bodies_kept_in_the_results_store_cost_the_replica_little_memory(

@@ -63,6 +63,7 @@ _NOT_KEPT = frozenset(
         "request_timeout",
         "gateway_overloaded",
         "caller_overloaded",
+        "request_body_unavailable",
     )
 )
 
