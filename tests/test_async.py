@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 
 from gateway.fake import png
@@ -153,6 +154,22 @@ async def test_upstream_errors_fail_the_task_and_replay_as_sync(
     async with http.get(f"{gateway.url}/v1/tasks/{task['id']}/result", headers=KEY) as resp:
         assert resp.status == 503
         assert (await resp.json())["error"]["message"].startswith("The model is overloaded")
+
+
+async def test_a_kept_upstream_error_read_with_the_sdk_is_not_retried(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    """The SDK retried a kept 429 for 14 s, reading the same answer each time: a kept error
+    says `x-should-retry: false`."""
+    _, headers, task = await _submit(http, gateway, **{"X-Fake-Fault": "429"})
+    await _until_ended(http, gateway.url + headers["Location"])
+    async with openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="sk-tenant-a") as sdk:
+        started = time.monotonic()
+        with pytest.raises(openai.RateLimitError) as refused:
+            await sdk.get(f"/tasks/{task['id']}/result", cast_to=object)
+        elapsed_s = time.monotonic() - started
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert elapsed_s < 0.5  # no retry: the SDK's first backoff alone is 0.5 s
 
 
 @pytest.mark.parametrize(

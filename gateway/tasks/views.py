@@ -73,16 +73,20 @@ def task_response(task: Task, status: int = 200) -> web.Response:
 
 
 async def replay(
-    request: web.Request, answer: StoredResponse, replayed: bool = False
+    request: web.Request, answer: StoredResponse, replayed: bool = False, *, kept: bool = False
 ) -> web.StreamResponse:
     """The stored answer exactly as the sync call would have returned it; a body kept in the
     results store is streamed from there, never whole in memory. Headers are final once it
-    streams: say `replayed` here, not after."""
+    streams: say `replayed` here, not after. `kept`: read back from where it stays (`/result`):
+    an error there is final, and asking again gets it again."""
     # Kept by an older gateway, or before key injection was turned on: checked again here.
     headers = answer_headers(CIMultiDict(answer.headers), request.app[AUTH].injects)
     headers.popall("Content-Length", None)
     if replayed:  # another request's answer (a run-once call found again)
         headers["Idempotent-Replayed"] = "true"
+    if kept and answer.status >= 400:
+        # The SDK would retry a kept 429 or 5xx for seconds, reading the same answer each time.
+        headers["x-should-retry"] = "false"
     if not streamed(answer):
         return web.Response(status=answer.status, headers=headers, body=answer.body)
     async with _opened(request, answer) as opened:
@@ -181,10 +185,10 @@ async def result_view(request: web.Request) -> web.StreamResponse:
     if answer is None:
         return task_response(task, status=202)
     if not streamed(answer):
-        return await replay(request, answer)
+        return await replay(request, answer, kept=True)
     # A large answer read slowly holds its connection and a chunk of memory meanwhile.
     with request.app[HELD].reading.hold(record.owner, _READERS):
-        return await replay(request, answer)
+        return await replay(request, answer, kept=True)
 
 
 async def held_outcome(
