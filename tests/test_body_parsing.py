@@ -5,8 +5,10 @@ never a 500."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -14,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.sniff import ModelScanner, model_from_body
-from tests.conftest import Fake, Gateway
+from tests.conftest import Fake, Gateway, GatewayFactory
 
 MULTIPART = "multipart/form-data; boundary=xyz"
 # Pieces a hostile multipart or JSON body is built of: part names, quotes, line ends and blank
@@ -141,3 +143,37 @@ async def test_json_nested_past_the_decoders_depth_is_a_400_or_goes_plain(
             "The request body's JSON is nested too deeply."
         )
         assert fake.stats.requests == 0
+
+
+async def test_a_keyed_form_of_nothing_but_delimiters_does_not_stall_the_replica(
+    gateway_factory: GatewayFactory, fake: Fake, tmp_path: Path
+) -> None:
+    """A keyed call's form is fingerprinted part by part so its boundary does not count; 24 MB
+    of a one-letter boundary's delimiters made 8 million parts, walked in Python, and held the
+    event loop for seconds."""
+    gateway = await gateway_factory(tasks={"results_url": f"file://{tmp_path}"})
+    body = b"--a" * (8 * 2**20) + b"--a--"
+    async with aiohttp.ClientSession() as http:
+
+        async def edit() -> int:
+            async with http.post(
+                gateway.url + "/v1/images/edits",
+                data=io.BytesIO(body),
+                headers={
+                    "Content-Type": "multipart/form-data; boundary=a",
+                    "Authorization": "Bearer sk-x",
+                    "Idempotency-Key": "many-parts",
+                },
+            ) as resp:
+                await resp.read()
+                return resp.status
+
+        call = asyncio.create_task(edit())
+        slowest_s = 0.0
+        while not call.done():
+            # The replica runs in this process: a stall of its event loop is a late wake-up.
+            started = time.monotonic()
+            await asyncio.sleep(0.02)
+            slowest_s = max(slowest_s, time.monotonic() - started)
+        assert await asyncio.wait_for(call, 10) < 500
+    assert slowest_s < 1.0
