@@ -13,7 +13,6 @@ from typing import Any
 import msgspec
 from redis.exceptions import RedisError
 
-from gateway.aio import cancel_requests, raise_if_cancelled_since
 from gateway.errors import StoreUnavailable
 from gateway.tasks.models import (
     TERMINAL,
@@ -27,7 +26,6 @@ from gateway.tasks.models import (
     TaskError,
     TaskEvent,
     TaskRecord,
-    is_event_id,
 )
 from gateway.tasks.redis.claiming import Claiming, Held
 from gateway.tasks.redis.clock import RedisClock
@@ -310,22 +308,7 @@ class RedisStore:
 
     @store_wait
     async def events(self, task_id: str, after: str | None, timeout_s: float) -> list[TaskEvent]:
-        if after is not None and not is_event_id(after):
-            raise ValueError(f"not an event id: {after!r}")
-        seen = cancel_requests()
-        async with self._wakeups.watch(task_id) as watch:
-            events, status = await self._transitions.events(task_id, after)
-            if events or timeout_s <= 0:
-                return events
-            if status is None or status in TERMINAL:
-                return events
-            # Waiting after a swallowed cancel would hold the canceller for the whole timeout.
-            raise_if_cancelled_since(seen)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout_s):
-                    await watch.next()
-        events, _ = await self._transitions.events(task_id, after)
-        return events
+        return await self._waiting.events(task_id, after, timeout_s)
 
     @store_wait
     async def outcome(self, task_id: str, timeout_s: float) -> Outcome | None:

@@ -1,16 +1,25 @@
-"""Waiting for a task's end, for the waiters that need only the end: a `wait=N` caller (its
-status and answer) and a worker's cancel watcher (its status). One status read per wake-up,
-no events, and none when the wake-up said the status or this process wrote it. A task this
-process runs hands its answer over in memory (`hand`), not read back."""
+"""Waiting for a task's events (an event stream), or for its end alone: a `wait=N` caller (its
+status and answer) and a worker's cancel watcher (its status). Waiting for the end reads one
+status per wake-up, no events, and none when the wake-up said the status or this process wrote
+it. A task this process runs hands its answer over in memory (`hand`), not read back."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Container
 from typing import Any, cast
 
 from gateway.aio import cancel_requests, raise_if_cancelled_since
-from gateway.tasks.models import TERMINAL, Status, StoredResponse, Task, TaskRecord
+from gateway.tasks.models import (
+    TERMINAL,
+    Status,
+    StoredResponse,
+    Task,
+    TaskEvent,
+    TaskRecord,
+    is_event_id,
+)
 from gateway.tasks.redis.answers import Answers
 from gateway.tasks.redis.keys import Keys
 from gateway.tasks.redis.transitions import Transitions
@@ -102,6 +111,25 @@ class Waiting:
         finally:
             if self._outcomes.get(task_id) is local:
                 del self._outcomes[task_id]
+
+    async def events(self, task_id: str, after: str | None, timeout_s: float) -> list[TaskEvent]:
+        """`TaskStore.events`: a task's events after `after`, waiting for one if none yet."""
+        if after is not None and not is_event_id(after):
+            raise ValueError(f"not an event id: {after!r}")
+        seen = cancel_requests()
+        async with self._wakeups.watch(task_id) as watch:
+            events, status = await self._transitions.events(task_id, after)
+            if events or timeout_s <= 0:
+                return events
+            if status is None or status in TERMINAL:
+                return events
+            # Waiting after a swallowed cancel would hold the canceller for the whole timeout.
+            raise_if_cancelled_since(seen)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await watch.next()
+        events, _ = await self._transitions.events(task_id, after)
+        return events
 
     async def answered(self, task_id: str) -> tuple[TaskRecord, StoredResponse | None] | None:
         """The task and its answer: one round trip, and a large answer's body read later."""
