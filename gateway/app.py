@@ -13,6 +13,7 @@ from gateway.dispatch import dispatch
 from gateway.errors import not_found
 from gateway.health import READINESS, Readiness, healthz, readyz
 from gateway.metrics import METRICS, Metrics, metrics_view
+from gateway.tasks.images import IMAGE_ROUTE, image_view
 from gateway.tasks.service import (
     TASKS,
     TaskService,
@@ -68,6 +69,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_delete("/v1/tasks/{task_id}", cancel_view)
     app.router.add_get("/v1/tasks/{task_id}/result", result_view)
     app.router.add_get("/v1/tasks/{task_id}/events", events_view)
+    app.router.add_get(IMAGE_ROUTE, image_view)  # before /v1/..., which would forward it
     for path in PROXY_ROUTES:
         app.router.add_route("*", path, dispatch)
     app.router.add_route("*", f"/{_ANY}", not_found)

@@ -19,6 +19,7 @@ from gateway.tasks.models import QueueCaps
 
 DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
 # Results store URLs: a directory, or a bucket (S3 and GCS naming rules, loosely) and a prefix.
+_IMAGE_BASE_URL = re.compile(r"https?://[^/?#\s]+(/[^?#\s]*)?")
 _RESULTS_URL = re.compile(r"file:///[^?#]*|s3://[a-z0-9][a-z0-9._-]*[a-z0-9](/[^?#]*)?")
 
 
@@ -171,6 +172,19 @@ class TasksConfig(_Section, frozen=True):
     # is then an outage, not a 15 s stall (an SDK call goes upstream plainly, a keyed or async
     # one gets a retryable 503), and a task whose caller was answered so never runs.
     store_timeout_s: float = 2.0
+    # Image addresses in kept answers (tasks, run-once calls) that expire upstream (Flux's in
+    # 10 min) are copied into the results store when the task ends and served by the gateway
+    # until retention (tasks/images.py). Hosts fetched from ("*.example.com": its subdomains);
+    # empty: nothing is fetched. No results store: nothing is either.
+    image_fetch_hosts: frozenset[str] = frozenset()
+    # The most copying one answer's images may take, and one image's largest size.
+    image_fetch_timeout_s: float = 30.0
+    image_fetch_max_bytes: int = 32 * 2**20
+    # Fetch from private, loopback and link-local addresses too (a stand-in on localhost).
+    image_fetch_private: bool = False
+    # The gateway's address as callers reach it ("https://gw.example.com"), which the copies'
+    # URLs start with; empty: they are paths (/v1/files/...) on the gateway's address.
+    image_base_url: str = ""
 
     def queue_caps(self) -> QueueCaps:
         return QueueCaps(
@@ -317,6 +331,10 @@ def _check(config: Config, file: Path, env: Mapping[str, str]) -> None:
         raise ConfigError(
             f"{where('tasks.results_url')} must be file:///absolute/dir or s3://bucket[/prefix]"
         )
+    if config.tasks.image_fetch_timeout_s <= 0 or config.tasks.image_fetch_max_bytes <= 0:
+        raise ConfigError(f"{file}: tasks.image_fetch_timeout_s and _max_bytes must be positive")
+    if config.tasks.image_base_url and not _IMAGE_BASE_URL.fullmatch(config.tasks.image_base_url):
+        raise ConfigError(f"{file}: tasks.image_base_url must be an http(s) URL")
     if config.auth.client_key_sha256 and not config.auth.upstream_api_key:
         raise ConfigError(
             f"{file}: auth.client_key_sha256 is set but no upstream key "

@@ -165,6 +165,12 @@ class Metrics:
             "result_store_errors",
             "Task results the results store (GATEWAY_RESULTS_URL) failed to keep.",
         )()
+        self.image_copies = self._counter(
+            "image_copies",
+            "Image addresses in kept answers copied to the results store, by outcome: copied, "
+            "refused (host or address not allowed), too_large, timeout, failed.",
+            "outcome",
+        )
         self.store_wait_skipped = self._counter(
             "store_wait_skipped",
             "Task writes not waited for on a replica (WAIT): their Redis node had none connected "

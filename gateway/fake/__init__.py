@@ -9,6 +9,10 @@ may steer it with headers (the gateway forwards them like any other):
                                  without answering), reset (half the body, then a TCP reset),
                                  malformed (200 with a truncated JSON body), trickle (the body in
                                  1 KiB pieces spread over the latency)
+With `response_format: url` an image comes back as an address on the stand-in; the generation's
+  X-Fake-Image-Delay: seconds    makes that address wait before answering
+  X-Fake-Image-Redirect: url     makes that address redirect (302) there
+and `POST /_fake/images/forget` forgets every such image (404 from then on), as links expire.
 `GET /_fake/stats` counts requests, distinct connections, cancellations; `GET /_fake/last`
 describes the last request (headers, body digest); `POST /_fake/reset` zeroes both.
 """

@@ -27,9 +27,7 @@ from gateway.fake.behaviour import (
     sse,
     stream,
 )
-
-# Images answered by address (`response_format=url`), served at /_fake/images/.
-IMAGES = web.AppKey("images", dict[str, bytes])
+from gateway.fake.images import add_image_routes, hosted_url
 
 MODELS = (
     "gpt-image-1",
@@ -88,18 +86,9 @@ async def images_generations(request: web.Request) -> web.StreamResponse:
     item: dict[str, str] = {"b64_json": image}
     if body.get("response_format") == "url":
         # APIYI hosts the image and answers with its address, as OpenAI's dall-e does.
-        digest = hashlib.sha256(image.encode()).hexdigest()[:32]
-        request.app[IMAGES][digest] = base64.b64decode(image)
-        item = {"url": f"{request.scheme}://{request.host}/_fake/images/{digest}.png"}
+        item = {"url": hosted_url(request, base64.b64decode(image))}
     data = [item] * int(body.get("n") or 1)
     return await reply(request, {"created": int(time.time()), "data": data, "usage": _usage()})
-
-
-async def image_view(request: web.Request) -> web.Response:
-    image = request.app[IMAGES].get(request.match_info["digest"])
-    if image is None:
-        return error(404, "no such image")
-    return web.Response(body=image, content_type="image/png")
 
 
 async def images_edits(request: web.Request) -> web.StreamResponse:
@@ -267,7 +256,6 @@ def create_fake_app(settings: FakeSettings | None = None) -> web.Application:
     app.on_response_prepare.append(_add_edge_headers)
     app[SETTINGS] = settings or FakeSettings()
     app[STATS] = FakeStats()
-    app[IMAGES] = {}
     r = app.router
     r.add_get("/_fake/stats", stats_view)
     r.add_get("/_fake/last", last_view)
@@ -277,7 +265,7 @@ def create_fake_app(settings: FakeSettings | None = None) -> web.Application:
     r.add_post("/v1/images/variations", images_edits)
     r.add_post("/v1/chat/completions", chat_completions)
     r.add_get("/v1/models", models)
-    r.add_get("/_fake/images/{digest}.png", image_view)
+    add_image_routes(app)
     r.add_post("/v1beta/models/{model}:{method}", generate_content)
     r.add_post("/v1/models/{model}:{method}", generate_content)
     r.add_route("*", "/{tail:.*}", unknown)

@@ -97,9 +97,11 @@ class Results(Protocol):
         ...
 
 
+# An image copied from an address in a kept answer (`images.py`): 128 random bits, and its kind.
+IMAGE_REF = re.compile(r"img_[0-9a-f]{32}\.(?:png|jpeg|webp)")
 # A result's name: its task's id, and for a run that took another over, its attempt; a task's
-# request body: its id and `.request`.
-_REF = re.compile(rf"{TASK_ID.pattern}(?:\.[0-9]{{1,20}}|\.request)?")
+# request body: its id and `.request`; or an image copy's.
+_REF = re.compile(rf"(?:{TASK_ID.pattern}(?:\.[0-9]{{1,20}}|\.request)?|{IMAGE_REF.pattern})")
 # A result being written: `.<ref>.<random>.partial`, unique to its writer (two containers both
 # running as PID 1 on one volume would share a pid-named one, and mix their bytes).
 _PARTIAL = re.compile(rf"\.{_REF.pattern}\.[0-9a-f]{{16}}\.partial")

@@ -26,6 +26,7 @@ from gateway.metrics import METRICS, Metrics
 from gateway.tasks.call import Outcome, TaskCall, failed
 from gateway.tasks.follow import IDLE_S
 from gateway.tasks.idempotency import kept_for_retries
+from gateway.tasks.images import ImageCopies
 from gateway.tasks.models import TERMINAL, Claim, Status, StoredResponse, TaskError, TaskStore
 from gateway.tasks.results import Results, ResultStoreUnavailable, discard, put_within
 from gateway.tasks.service import TASKS
@@ -53,6 +54,7 @@ class Worker:
         self._store = store
         self._results = results
         self._call = TaskCall(upstream, auth, admission, config.tasks.result_max_bytes, results)
+        self._images = ImageCopies(config.tasks, results, metrics)
         self._config = config
         self._metrics = metrics
         self._stopping = asyncio.Event()
@@ -218,7 +220,10 @@ class Worker:
         """The answer as the store keeps it: a large body goes to the results store first,
         and the task keeps a reference. An answer that cannot be kept fails the task loudly.
         A run that took another over writes a name of its own: the run it took over, if it
-        is still alive, must not overwrite the answer the task keeps."""
+        is still alive, must not overwrite the answer the task keeps. Image URLs in it are
+        copied first (`images.py`): the upstream's expire long before the answer does."""
+        if error is None:
+            response = await self._images.kept(task_id, response)
         if self._results is None or len(response.body) <= self._config.tasks.result_inline_bytes:
             return response, error
         try:
