@@ -183,6 +183,21 @@ async def test_a_redirect_off_the_allow_list_is_not_followed(
     assert gateway.sample("gateway_image_copies_total", outcome="refused") == 1
 
 
+async def test_a_redirect_on_the_allow_list_is_followed(
+    gateway_factory: GatewayFactory, fake: Fake, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    gateway = await gateway_factory(tasks=_tasks(tmp_path))
+    async with http.post(f"{fake.url}/v1/images/generations", json=URL_IMAGE) as resp:
+        there = (await resp.json())["data"][0]["url"]  # an image the stand-in hosts
+    answer, copy = await _kept_answer(http, gateway, {"X-Fake-Image-Redirect": there})
+    assert copy == "copied"
+    assert await _image(http, gateway.url + answer["data"][0]["url"]) == (
+        200,
+        png(IMAGE_BYTES),
+        "image/png",
+    )
+
+
 @pytest.mark.parametrize(
     ("tasks", "headers", "outcome"),
     [
