@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 
@@ -30,9 +31,17 @@ _ENVIRONMENT = """environment:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """A mistake on the command line is one line on stderr, like every other refusal; the
+    usage it would have printed above it is one `--help` away."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     # --log-level is taken before or after the subcommand (`gateway serve --log-level debug`).
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--log-level",
         default=argparse.SUPPRESS,
@@ -40,22 +49,21 @@ def _parser() -> argparse.ArgumentParser:
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         help="DEBUG, INFO, WARNING or ERROR (default INFO)",
     )
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gateway",
         description=__doc__,
         parents=[common],
-        epilog=_ENVIRONMENT,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="`gateway serve --help` names the environment variables the gateway reads.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
+    def command(name: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
         return sub.add_parser(
             name,
             help=help,
             description=help,
             parents=[common],
-            epilog=_ENVIRONMENT,
+            epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
@@ -63,17 +71,18 @@ def _parser() -> argparse.ArgumentParser:
         "TOML file (default: $GATEWAY_CONFIG or "
         "config/gateway.toml when present, else built-in defaults)"
     )
-    serve = command("serve", "run the HTTP gateway (and task workers)")
+    # The commands that read the configuration are the ones the environment speaks to.
+    serve = command("serve", "run the HTTP gateway (and task workers)", _ENVIRONMENT)
     serve.add_argument("--config", type=Path, help=config_help)
     serve.add_argument("--host", help="listen address (overrides server.host)")
-    serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    serve.add_argument("--port", type=_port, help="listen port (overrides server.port)")
 
-    worker = command("worker", "run task workers alone, against Redis (no HTTP)")
+    worker = command("worker", "run task workers alone, against Redis (no HTTP)", _ENVIRONMENT)
     worker.add_argument("--config", type=Path, help=config_help)
 
     fake = command("fake-upstream", "run the APIYI stand-in for development and tests")
     fake.add_argument("--host", default="127.0.0.1")
-    fake.add_argument("--port", type=int, default=8090)
+    fake.add_argument("--port", type=_port, default=8090)
     fake.add_argument("--latency-s", type=float, default=0.0, help="default generation time")
     fake.add_argument("--image-bytes", type=int, default=256 * 1024, help="default image size")
 
@@ -82,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
         "print the SHA-256 digest of a client key read from stdin, for auth.client_key_sha256",
     )
     return parser
+
+
+def _port(text: str) -> int:
+    """A port number, refused by argparse in one line rather than by bind() in a traceback."""
+    if not text.isdigit() or not 0 <= (port := int(text)) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port number (0 to 65535)")
+    return port
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
@@ -118,7 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gateway.fake import FakeSettings, serve_fake
 
         settings = FakeSettings(latency_s=args.latency_s, image_bytes=args.image_bytes)
-        _run(serve_fake(settings, args.host, args.port))
+        try:
+            _run(serve_fake(settings, args.host, args.port))
+        except OSError as exc:  # bind(): the port is taken, or the address not ours
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            print(f"gateway: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+            return 1
         return 0
 
     from gateway.server import CannotListen, serve, work

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
@@ -23,6 +24,17 @@ _IMAGE_BASE_URL = re.compile(r"https?://[^/?#\s]+(/[^?#\s]*)?")
 _RESULTS_URL = re.compile(r"file:///[^?#]*|s3://[a-z0-9][a-z0-9._-]*[a-z0-9](/[^?#]*)?")
 
 
+# Every number in the config has a range, checked as the file is decoded, so the error names the
+# key (msgspec's path). Counts whose 0 means "no cap" or "off" are `Count`s.
+Count = Annotated[int, msgspec.Meta(ge=0)]
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Share = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+# Linux's limits for the keep-alive socket options (larger values fail setsockopt at start).
+_KeepaliveSeconds = Annotated[int, msgspec.Meta(ge=1, le=32767)]
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and the key."""
 
@@ -33,53 +45,53 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
 class ServerConfig(_Section, frozen=True):
     host: str = "0.0.0.0"
-    port: int = 8080
+    port: Port = 8080
     # Nano Banana accepts 100 MB uploads; leave room for multipart framing and base64 JSON.
-    max_body_bytes: int = 140 * 2**20
+    max_body_bytes: AtLeastOne = 140 * 2**20
     # Request bodies up to this size are held in memory; larger ones wait in a temporary file
     # until they have fully arrived (no upstream connection is taken before that).
-    body_memory_bytes: int = 2**20
+    body_memory_bytes: Count = 2**20
     # A caller whose body stops arriving for this long gets 408 (nginx's client_body_timeout).
-    body_read_timeout_s: float = 60.0
+    body_read_timeout_s: Seconds = 60.0
     # How long SIGTERM waits for in-flight calls before cutting them.
-    drain_timeout_s: float = 30.0
+    drain_timeout_s: Seconds = 30.0
     # Idle caller connections are closed after this long without a request.
-    idle_timeout_s: float = 75.0
+    idle_timeout_s: Seconds = 75.0
     access_log: bool = True
     # Access log lines as JSON objects instead of text.
     access_log_json: bool = False
     # Serve /metrics (with /healthz and /readyz) on this port instead of the main one, so
     # tenants cannot read it (0: on the main port, except in key-injection mode, where /metrics
     # is served on this port only). `gateway worker` serves only this.
-    metrics_port: int = 0
+    metrics_port: Port = 0
     # Connections held open while nothing goes upstream (task event streams, `Prefer: wait`)
     # per caller and in total on this replica; past either, 429 too_many_connections at once
     # (nginx's limit_conn; 0: no cap). Unset total: half the open-file limit, so the cap is met
     # before accept() runs out of file descriptors and resets everyone's connections.
-    held_per_caller: int = 256
-    held_total: int | None = None
+    held_per_caller: Count = 256
+    held_total: Count | None = None
     # Task answers too large to send at once (over tasks.result_inline_bytes) that one caller
     # may be reading at once on this replica; past it, 429 too_many_connections.
-    result_readers_per_caller: int = 8
+    result_readers_per_caller: Count = 8
     # Request bytes of calls run as tasks (async, keyed, SDK calls) that this replica holds in
     # memory at once, per API key and in all, until each is stored or answered; past either,
     # 429 too_many_bytes_in_flight (0: no cap).
-    task_body_bytes_per_caller: int = 256 * 2**20
-    task_body_bytes_total: int = 2**30
+    task_body_bytes_per_caller: Count = 256 * 2**20
+    task_body_bytes_total: Count = 2**30
 
 
 class UpstreamConfig(_Section, frozen=True):
     url: str = "https://api.apiyi.com/v1"
-    connect_timeout_s: float = 10.0
+    connect_timeout_s: Seconds = 10.0
     # A failed connect sent nothing, so it is safe to try again.
-    connect_retries: int = 1
+    connect_retries: Count = 1
     # Most upstream connections open at once (0: no limit).
-    pool_size: int = 1000
+    pool_size: Count = 1000
     # Idle pooled connections are closed before the upstream's own idle timer can race us.
-    idle_timeout_s: float = 30.0
+    idle_timeout_s: Seconds = 30.0
     # Share of `pool_size` one caller credential may hold at once; a call over it gets 429
     # (0: no cap). Keeps one tenant from taking every connection the others need.
-    credential_share: float = 0.25
+    credential_share: Share = 0.25
 
     @property
     def per_credential(self) -> int:
@@ -92,9 +104,9 @@ class UpstreamConfig(_Section, frozen=True):
 class TcpKeepaliveConfig(_Section, frozen=True):
     # Far below NAT and load-balancer idle timers (AWS NAT 350 s, ALB 60 s) so a silent
     # multi-minute generation keeps its connections alive on both sides.
-    idle_s: int = 30
-    interval_s: int = 10
-    count: int = 5
+    idle_s: _KeepaliveSeconds = 30
+    interval_s: _KeepaliveSeconds = 10
+    count: Annotated[int, msgspec.Meta(ge=1, le=127)] = 5
 
 
 def _default_model_timeouts() -> dict[str, float]:
@@ -118,7 +130,7 @@ def _default_model_timeouts() -> dict[str, float]:
 
 
 class TimeoutsConfig(_Section, frozen=True):
-    default_s: float = 300.0
+    default_s: Seconds = 300.0
     models: dict[str, float] = msgspec.field(default_factory=_default_model_timeouts)
 
     def for_model(self, model: str | None) -> float:
@@ -133,53 +145,53 @@ class TasksConfig(_Section, frozen=True):
     # Prefix of every Redis key, so several gateways can share one Redis.
     key_prefix: str = "gw"
     # A running task whose worker stops renewing its lease this long is run by another worker.
-    lease_s: float = 30.0
+    lease_s: Seconds = 30.0
     # After this many lost workers a task fails with `worker_lost` instead of running again.
-    max_deliveries: int = 3
+    max_deliveries: AtLeastOne = 3
     # Async tasks run by this replica at once.
-    workers: int = 16
+    workers: Count = 16
     # Tasks running at once over all replicas, per model and per upstream credential (0: no
     # limit). APIYI limits concurrency per model and key; excess tasks wait queued instead of
     # collecting 429s.
     model_concurrency: dict[str, int] = msgspec.field(default_factory=dict)
-    default_model_concurrency: int = 0
-    credential_concurrency: int = 0
+    default_model_concurrency: Count = 0
+    credential_concurrency: Count = 0
     # Tasks one caller may have queued (not yet running), and their request bytes; past either
     # a submit gets 429 with Retry-After. Queued tasks are served in turn across callers, so
     # these bound memory, not fairness.
-    max_queued_per_caller: int = 1000
-    max_queued_bytes_per_caller: int = 256 * 2**20
+    max_queued_per_caller: Count = 1000
+    max_queued_bytes_per_caller: Count = 256 * 2**20
     # The same for all callers together: in pass-through every bearer a caller makes up is a
     # caller of its own, so only these bound what a flood of them may queue.
-    max_queued_total: int = 10_000
-    max_queued_bytes_total: int = 2**30
+    max_queued_total: Count = 10_000
+    max_queued_bytes_total: Count = 2**30
     # How long a task, its events and its result are kept after it was created.
-    retention_s: float = 86400.0
+    retention_s: Seconds = 86400.0
     # Largest upstream answer kept as a task result; a larger one fails the task clearly.
-    result_max_bytes: int = 32 * 2**20
+    result_max_bytes: AtLeastOne = 32 * 2**20
     # Where results larger than result_inline_bytes live (GATEWAY_RESULTS_URL): unset keeps them
     # in the task store; file:///dir a directory shared by the replicas; s3://bucket/prefix
     # S3-compatible storage, endpoint and credentials from the AWS_* environment.
     results_url: str | None = None
-    result_inline_bytes: int = 64 * 1024
+    result_inline_bytes: Count = 64 * 1024
     # The most one result's write to the results store may take, retries included: a store that
     # hangs fails the task (result_store_unavailable) this soon, instead of holding a worker.
-    result_store_timeout_s: float = 10.0
+    result_store_timeout_s: Seconds = 10.0
     # With replicas, a task's creation and its end wait (WAIT) up to this long for one of them
     # to have the write, so a failover does not lose an accepted task or a paid answer. 0: off.
-    replica_ack_timeout_ms: int = 100
+    replica_ack_timeout_ms: Count = 100
     # The most a caller waits for the task store (Redis) on its request's path: a hung Redis
     # is then an outage, not a 15 s stall (an SDK call goes upstream plainly, a keyed or async
     # one gets a retryable 503), and a task whose caller was answered so never runs.
-    store_timeout_s: float = 2.0
+    store_timeout_s: Seconds = 2.0
     # Image addresses in kept answers (tasks, run-once calls) that expire upstream (Flux's in
     # 10 min) are copied into the results store when the task ends and served by the gateway
     # until retention (tasks/images.py). Hosts fetched from ("*.example.com": its subdomains);
     # empty: nothing is fetched. No results store: nothing is either.
     image_fetch_hosts: frozenset[str] = frozenset()
     # The most copying one answer's images may take, and one image's largest size.
-    image_fetch_timeout_s: float = 30.0
-    image_fetch_max_bytes: int = 32 * 2**20
+    image_fetch_timeout_s: Seconds = 30.0
+    image_fetch_max_bytes: AtLeastOne = 32 * 2**20
     # Fetch from private, loopback and link-local addresses too (a stand-in on localhost).
     image_fetch_private: bool = False
     # The gateway's address as callers reach it ("https://gw.example.com"), which the copies'
@@ -211,10 +223,10 @@ class TasksConfig(_Section, frozen=True):
 
 class IdempotencyConfig(_Section, frozen=True):
     # How long an Idempotency-Key finds its call (and its stored answer) again.
-    retention_s: float = 86400.0
+    retention_s: Seconds = 86400.0
     # How long an OpenAI SDK retry (x-stainless-retry-count >= 1) finds the call it retries, and
     # how long the answer of a sync SDK call is kept after its caller dropped.
-    sdk_window_s: float = 900.0
+    sdk_window_s: Seconds = 900.0
     # Run sync OpenAI SDK calls (bodies up to 64 KiB, not streamed) as tasks, so that a caller
     # that drops does not cancel a generation it paid for and its retry attaches to it.
     sdk_calls_as_tasks: bool = True
@@ -225,9 +237,9 @@ class AdmissionConfig(_Section, frozen=True):
     # per-model concurrency among the replicas. Callers over it wait, credentials in turn, until
     # their deadline, then get 429 with Retry-After. (Async tasks: tasks.model_concurrency.)
     model_concurrency: dict[str, int] = msgspec.field(default_factory=dict)
-    default_concurrency: int = 0
+    default_concurrency: Count = 0
     # Most sync callers waiting at once on this replica; more get 429 at once.
-    max_waiting: int = 1000
+    max_waiting: Count = 1000
 
 
 class AuthConfig(_Section, frozen=True):
@@ -235,6 +247,20 @@ class AuthConfig(_Section, frozen=True):
     client_key_sha256: frozenset[str] = frozenset()
     # Prefer GATEWAY_UPSTREAM_API_KEY: a key in a file ends up in backups and diffs.
     upstream_api_key: str | None = None
+
+
+# An origin as browsers send it: no path, no trailing slash, no wildcard.
+_Origin = Annotated[str, msgspec.Meta(pattern=r"^https?://[^/?#\s*]+$")]
+
+
+class CorsConfig(_Section, frozen=True):
+    # Origins (scheme://host[:port]) whose pages may call the gateway from a browser; none by
+    # default. The gateway answers their preflights itself, never the upstream.
+    allowed_origins: frozenset[_Origin] = frozenset()
+    # How long a browser may cache a preflight's answer.
+    preflight_max_age_s: Annotated[int, msgspec.Meta(ge=0)] = 600
+    # How long the signed events/result links in a task object work (0: none are given).
+    signed_link_ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 600.0
 
 
 class Config(_Section, frozen=True):
@@ -246,6 +272,7 @@ class Config(_Section, frozen=True):
     idempotency: IdempotencyConfig = IdempotencyConfig()
     admission: AdmissionConfig = AdmissionConfig()
     auth: AuthConfig = AuthConfig()
+    cors: CorsConfig = CorsConfig()
 
     @property
     def metrics_on_main_port(self) -> bool:
@@ -287,9 +314,43 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
     try:
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{file}: {exc}") from exc
+        raise ConfigError(f"{file}: {_named(exc)}") from exc
     _check(config, file, env)
     return config
+
+
+def _named(exc: msgspec.ValidationError) -> str:
+    """msgspec's "Expected `int` >= 0 - at `$.tasks.workers`" as "tasks.workers: expected
+    `int` >= 0": the key first, as the file spells it."""
+    what, at, path = str(exc).rpartition(" - at `$.")
+    if not at:
+        return str(exc)
+    return f"{path.rstrip('`')}: {what[:1].lower()}{what[1:]}"
+
+
+def _is_redis_url(url: str) -> bool:
+    """What redis-py's `from_url` takes: its schemes, and a port it can read."""
+    if not url.lower().startswith(("redis://", "rediss://", "unix://")):
+        return False
+    try:
+        urllib.parse.urlsplit(url).port  # noqa: B018 (raises on a port that is not one)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_per_model(config: Config, file: Path) -> None:
+    """The per-model tables, checked here rather than by type so the error names the model
+    (msgspec's path for a table's value is `[...]`)."""
+    tables = (
+        ("timeouts.models", config.timeouts.models, "> 0"),
+        ("tasks.model_concurrency", config.tasks.model_concurrency, ">= 0"),
+        ("admission.model_concurrency", config.admission.model_concurrency, ">= 0"),
+    )
+    for key, table, rule in tables:
+        for model, value in table.items():
+            if not (value > 0 if rule == "> 0" else value >= 0):  # NaN fails both
+                raise ConfigError(f'{file}: {key}."{model}" must be {rule}')
 
 
 def _check(config: Config, file: Path, env: Mapping[str, str]) -> None:
@@ -303,36 +364,21 @@ def _check(config: Config, file: Path, env: Mapping[str, str]) -> None:
             f"{file}: tasks.workers = 0 needs Redis: nothing else would run the embedded "
             "store's tasks"
         )
-    if not 0 <= config.upstream.credential_share <= 1:
-        raise ConfigError(f"{file}: upstream.credential_share must be between 0 and 1")
-    server = config.server
-    caps = (
-        server.held_per_caller,
-        server.held_total or 0,
-        server.result_readers_per_caller,
-        server.task_body_bytes_per_caller,
-        server.task_body_bytes_total,
-    )
-    if min(caps) < 0:
-        raise ConfigError(
-            f"{file}: server.held_*, result_readers_per_caller and task_body_bytes_* must be >= 0"
-        )
-    if config.server.body_read_timeout_s <= 0:
-        raise ConfigError(f"{file}: server.body_read_timeout_s must be positive")
-    if config.tasks.result_store_timeout_s <= 0:
-        raise ConfigError(f"{file}: tasks.result_store_timeout_s must be positive")
-    if config.tasks.store_timeout_s <= 0:
-        raise ConfigError(f"{file}: tasks.store_timeout_s must be positive")
+    _check_per_model(config, file)
     if not config.upstream.url.startswith(("http://", "https://")):
         raise ConfigError(f"{where('upstream.url')} must be an http(s) URL")
+    if config.tasks.redis_url is not None and not _is_redis_url(config.tasks.redis_url):
+        # The value is not echoed: it may hold a password.
+        raise ConfigError(
+            f"{where('tasks.redis_url')} must be a redis://, rediss:// or unix:// URL "
+            "(redis://[user:password@]host[:port][/db])"
+        )
     results = config.tasks.results_url
     if results is not None and not _RESULTS_URL.fullmatch(results):
         # The value is not echoed: a mistaken URL may carry a credential.
         raise ConfigError(
             f"{where('tasks.results_url')} must be file:///absolute/dir or s3://bucket[/prefix]"
         )
-    if config.tasks.image_fetch_timeout_s <= 0 or config.tasks.image_fetch_max_bytes <= 0:
-        raise ConfigError(f"{file}: tasks.image_fetch_timeout_s and _max_bytes must be positive")
     if config.tasks.image_base_url and not _IMAGE_BASE_URL.fullmatch(config.tasks.image_base_url):
         raise ConfigError(f"{file}: tasks.image_base_url must be an http(s) URL")
     if config.auth.client_key_sha256 and not config.auth.upstream_api_key:

@@ -78,3 +78,56 @@ def test_key_injection_without_client_keys_refuses_to_start(tmp_path: Path) -> N
     file.write_text("")
     with pytest.raises(ConfigError, match="every caller would get 401"):
         load_config(file, env={"GATEWAY_UPSTREAM_API_KEY": "sk-up"})
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ("[tasks]\nworkers = -3", "tasks.workers: expected `int` >= 0"),
+        ("[timeouts]\ndefault_s = 0", "timeouts.default_s: expected `float` > 0.0"),
+        ("[timeouts]\ndefault_s = nan", "timeouts.default_s: expected `float` > 0.0"),
+        ("[server]\nmax_body_bytes = -1", "server.max_body_bytes: expected `int` >= 1"),
+        ("[server]\nport = 99999", "server.port: expected `int` <= 65535"),
+        ("[server]\nmetrics_port = -1", "server.metrics_port: expected `int` >= 0"),
+        ("[server]\nheld_total = -1", "server.held_total: expected `int` >= 0"),
+        ("[upstream]\ncredential_share = 1.5", "upstream.credential_share: expected `float` <= 1"),
+        ("[upstream]\nconnect_timeout_s = -1", "upstream.connect_timeout_s: expected `float` > 0"),
+        ("[tcp_keepalive]\ncount = 0", "tcp_keepalive.count: expected `int` >= 1"),
+        ("[tasks]\nmax_deliveries = 0", "tasks.max_deliveries: expected `int` >= 1"),
+        ("[tasks]\nlease_s = 0", "tasks.lease_s: expected `float` > 0"),
+        ("[idempotency]\nsdk_window_s = -5", "idempotency.sdk_window_s: expected `float` > 0"),
+        ("[tasks]\nimage_fetch_timeout_s = 0", "tasks.image_fetch_timeout_s: expected `float` > 0"),
+        ("[admission]\nmax_waiting = -1", "admission.max_waiting: expected `int` >= 0"),
+        ("[timeouts.models]\n'gpt-image-1' = 0", 'timeouts.models."gpt-image-1" must be > 0'),
+        ("[tasks.model_concurrency]\n'dall-e-3' = -2", 'model_concurrency."dall-e-3" must be >= 0'),
+    ],
+)
+def test_a_number_out_of_its_range_is_refused_naming_its_key(
+    tmp_path: Path, toml: str, named: str
+) -> None:
+    file = tmp_path / "gw.toml"
+    file.write_text(toml + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(file, env={})
+    assert str(caught.value).startswith(f"{file}: ")
+    assert named in str(caught.value)
+
+
+def test_zero_stays_allowed_where_it_means_off(tmp_path: Path) -> None:
+    file = tmp_path / "gw.toml"
+    file.write_text(
+        "[upstream]\npool_size = 0\ncredential_share = 0\n"
+        "[tasks]\nreplica_ack_timeout_ms = 0\nredis_url = 'redis://127.0.0.1:1'\nworkers = 0\n"
+    )
+    config = load_config(file, env={})
+    assert config.upstream.per_credential == 0
+    assert config.tasks.workers == 0
+
+
+@pytest.mark.parametrize("url", ["notaurl", "http://x", "redis://:hunter2", "redis://h:99999"])
+def test_a_bogus_redis_url_is_refused_without_echoing_it(tmp_path: Path, url: str) -> None:
+    file = tmp_path / "gw.toml"
+    file.write_text("")
+    with pytest.raises(ConfigError, match=r"^GATEWAY_REDIS_URL must be a redis://") as caught:
+        load_config(file, env={"GATEWAY_REDIS_URL": url})
+    assert "hunter2" not in str(caught.value)

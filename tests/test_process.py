@@ -78,13 +78,72 @@ def test_a_bad_upstream_url_in_the_environment_names_the_variable(tmp_path: Path
     assert "gateway.toml" not in done.stderr
 
 
+def _one_line(done: subprocess.CompletedProcess[str]) -> str:
+    """The refusal a process printed, asserted to be one line and no traceback."""
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    return done.stderr.strip()
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ("[tasks]\nworkers = -3", "tasks.workers: expected `int` >= 0"),
+        ("[timeouts]\ndefault_s = 0", "timeouts.default_s: expected `float` > 0.0"),
+        ("[server]\nmax_body_bytes = -1", "server.max_body_bytes: expected `int` >= 1"),
+    ],
+)
+def test_a_number_out_of_range_stops_start_up_in_one_line(
+    tmp_path: Path, toml: str, named: str
+) -> None:
+    file = tmp_path / "gw.toml"
+    file.write_text(toml + "\n")
+    done = _gateway("serve", "--config", str(file), "--port", str(free_port()))
+    assert done.returncode == 2
+    assert _one_line(done) == f"gateway: bad configuration: {file}: {named}"
+
+
+@pytest.mark.parametrize("command", ["serve", "fake-upstream"])
+def test_a_port_out_of_range_is_one_line(command: str) -> None:
+    done = _gateway(command, "--port", "99999")
+    assert done.returncode == 2
+    assert _one_line(done) == (
+        f"gateway {command}: error: argument --port: 99999 is not a port number (0 to 65535) "
+        f"(see `gateway {command} --help`)"
+    )
+
+
+@pytest.mark.parametrize("url", ["notaurl", "http://x"])
+def test_a_bogus_redis_url_is_one_line(url: str) -> None:
+    done = _gateway("serve", "--port", str(free_port()), env={"GATEWAY_REDIS_URL": url})
+    assert done.returncode == 2
+    assert _one_line(done).startswith(
+        "gateway: bad configuration: GATEWAY_REDIS_URL must be a redis://, rediss:// or unix://"
+    )
+
+
+def test_the_stand_in_on_a_port_in_use_is_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _gateway("fake-upstream", "--port", str(port))
+    assert done.returncode == 1
+    assert _one_line(done) == f"gateway: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
 async def test_help_names_the_environment_and_log_level_goes_anywhere(tmp_path: Path) -> None:
     done = _gateway("serve", "--help")
     for var in ("GATEWAY_UPSTREAM_URL", "GATEWAY_UPSTREAM_API_KEY", "GATEWAY_REDIS_URL"):
         assert var in done.stdout
+    # The environment speaks to the commands that read the configuration, and only to them.
+    assert "GATEWAY_REDIS_URL" in _gateway("worker", "--help").stdout
+    for other in (["--help"], ["fake-upstream", "--help"], ["hash-key", "--help"]):
+        assert "GATEWAY_" not in _gateway(*other).stdout
+    assert "gateway serve --help" in _gateway("--help").stdout
     done = _gateway("hash-key", "--log-level", "loud")
     assert done.returncode == 2
-    assert "invalid choice: 'LOUD'" in done.stderr
+    assert "invalid choice: 'LOUD'" in _one_line(done)
     port = free_port()
     proc = GatewayProcess(["serve", "--port", str(port), "--log-level", "warning"], tmp_path / "l")
     try:
