@@ -4,6 +4,7 @@ there is one, rather than in the task store, which then holds only a pointer to 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import mmap
@@ -15,7 +16,13 @@ from aiohttp import web
 from gateway.config import CONFIG
 from gateway.errors import GatewayError, StoreUnavailable
 from gateway.tasks.models import Job
-from gateway.tasks.results import ResultStoreUnavailable, discard, put_within, request_ref
+from gateway.tasks.results import (
+    Results,
+    ResultStoreUnavailable,
+    discard,
+    put_within,
+    request_ref,
+)
 from gateway.tasks.service import TASKS
 from gateway.uploads import Body, SpooledBody
 
@@ -56,6 +63,33 @@ async def create_task(
     results = request.app[TASKS].results
     assert results is not None  # a spool is kept only where there is a results store
     timeout_s = request.app[CONFIG].tasks.result_store_timeout_s
+    # Run to its end even if the caller leaves: a body put and then abandoned half-way (the
+    # caller's disconnect cancels its handler) was left to the sweep, a day, and a caller
+    # dropping large keyed calls filled the volume every large answer is kept on.
+    keeping = asyncio.ensure_future(_keep(results, call, task_id, create, timeout_s))
+    _keeping.add(keeping)
+    keeping.add_done_callback(_kept)
+    return await asyncio.shield(keeping)
+
+
+# Keepings under way, held until they end (the loop keeps only weak references to tasks).
+_keeping: set[asyncio.Future[tuple[Job, str | None]]] = set()
+
+
+def _kept(keeping: asyncio.Future[tuple[Job, str | None]]) -> None:
+    _keeping.discard(keeping)
+    if not keeping.cancelled():
+        keeping.exception()  # its caller may be gone: retrieved here, so never logged as lost
+
+
+async def _keep(
+    results: Results,
+    call: Submission,
+    task_id: str,
+    create: Callable[[Job], Awaitable[str | None]],
+    timeout_s: float,
+) -> tuple[Job, str | None]:
+    assert call.spool is not None
     try:
         ref = await put_within(results, request_ref(task_id), call.spool.rewound(), timeout_s)
     except ResultStoreUnavailable as exc:
