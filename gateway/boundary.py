@@ -14,11 +14,17 @@ from gateway.metrics import METRICS, Metrics
 
 logger = logging.getLogger(__name__)
 
+# Probes and scrapes are not traffic: counted, a load balancer's and Prometheus's own calls
+# would make up the request rate of an idle gateway and pull its latencies toward zero.
+_NOT_TRAFFIC = frozenset({"/healthz", "/readyz", "/metrics"})
+
 
 @web.middleware
 async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse:
-    metrics = request.app[METRICS]
     ctx = request[REQUEST_CONTEXT] = RequestContext(request)
+    if ctx.route in _NOT_TRAFFIC:
+        return await handler(request)
+    metrics = request.app[METRICS]
     inflight = metrics.inflight(ctx.route)
     inflight.inc()
     response: web.StreamResponse | None = None

@@ -8,10 +8,24 @@ from typing import Generic, TypeVar
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway import __version__
+
+# No `_created` series: one more series per counter and histogram child, whose value (when this
+# process first saw the label set) no board or alert reads. prometheus_client has no per-registry
+# switch, only this process-wide one, read at every scrape; this module is where the gateway's
+# metrics are made, so importing it is what turns them off (for embedders too).
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Image calls take 10-600 s; resolve 1 s to 15 min, with a few sub-second buckets for the
 # models list and errors.

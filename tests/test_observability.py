@@ -144,3 +144,21 @@ async def test_a_caller_that_leaves_gets_an_access_line_and_an_honest_log(
     assert sum(" status=499 " in line for line in access) == 2
     assert "caller disconnected; upstream call cancelled" in caplog.text  # the plain call
     assert "caller disconnected; the call goes on for its retry" in caplog.text  # the SDK's
+
+
+async def test_probes_and_scrapes_are_not_counted_as_requests_and_no_created_series(
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gateway = await gateway_factory()
+    async with http.post(f"{gateway.url}/v1/images/generations", json=GENERATE, headers=KEY) as r:
+        assert r.status == 200
+    for _ in range(3):
+        for probe in ("/healthz", "/readyz", "/metrics"):
+            async with http.get(f"{gateway.url}{probe}") as resp:
+                assert resp.status == 200
+                text = await resp.text()
+    requests = [line for line in text.splitlines() if line.startswith("gateway_request")]
+    assert any('route="/v1/images/generations"' in line for line in requests)
+    for probe in ("/healthz", "/readyz", "/metrics"):
+        assert not [line for line in requests if f'route="{probe}"' in line]
+    assert "_created" not in text
