@@ -105,6 +105,10 @@ class RequestContext:
         # A call run once goes on when its caller leaves (a retry attaches to it).
         self.call_goes_on = False
 
+    def time_upstream(self, seconds: float) -> None:
+        """The upstream's time of a call made elsewhere for this request (a call run once)."""
+        self.upstream_s = seconds
+
 
 REQUEST_CONTEXT = web.RequestKey("request_context", RequestContext)
 

@@ -10,9 +10,10 @@ import re
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 
-from tests.conftest import Fake, GatewayFactory, Spawn
+from tests.conftest import Fake, Gateway, GatewayFactory, Spawn
 from tests.procs import free_port
 
 KEY = {"Authorization": "Bearer sk-secret-tenant-key"}
@@ -162,3 +163,17 @@ async def test_probes_and_scrapes_are_not_counted_as_requests_and_no_created_ser
     for probe in ("/healthz", "/readyz", "/metrics"):
         assert not [line for line in requests if f'route="{probe}"' in line]
     assert "_created" not in text
+
+
+async def test_an_sdk_call_run_as_a_task_logs_its_upstream_time(
+    gateway: Gateway, sdk: openai.AsyncOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        await sdk.images.generate(
+            model="gpt-image-1", prompt="a lighthouse", extra_headers={"X-Fake-Latency": "0.2"}
+        )
+    assert gateway.sample("gateway_tasks_total", model="gpt-image-1", status="completed") == 1
+    line = [r.getMessage() for r in caplog.records if r.name == "gateway.access"][-1]
+    upstream_ms = re.search(r" status=200 duration_ms=[\d.]+ upstream_ms=([\d.]+) ", line)
+    assert upstream_ms is not None, line
+    assert 200 <= float(upstream_ms.group(1)) < 2000  # the stand-in took 0.2 s to answer

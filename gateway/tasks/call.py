@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -67,8 +67,15 @@ class TaskCall:
         self._result_max_bytes = result_max_bytes
         self._results = results
 
-    async def __call__(self, job: Job, task: Task, credential: str | None) -> Outcome:
-        """The upstream call. `credential`: a sync call run here, under its caller's limits."""
+    async def __call__(
+        self,
+        job: Job,
+        task: Task,
+        credential: str | None,
+        timed: Callable[[float], None] | None = None,
+    ) -> Outcome:
+        """The upstream call. `credential`: a sync call run here, under its caller's limits;
+        `timed` is told the upstream's time (send to last byte) for that caller's access line."""
         headers = CIMultiDict(job.headers)
         self._auth.upstream_headers(headers)
         deadline = asyncio.get_running_loop().time() + job.deadline_s
@@ -91,6 +98,8 @@ class TaskCall:
         except GatewayError as failure:
             logger.warning("%s failed: %s", task.id, failure.code)
             return failed(failure)
+        if timed is not None:
+            timed(exchange.seconds)
         answer = StoredResponse(
             status=up.status,
             headers=header_pairs(answer_headers(up.headers, self._auth.injects)),

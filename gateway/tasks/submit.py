@@ -257,7 +257,9 @@ async def _run_once_here(
             return None
         if held is None:
             credential = request.app[AUTH].caller_key(request) or ""
-            ran = request.app[WORKER_POOL].run_here(Claim(record, job), credential)
+            ran = request.app[WORKER_POOL].run_here(
+                Claim(record, job), credential, ctx.time_upstream
+            )
             if (outcome := await asyncio.shield(ran)) is not None:
                 return await replay(request, outcome[0])
             task = record.task  # cancelled, or (its lease lost) run by another worker

@@ -91,7 +91,11 @@ class Worker:
                 await asyncio.sleep(_RETRY_S)
 
     async def run_here(
-        self, claim: Claim, credential: str, answered: asyncio.Future[Outcome | None]
+        self,
+        claim: Claim,
+        credential: str,
+        answered: asyncio.Future[Outcome | None],
+        timed: Callable[[float], None],
     ) -> None:
         """A sync call's task, run by the replica that holds its caller: under the limits a
         plain call meets (`admission`), not the task slots. `answered` gets this run's answer
@@ -100,7 +104,7 @@ class Worker:
         another run that took this one over (its replica stalled past the lease): the caller
         then gets the answer the task keeps, as every retry does."""
         try:
-            await self._run(claim, credential, answered)
+            await self._run(claim, credential, answered, timed)
         except StoreUnavailable:
             logger.warning(
                 "%s answered, but the task store could not keep it", claim.record.task.id
@@ -116,6 +120,7 @@ class Worker:
         claim: Claim,
         credential: str | None = None,
         answered: asyncio.Future[Outcome | None] | None = None,
+        timed: Callable[[float], None] | None = None,
     ) -> None:
         task_id, attempt = claim.record.task.id, claim.record.attempt
         model = self._metrics.model_label(claim.record.task.model)
@@ -125,7 +130,7 @@ class Worker:
         handover = False
         try:
             async with self._leased(task_id):
-                status = await self._end(claim, credential, answered)
+                status = await self._end(claim, credential, answered, timed)
             if status is not None and claim.job.body_ref is not None:
                 # A request body in the results store goes with its task's end (a cancelled
                 # task's, with the sweep).
@@ -146,11 +151,12 @@ class Worker:
         claim: Claim,
         credential: str | None,
         answered: asyncio.Future[Outcome | None] | None,
+        timed: Callable[[float], None] | None,
     ) -> Status | None:
         """The upstream call, its answer kept and the task ended: the task's end status, or
         None when the task was cancelled or taken over meanwhile."""
         task_id, attempt = claim.record.task.id, claim.record.attempt
-        outcome = await self._outcome(claim, credential)
+        outcome = await self._outcome(claim, credential, timed)
         if outcome is None:
             logger.info("%s cancelled or ended elsewhere; upstream call aborted", task_id)
             return None
@@ -173,10 +179,12 @@ class Worker:
             renewal.cancel()
             await asyncio.gather(renewal, return_exceptions=True)
 
-    async def _outcome(self, claim: Claim, credential: str | None) -> Outcome | None:
+    async def _outcome(
+        self, claim: Claim, credential: str | None, timed: Callable[[float], None] | None
+    ) -> Outcome | None:
         """The upstream call's answer, or None if the task was cancelled while it ran."""
         task_id = claim.record.task.id
-        call = asyncio.ensure_future(self._call(claim.job, claim.record.task, credential))
+        call = asyncio.ensure_future(self._call(claim.job, claim.record.task, credential, timed))
         cancel = asyncio.ensure_future(self._cancelled(task_id))
         try:
             await asyncio.wait((call, cancel), return_when=asyncio.FIRST_COMPLETED)
@@ -283,13 +291,16 @@ class WorkerPool:
                 asyncio.get_running_loop().time() + self._config.server.drain_timeout_s
             )
 
-    def run_here(self, claim: Claim, credential: str) -> asyncio.Future[Outcome | None]:
+    def run_here(
+        self, claim: Claim, credential: str, timed: Callable[[float], None]
+    ) -> asyncio.Future[Outcome | None]:
         """Run a sync call's task (created `here`) to its end, whether or not its caller stays:
         a retry attaches to it. Its own asyncio task, so a caller that leaves cancels nothing;
-        the future is its answer, as soon as the upstream gave it."""
+        the future is its answer, as soon as the upstream gave it; `timed` gets the upstream's
+        time before that, as the pass-through's access line has it."""
         assert self._worker is not None
         answered: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
-        run = asyncio.create_task(self._worker.run_here(claim, credential, answered))
+        run = asyncio.create_task(self._worker.run_here(claim, credential, answered, timed))
         self._here.add(run)
         run.add_done_callback(self._here.discard)
         return answered
