@@ -9,6 +9,7 @@ from gateway.admission import ADMISSION, HELD, Admission, HeldConnections
 from gateway.auth import AUTH, Auth
 from gateway.boundary import boundary
 from gateway.config import CONFIG, Config
+from gateway.cors import add_cors_headers, preflight
 from gateway.dispatch import dispatch
 from gateway.errors import not_found
 from gateway.health import READINESS, Readiness, healthz, readyz
@@ -52,7 +53,9 @@ PROXY_ROUTES = (
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[boundary])
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes, middlewares=[boundary, preflight]
+    )
     app[CONFIG] = config
     app[AUTH] = Auth(config.auth)
     app[METRICS] = Metrics(config.timeouts.models, config.timeouts.default_s)
@@ -61,6 +64,7 @@ def create_app(config: Config) -> web.Application:
     app[HELD] = HeldConnections.from_config(config.server, app[METRICS])
     _add_tasks(app, config)
     app.on_response_prepare.append(add_request_id)
+    app.on_response_prepare.append(add_cors_headers)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if config.metrics_on_main_port:
@@ -104,7 +108,9 @@ def _add_tasks(app: web.Application, config: Config) -> None:
     in this order and stop in the reverse one: workers need the upstream session, the results
     store and the task store (its owner key read at start), so they start last and stop first,
     handing their tasks over while the others are still open."""
-    app[TASKS] = TaskService(open_store(config, app[METRICS]), app[AUTH], open_results(config))
+    store = open_store(config, app[METRICS])
+    link_ttl_s = config.cors.signed_link_ttl_s
+    app[TASKS] = TaskService(store, app[AUTH], open_results(config), link_ttl_s)
     app[WORKER_POOL] = WorkerPool(config)
     app.cleanup_ctx.append(upstream_ctx(config))
     app.cleanup_ctx.append(results_ctx)

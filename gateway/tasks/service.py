@@ -17,7 +17,7 @@ from gateway.auth import Auth
 from gateway.config import CONFIG, Config
 from gateway.errors import NotFound, StoreUnavailable, Unauthorized
 from gateway.metrics import METRICS, Metrics
-from gateway.tasks import redis
+from gateway.tasks import links, redis
 from gateway.tasks.memory import MemoryStore
 from gateway.tasks.models import TASK_ID, StoredResponse, TaskRecord, TaskStore
 from gateway.tasks.results import FileResults, Results, ResultStoreUnavailable
@@ -25,9 +25,18 @@ from gateway.tasks.results_s3 import S3Results
 
 logger = logging.getLogger(__name__)
 
+# The owner of the task a signed link opened: whose caps its connections count against.
+_LINK_OWNER = web.RequestKey("link_owner", str)
+
 
 class TaskService:
-    def __init__(self, store: TaskStore, auth: Auth, results: Results | None = None) -> None:
+    def __init__(
+        self,
+        store: TaskStore,
+        auth: Auth,
+        results: Results | None = None,
+        link_ttl_s: float = 0.0,
+    ) -> None:
         self.store = store
         self.results = results  # large results, when kept outside the store
         self._auth = auth
@@ -38,6 +47,7 @@ class TaskService:
         # Whether the store answered its last check (`watch_store`): what /readyz says, so a
         # probe never waits on a hung Redis.
         self.reachable = False
+        self._link_ttl_s = link_ttl_s  # 0: no signed links
 
     async def start(self) -> None:
         """Fetch the owner key now if the store answers; a replica that starts while Redis is
@@ -49,6 +59,8 @@ class TaskService:
 
     async def owner(self, request: web.Request) -> str:
         """The caller's credential as a keyed hash: who may see a task."""
+        if _LINK_OWNER in request:
+            return request[_LINK_OWNER]
         key = self._auth.caller_key(request)
         if key is None:
             raise Unauthorized("Async tasks belong to a credential: send an API key.")
@@ -61,33 +73,54 @@ class TaskService:
         concurrency limits count in."""
         return self._digest(self._auth.upstream_credential(self._auth.caller_key(request)))
 
+    def signer(self, request: web.Request) -> links.Signer | None:
+        """What signs the links of a task object answered to `request`: none to a request that
+        came by a signed link, whose links would otherwise outlive it."""
+        if not self._link_ttl_s or not self._owner_key or _LINK_OWNER in request:
+            return None
+        secret, ttl_s = links.link_secret(self._owner_key), self._link_ttl_s
+        return lambda path: links.sign(secret, path, ttl_s)
+
     def _digest(self, key: str) -> str:
         return hmac.new(self._owner_key, key.encode(), hashlib.sha256).hexdigest()
 
-    async def visible(self, request: web.Request) -> TaskRecord:
-        """The task named in the path, if the caller's credential made it; 404 otherwise, so
-        another tenant cannot even learn that it exists."""
-        return (await self._visible(request, with_answer=False))[0]
+    async def visible(self, request: web.Request, *, by_link: bool = False) -> TaskRecord:
+        """The task named in the path, if the caller's credential made it (or, `by_link`, the
+        request carries a signed link of this path); 404 otherwise, so another tenant cannot
+        even learn that it exists."""
+        return (await self._visible(request, with_answer=False, by_link=by_link))[0]
 
     async def visible_answer(
-        self, request: web.Request
+        self, request: web.Request, *, by_link: bool = False
     ) -> tuple[TaskRecord, StoredResponse | None]:
         """`visible`'s task and its answer (None until it has one), read together."""
-        return await self._visible(request, with_answer=True)
+        return await self._visible(request, with_answer=True, by_link=by_link)
 
     async def _visible(
-        self, request: web.Request, *, with_answer: bool
+        self, request: web.Request, *, with_answer: bool, by_link: bool
     ) -> tuple[TaskRecord, StoredResponse | None]:
-        owner = await self.owner(request)
+        by_link = by_link and links.is_signed(request.query)
+        owner = None if by_link else await self.owner(request)
+        if by_link and not await self._link_valid(request):
+            raise NotFound("No such task.")  # expired or forged: as for another's task
         task_id = request.match_info["task_id"]
         got: tuple[TaskRecord, StoredResponse | None] | None = None
         if TASK_ID.fullmatch(task_id) and with_answer:
             got = await self.store.answered(task_id)
         elif TASK_ID.fullmatch(task_id) and (record := await self.store.get(task_id)):
             got = (record, None)
-        if got is None or not hmac.compare_digest(got[0].owner, owner):
+        if got is None or (owner is not None and not hmac.compare_digest(got[0].owner, owner)):
             raise NotFound("No such task.")
+        if by_link:
+            request[_LINK_OWNER] = got[0].owner
         return got
+
+    async def _link_valid(self, request: web.Request) -> bool:
+        if not self._link_ttl_s:
+            return False  # links turned off: those handed out before stop working too
+        if not self._owner_key:
+            self._owner_key = await self.store.owner_key()
+        return links.verify(links.link_secret(self._owner_key), request.path, request.query)
 
 
 TASKS = web.AppKey("tasks", TaskService)

@@ -212,7 +212,7 @@ async def _accepted(
         if ended.status != "cancelled" and answer is not None:
             return await replay(request, answer, replayed)
         task = ended
-    response = task_response(task, status=202)
+    response = task_response(task, status=202, sign=request.app[TASKS].signer(request))
     response.headers.update(
         {
             "Location": f"/v1/tasks/{task.id}",

@@ -19,6 +19,7 @@ from gateway.errors import BadRequest, NotFound, StoreUnavailable, TaskCancelled
 from gateway.headers import answer_headers
 from gateway.metrics import METRICS
 from gateway.tasks.follow import follow
+from gateway.tasks.links import Signer
 from gateway.tasks.models import (
     TERMINAL,
     RangedResponse,
@@ -53,23 +54,28 @@ class PublicTask(Task, frozen=True, kw_only=True):
     url: str
     events_url: str
     result_url: str
+    # The same, working without any header until their `exp` (for a browser's EventSource).
+    signed_events_url: str | None = None
+    signed_result_url: str | None = None
 
 
-def public(task: Task) -> PublicTask:
+def public(task: Task, sign: Signer | None = None) -> PublicTask:
     path = f"/v1/tasks/{task.id}"
+    events, result = f"{path}/events", f"{path}/result"
     return PublicTask(
         **msgspec.structs.asdict(task),
         url=path,
-        events_url=f"{path}/events",
-        result_url=f"{path}/result",
+        events_url=events,
+        result_url=result,
+        signed_events_url=sign(events) if sign else None,
+        signed_result_url=sign(result) if sign else None,
     )
 
 
-def task_response(task: Task, status: int = 200) -> web.Response:
+def task_response(task: Task, status: int = 200, sign: Signer | None = None) -> web.Response:
     headers = {} if task.status in TERMINAL else {"Retry-After": "1"}
-    return web.Response(
-        status=status, body=_encode(public(task)), content_type="application/json", headers=headers
-    )
+    body = _encode(public(task, sign))
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 async def replay(
@@ -151,7 +157,8 @@ async def _send_kept(response: web.StreamResponse, opened: Opened) -> None:
 
 
 async def task_view(request: web.Request) -> web.StreamResponse:
-    return task_response((await request.app[TASKS].visible(request)).task)
+    tasks = request.app[TASKS]
+    return task_response((await tasks.visible(request)).task, sign=tasks.signer(request))
 
 
 async def cancel_view(request: web.Request) -> web.StreamResponse:
@@ -161,7 +168,7 @@ async def cancel_view(request: web.Request) -> web.StreamResponse:
     if task is not None and task.status == "cancelled" and record.task.status not in TERMINAL:
         metrics = request.app[METRICS]
         metrics.tasks(metrics.model_label(task.model), "cancelled").inc()
-    return task_response(task or record.task)
+    return task_response(task or record.task, sign=tasks.signer(request))
 
 
 # The longest a `Prefer: wait=N` on a result holds its caller: shorter than the idle cut of
@@ -173,7 +180,7 @@ async def result_view(request: web.Request) -> web.StreamResponse:
     """The task's answer; `202` and the task while it runs, or, with `Prefer: wait=N`, once
     it ends if that is within N seconds (at most 50)."""
     tasks = request.app[TASKS]
-    record, answer = await tasks.visible_answer(request)
+    record, answer = await tasks.visible_answer(request, by_link=True)
     task = record.task
     prefs = parse_prefer(request.headers.getall("Prefer", ()))
     if task.status not in TERMINAL and prefs.wait_s:  # else its answer came with it
@@ -183,7 +190,7 @@ async def result_view(request: web.Request) -> web.StreamResponse:
     if task.status == "cancelled":
         raise TaskCancelled()
     if answer is None:
-        return task_response(task, status=202)
+        return task_response(task, status=202, sign=tasks.signer(request))
     if not streamed(answer):
         return await replay(request, answer, kept=True)
     # A large answer read slowly holds its connection and a chunk of memory meanwhile.
@@ -212,7 +219,7 @@ async def events_view(request: web.Request) -> web.StreamResponse:
     """One event per status change; `Last-Event-ID` resumes; the stream ends after the last,
     or when this replica shuts down (the client resumes elsewhere with its Last-Event-ID)."""
     tasks = request.app[TASKS]
-    record = await tasks.visible(request)
+    record = await tasks.visible(request, by_link=True)
     task_id = record.task.id
     after = request.headers.get("Last-Event-ID") or None
     if after is not None and not is_event_id(after):
