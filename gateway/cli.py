@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -130,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(key_digest(key))
         return 0
+
+    from gateway.server import CannotListen, cannot_listen, serve, work
+
     if args.command == "fake-upstream":
         from gateway.fake import FakeSettings, serve_fake
 
@@ -137,12 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             _run(serve_fake(settings, args.host, args.port))
         except OSError as exc:  # bind(): the port is taken, or the address not ours
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            print(f"gateway: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+            print(f"gateway: {cannot_listen(f'{args.host}:{args.port}', exc)}", file=sys.stderr)
             return 1
         return 0
-
-    from gateway.server import CannotListen, serve, work
 
     try:
         config = load_config(args.config)

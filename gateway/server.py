@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 from aiohttp import web
@@ -21,6 +22,12 @@ logger = logging.getLogger(__name__)
 
 class CannotListen(Exception):
     """The listening address is taken or not ours: said in one line, not a traceback."""
+
+
+def cannot_listen(where: str, exc: OSError) -> CannotListen:
+    """bind()'s failure as one line: asyncio's own message repeats the address at length."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return CannotListen(f"cannot listen on {where}: {reason}")
 
 
 async def start(app: web.Application, config: Config) -> web.AppRunner:
@@ -44,7 +51,7 @@ async def start(app: web.Application, config: Config) -> web.AppRunner:
         sock = listening_socket(host, port, config.tcp_keepalive)
     except OSError as exc:
         await runner.cleanup()
-        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise cannot_listen(f"{host}:{port}", exc) from None
     await web.SockSite(runner, sock).start()
     return runner
 
@@ -55,7 +62,12 @@ async def start_metrics(main: web.Application, config: Config) -> web.AppRunner 
         return None
     runner = web.AppRunner(create_metrics_app(main), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, config.server.host, config.server.metrics_port).start()
+    host, port = config.server.host, config.server.metrics_port
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise cannot_listen(f"{host}:{port} (server.metrics_port)", exc) from None
     logger.info("metrics and probes on port %d", config.server.metrics_port)
     return runner
 
@@ -86,7 +98,11 @@ async def _run_until_signalled(
     """Until SIGTERM or SIGINT; then turn unready and drain. The runner's cleanup closes the
     listening socket first, then waits for in-flight work up to the drain timeout; the
     operators' port closes last, so probes and metrics see the drain."""
-    operators = await start_metrics(app, config)
+    try:
+        operators = await start_metrics(app, config)
+    except CannotListen:
+        await runner.cleanup()  # the main port's, and the task store and upstream it opened
+        raise
     await _until_signalled()
     logger.info("draining: %s get up to %.0f s", work, config.server.drain_timeout_s)
     app[READINESS].draining = True

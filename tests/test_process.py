@@ -204,3 +204,18 @@ async def _generate(http: aiohttp.ClientSession, url: str, latency_s: float) -> 
         headers={"X-Fake-Latency": str(latency_s)},
     ) as resp:
         return resp.status, len(await resp.read())
+
+
+def test_a_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        file = tmp_path / "gw.toml"
+        file.write_text(f"[server]\nhost = '127.0.0.1'\nmetrics_port = {port}\n")
+        done = _gateway("serve", "--config", str(file), "--port", str(free_port()))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"gateway: cannot listen on 127.0.0.1:{port} (server.metrics_port): Address already in use"
+    )
