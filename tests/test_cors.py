@@ -201,3 +201,12 @@ async def test_a_link_followed_before_the_end_hands_out_no_fresh_links(
         body = await resp.json()
     assert body["signed_result_url"] is None
     assert body["signed_events_url"] is None
+
+
+async def test_key_in_the_query_still_opens_the_events(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    """`?key=` keeps working (the README steers pages to signed links instead)."""
+    task = await _submit(http, gateway, 0.1)
+    events = await _events(http, f"{gateway.url}{task['events_url']}?key={CLIENT_KEY}")
+    assert events[-1] == "completed"
