@@ -25,8 +25,9 @@ class CannotListen(Exception):
 
 
 def cannot_listen(where: str, exc: OSError) -> CannotListen:
-    """bind()'s failure as one line: asyncio's own message repeats the address at length."""
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    """bind()'s failure as one line: asyncio's own message repeats the address at length
+    (a name that does not resolve has a negative errno: its own message says it)."""
+    reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
     return CannotListen(f"cannot listen on {where}: {reason}")
 
 

@@ -219,3 +219,11 @@ def test_a_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
     assert done.stderr.splitlines()[-1] == (
         f"gateway: cannot listen on 127.0.0.1:{port} (server.metrics_port): Address already in use"
     )
+
+
+@pytest.mark.parametrize("command", ["serve", "fake-upstream"])
+def test_an_address_that_is_not_ours_is_one_line(command: str) -> None:
+    done = _gateway(command, "--host", "nosuch.invalid", "--port", "0")
+    assert done.returncode == 1
+    assert _one_line(done).startswith("gateway: cannot listen on nosuch.invalid:0: ")
+    assert "Unknown error" not in done.stderr
