@@ -83,12 +83,12 @@ async def preflight(request: web.Request, handler: Handler) -> web.StreamRespons
 
 
 async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare hook: with origins configured, the upstream's own `Access-Control-*`
-    headers are dropped (they are not the gateway's policy), and an allowed origin's answer says
-    so. Without any, answers pass as the upstream gave them."""
+    """on_response_prepare hook, with origins configured (without, answers pass as the upstream
+    gave them): the upstream's own `Access-Control-*` headers are dropped (they are not the
+    gateway's policy), and an allowed origin's answer says it may read it."""
     cors: CorsConfig = request.app[CONFIG].cors
-    if not cors.allowed_origins or is_preflight(request):
-        return
+    if is_preflight(request):
+        return  # answered by `preflight`, with its own headers
     for name in {k for k in response.headers if k.lower().startswith("access-control-")}:
         response.headers.popall(name, None)
     vary = response.headers.get("Vary")
