@@ -4,6 +4,7 @@ its task ends, as a large answer does: Redis keeps a pointer, never the body."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -197,3 +198,45 @@ async def test_a_caller_that_leaves_while_its_task_is_created_leaves_no_body_beh
     await asyncio.sleep(1)
     assert not list(results.glob("*.request"))
     assert fake.stats.requests == 0
+
+
+async def test_a_task_whose_body_cannot_be_read_from_a_hung_store_fails_in_seconds(
+    gateway_factory: GatewayFactory, fake: Fake, tmp_path: Path
+) -> None:
+    """A results volume that hangs (a dead NFS server: the body's open never returns) held the
+    worker that took the task, and the task, until the store came back: the task's deadline
+    starts with its upstream call. It fails retryable, nothing sent, in the store's time."""
+    results = tmp_path / "results"
+    gateway = await gateway_factory(tasks={"workers": 1, "results_url": f"file://{results}"})
+    async with aiohttp.ClientSession() as http:
+
+        async def submit(latency_s: str) -> str:
+            headers = {**KEY, "Prefer": "respond-async", "X-Fake-Latency": latency_s}
+            async with http.post(
+                gateway.url + GENERATE, data=io.BytesIO(_body(3_000_000)), headers=headers
+            ) as resp:
+                assert resp.status == 202
+                task_id: str = (await resp.json())["id"]
+                return task_id
+
+        await submit("1")  # the one worker is busy with it
+        waiting = await submit("0")
+        hung = results / f"{waiting}.request"
+        hung.unlink()
+        os.mkfifo(hung)  # opening it for reading waits for a writer that never comes
+        kept = tmp_path / "fifo"
+        os.link(hung, kept)  # the failed task removes its body's name
+        try:
+            async with http.get(
+                f"{gateway.url}/v1/tasks/{waiting}/result",
+                headers={**KEY, "Prefer": "wait=25"},
+                timeout=aiohttp.ClientTimeout(total=30),
+            ) as resp:
+                assert resp.status == 503
+                assert json.loads(await resp.read())["error"]["code"] == (
+                    "request_body_unavailable"
+                )
+        finally:
+            with contextlib.suppress(OSError):  # lets a thread still opening it go
+                os.close(os.open(kept, os.O_WRONLY | os.O_NONBLOCK))
+    assert fake.stats.requests == 1

@@ -21,10 +21,10 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import IO, BinaryIO, Protocol
+from typing import IO, Any, BinaryIO, Protocol, TypeVar
 
 from yarl import URL
 
@@ -32,6 +32,9 @@ from gateway.errors import GatewayError
 from gateway.tasks.models import TASK_ID
 
 CHUNK_BYTES = 256 * 1024
+# The most one open or read of a file result may take (as an S3 read's timeout).
+_READ_TIMEOUT_S = 10.0
+_T = TypeVar("_T")
 
 
 class ResultStoreUnavailable(GatewayError):
@@ -194,7 +197,7 @@ class FileResults:
     @contextlib.asynccontextmanager
     async def open(self, ref: str) -> AsyncIterator[Opened | None]:
         try:
-            stored: BinaryIO | None = await asyncio.to_thread(self._path(ref).open, "rb")
+            stored: BinaryIO | None = await _read_within(self._path(ref).open, "rb")
         except FileNotFoundError:
             stored = None  # swept
         except OSError as exc:
@@ -227,7 +230,24 @@ class FileResults:
 
 async def _file_chunks(stored: BinaryIO) -> AsyncIterator[bytes]:
     try:
-        while chunk := await asyncio.to_thread(stored.read, CHUNK_BYTES):
+        while chunk := await _read_within(stored.read, CHUNK_BYTES):
             yield chunk
     except OSError as exc:
         raise ResultUnreadable() from exc
+
+
+async def _read_within(read: Callable[..., _T], *args: object) -> _T:
+    """`read(*args)` in a thread, waited for `_READ_TIMEOUT_S` at most: a volume that hangs (a
+    dead NFS server) is an unreadable result, not a reader, or a task's worker, held until it
+    comes back. What a read given up on returns at last is closed then."""
+    done = asyncio.get_running_loop().run_in_executor(None, read, *args)
+    await asyncio.wait((done,), timeout=_READ_TIMEOUT_S)
+    if not done.done():
+        done.add_done_callback(_close_late)
+        raise ResultUnreadable() from TimeoutError(f"no answer in {_READ_TIMEOUT_S:g} s")
+    return done.result()
+
+
+def _close_late(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled() and done.exception() is None and hasattr(done.result(), "close"):
+        done.result().close()
