@@ -9,7 +9,7 @@ from gateway.admission import ADMISSION, HELD, Admission, HeldConnections
 from gateway.auth import AUTH, Auth
 from gateway.boundary import boundary
 from gateway.config import CONFIG, Config
-from gateway.cors import add_cors_headers, preflight
+from gateway.cors import add_cors_headers
 from gateway.dispatch import dispatch
 from gateway.errors import not_found
 from gateway.health import READINESS, Readiness, healthz, readyz
@@ -53,9 +53,7 @@ PROXY_ROUTES = (
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(
-        client_max_size=config.server.max_body_bytes, middlewares=[boundary, preflight]
-    )
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[boundary])
     app[CONFIG] = config
     app[AUTH] = Auth(config.auth)
     app[METRICS] = Metrics(config.timeouts.models, config.timeouts.default_s)

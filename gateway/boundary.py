@@ -1,5 +1,6 @@
 """The one request boundary, for every route: the request context, in-flight and request
-metrics, disconnect counting, and errors rendered in the OpenAI shape."""
+metrics, disconnect counting, browsers' preflights (`cors.py`), and errors rendered in the
+OpenAI shape."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 from aiohttp import web
 
 from gateway.accesslog import REQUEST_CONTEXT, RequestContext
+from gateway.cors import preflight
 from gateway.errors import GatewayError, Handler, from_aiohttp
 from gateway.metrics import METRICS, Metrics
 
@@ -29,7 +31,10 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
     inflight.inc()
     response: web.StreamResponse | None = None
     try:
-        response = await handler(request)
+        if request.method == "OPTIONS":
+            response = await preflight(request, handler)
+        else:
+            response = await handler(request)
     except GatewayError as exc:
         response = exc.response()
     except web.HTTPException as exc:

@@ -58,10 +58,11 @@ def is_preflight(request: web.BaseRequest) -> bool:
     )
 
 
-@web.middleware
 async def preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A preflight is answered here, on every path: 204 with the policy to an allowed origin,
-    403 (no CORS header, so the browser refuses) to any other. Other requests go on."""
+    """An `OPTIONS` request: a preflight is answered here, on every path: 204 with the policy
+    to an allowed origin, 403 (no CORS header, so the browser refuses) to any other. Any other
+    `OPTIONS` goes on to `handler`. Called by `boundary` for `OPTIONS` only, so other calls pay
+    nothing for it (a middleware of its own is a frame more on every call)."""
     if not is_preflight(request):
         return await handler(request)
     cors = request.app[CONFIG].cors
