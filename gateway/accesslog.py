@@ -83,6 +83,7 @@ class RequestContext:
         "bytes_in",
         "call_goes_on",
         "caller_limit_s",
+        "client",
         "mode",
         "model",
         "request_id",
@@ -102,6 +103,8 @@ class RequestContext:
         self.caller_limit_s = math.inf
         self.upstream_s: float | None = None
         self.bytes_in = 0
+        # The caller's client name (`[clients.<name>]`), once a call needs it: empty until then.
+        self.client = ""
         # A call run once goes on when its caller leaves (a retry attaches to it).
         self.call_goes_on = False
 

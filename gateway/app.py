@@ -55,7 +55,7 @@ PROXY_ROUTES = (
 def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[boundary])
     app[CONFIG] = config
-    app[AUTH] = Auth(config.auth)
+    app[AUTH] = Auth(config)
     app[METRICS] = Metrics(config.timeouts.models, config.timeouts.default_s)
     app[READINESS] = Readiness()
     app[ADMISSION] = Admission(config.admission, config.upstream.per_credential)
@@ -83,7 +83,7 @@ def create_worker_app(config: Config) -> web.Application:
     """`gateway worker`: the task workers alone; HTTP only on the metrics port, if set."""
     app = web.Application()
     app[CONFIG] = config
-    app[AUTH] = Auth(config.auth)
+    app[AUTH] = Auth(config)
     app[METRICS] = Metrics(config.timeouts.models, config.timeouts.default_s)
     app[READINESS] = Readiness()
     _add_tasks(app, config)

@@ -16,7 +16,7 @@ from urllib.parse import unquote_plus
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.config import AuthConfig
+from gateway.config import UNNAMED, Config
 from gateway.errors import BadRequest, Unauthorized
 from gateway.headers import drop_caller_side
 
@@ -30,6 +30,7 @@ _QUERY_KEY = frozenset(("key",))
 # call would change silently; passed, the upstream would see a caller's secret.
 _CREDENTIAL_PARAMS = frozenset(("api_key", "api-key", "apikey", "access_token", "token"))
 _CALLER_KEY = web.RequestKey("caller_key", str)
+_CLIENT = web.RequestKey("client", str)
 _TWO_KEYS = "The request carries two different API keys; send one."
 
 
@@ -109,9 +110,10 @@ def _refuse_credential_params(target: str) -> None:
 
 
 class Auth:
-    def __init__(self, cfg: AuthConfig) -> None:
-        self._upstream_key = cfg.upstream_api_key
-        self._digests = cfg.client_key_sha256
+    def __init__(self, cfg: Config) -> None:
+        self._upstream_key = cfg.auth.upstream_api_key
+        # Client key digest -> the client name its calls are counted under.
+        self._digests = cfg.client_digests
 
     @property
     def injects(self) -> bool:
@@ -137,6 +139,19 @@ class Auth:
         if key is not None:
             request[_CALLER_KEY] = key
         return key
+
+    def client(self, request: web.Request) -> str:
+        """The name of the client calling (`[clients.<name>]`), for usage, budgets and
+        webhooks: "unnamed" for a key no client lists. A bounded label value."""
+        known: str | None = request.get(_CLIENT)
+        if known is None:
+            key = self.caller_key(request)
+            known = UNNAMED if key is None else self.client_of(key)
+            request[_CLIENT] = known
+        return known
+
+    def client_of(self, key: str) -> str:
+        return self._digests.get(key_digest(key), UNNAMED)
 
     def strip_credentials(self, headers: CIMultiDict[str]) -> None:
         """In key-injection mode, drop every caller credential from `headers` (in place), and

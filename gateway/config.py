@@ -24,6 +24,9 @@ _IMAGE_BASE_URL = re.compile(r"https?://[^/?#\s]+(/[^?#\s]*)?")
 _RESULTS_URL = re.compile(r"file:///[^?#]*|s3://[a-z0-9][a-z0-9._-]*[a-z0-9](/[^?#]*)?")
 
 
+# What a caller whose key is in no [clients.<name>] is counted as.
+UNNAMED = "unnamed"
+
 # Every number in the config has a range, checked as the file is decoded, so the error names the
 # key (msgspec's path). Counts whose 0 means "no cap" or "off" are `Count`s.
 Count = Annotated[int, msgspec.Meta(ge=0)]
@@ -243,10 +246,31 @@ class AdmissionConfig(_Section, frozen=True):
 
 
 class AuthConfig(_Section, frozen=True):
-    # SHA-256 hex digests of the client keys accepted when the gateway injects its own key.
+    # SHA-256 hex digests of the client keys accepted when the gateway injects its own key,
+    # besides those of the named clients (`[clients.<name>]`); these are counted as "unnamed".
     client_key_sha256: frozenset[str] = frozenset()
     # Prefer GATEWAY_UPSTREAM_API_KEY: a key in a file ends up in backups and diffs.
     upstream_api_key: str | None = None
+
+
+# A client's name: a Prometheus label value and a word in log lines and webhook payloads.
+ClientName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+Dollars = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class ClientConfig(_Section, frozen=True):
+    """One named client: its keys, what it may spend, and where its tasks announce their end."""
+
+    # SHA-256 hex digests of this client's keys (`gateway hash-key`); in key-injection mode
+    # they are accepted as auth.client_key_sha256's are.
+    key_sha256: frozenset[str] = frozenset()
+    # Estimated spend (from [prices]) allowed per UTC day and per UTC month, in USD (0: none).
+    daily_budget_usd: Dollars = 0.0
+    monthly_budget_usd: Dollars = 0.0
+    # Where this client's async tasks announce their end (a Standard Webhooks POST), and the
+    # secret they are signed with ("whsec_" and base64). Empty: no webhooks.
+    webhook_url: str = ""
+    webhook_secret: str = ""
 
 
 # An origin as browsers send it: no path, no trailing slash, no wildcard.
@@ -273,6 +297,13 @@ class Config(_Section, frozen=True):
     admission: AdmissionConfig = AdmissionConfig()
     auth: AuthConfig = AuthConfig()
     cors: CorsConfig = CorsConfig()
+    clients: dict[ClientName, ClientConfig] = {}
+
+    @property
+    def client_digests(self) -> dict[str, str]:
+        """Every client key's SHA-256 digest, and the name its calls are counted under."""
+        named = {d: name for name, client in self.clients.items() for d in client.key_sha256}
+        return {d: UNNAMED for d in self.auth.client_key_sha256} | named
 
     @property
     def metrics_on_main_port(self) -> bool:
@@ -312,11 +343,30 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
             if isinstance(table, dict):
                 table[key] = env[var]
     try:
+        _convert_clients(raw)
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{file}: {_named(exc)}") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from exc
     _check(config, file, env)
     return config
+
+
+def _convert_clients(raw: dict[str, Any]) -> None:
+    """Each [clients.<name>] table checked on its own first, so an error names the client
+    (msgspec's path for a table's value is `[...]`)."""
+    clients = raw.get("clients")
+    if not isinstance(clients, dict):
+        return
+    for name, table in clients.items():
+        try:
+            msgspec.convert(table, ClientConfig)
+        except msgspec.ValidationError as exc:
+            what, at, path = str(exc).rpartition(" - at `$.")
+            key = f"clients.{name}.{path.rstrip('`')}" if at else f"clients.{name}"
+            message = what if at else str(exc)
+            raise ConfigError(f"{key}: {message[:1].lower()}{message[1:]}") from exc
 
 
 def _named(exc: msgspec.ValidationError) -> str:
@@ -386,12 +436,24 @@ def _check(config: Config, file: Path, env: Mapping[str, str]) -> None:
             f"{file}: auth.client_key_sha256 is set but no upstream key "
             "(GATEWAY_UPSTREAM_API_KEY) to inject"
         )
-    if config.auth.upstream_api_key and not config.auth.client_key_sha256:
+    if config.auth.upstream_api_key and not config.client_digests:
         raise ConfigError(
-            f"{where('auth.upstream_api_key')} is set but {file}: auth.client_key_sha256 "
-            "names no client key, so every caller would get 401: add their digests "
-            "(`gateway hash-key`)"
+            f"{where('auth.upstream_api_key')} is set but {file}: neither auth.client_key_sha256 "
+            "nor [clients.<name>] key_sha256 names a client key, so every caller would get 401: "
+            "add their digests (`gateway hash-key`)"
         )
-    for digest in config.auth.client_key_sha256:
+    _check_digests("auth.client_key_sha256", config.auth.client_key_sha256, file)
+    owners: dict[str, str] = {}
+    for name, client in config.clients.items():
+        _check_digests(f"clients.{name}.key_sha256", client.key_sha256, file)
+        for digest in client.key_sha256:
+            if owners.setdefault(digest, name) != name:
+                raise ConfigError(
+                    f"{file}: clients.{name}.key_sha256 holds a key of clients.{owners[digest]} too"
+                )
+
+
+def _check_digests(key: str, digests: frozenset[str], file: Path) -> None:
+    for digest in digests:
         if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
-            raise ConfigError(f"{file}: auth.client_key_sha256 holds a non-SHA-256 value")
+            raise ConfigError(f"{file}: {key} holds a non-SHA-256 value")

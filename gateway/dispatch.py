@@ -27,7 +27,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             return await forward(request, ctx, target, body)
         prefs, once = as_task
         ctx.mode = "async" if prefs is not None else "sync"
-        caller = request.app[AUTH].caller_key(request) or ""
+        auth = request.app[AUTH]
+        caller = auth.caller_key(request) or ""
+        ctx.client = auth.client(request)
         with request.app[HELD].body_bytes.hold(caller, amount=ctx.bytes_in):
             answer = await submit(request, ctx, target, body, prefs, once)
             return answer if answer is not None else await forward(request, ctx, target, body)

@@ -134,3 +134,21 @@ async def test_another_scheme_alone_passes_through(
     async with http.get(f"{gateway.url}/v1/models", headers=headers) as resp:
         assert resp.status == 200
     assert _sent_headers(fake)["authorization"] == "Basic dXNlcjpwYXNz"
+
+
+async def test_a_named_clients_keys_are_accepted_and_only_the_upstream_key_goes_on(
+    gateway_factory: GatewayFactory, fake: Fake
+) -> None:
+    # Keys listed under [clients.<name>] alone are enough for key-injection mode.
+    gateway = await gateway_factory(
+        auth={"upstream_api_key": "sk-UPSTREAM"},
+        clients={"design": {"key_sha256": [key_digest(CLIENT_KEY)]}},
+    )
+    async with openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=CLIENT_KEY) as sdk:
+        assert (await sdk.images.generate(model="gpt-image-1", prompt="x")).data
+        with pytest.raises(openai.AuthenticationError):
+            await sdk.with_options(api_key="gw-someone-else", max_retries=0).images.generate(
+                model="gpt-image-1", prompt="x"
+            )
+    assert _sent_headers(fake)["authorization"] == "Bearer sk-UPSTREAM"
+    assert fake.stats.requests == 1

@@ -131,3 +131,29 @@ def test_a_bogus_redis_url_is_refused_without_echoing_it(tmp_path: Path, url: st
     with pytest.raises(ConfigError, match=r"^GATEWAY_REDIS_URL must be a redis://") as caught:
         load_config(file, env={"GATEWAY_REDIS_URL": url})
     assert "hunter2" not in str(caught.value)
+
+
+def test_a_key_in_two_named_clients_is_refused_naming_both(tmp_path: Path) -> None:
+    # Its calls could be counted under either: the budgets and webhooks would be a guess.
+    file = tmp_path / "gw.toml"
+    digest = "b" * 64
+    file.write_text(
+        f"[clients.design]\nkey_sha256 = ['{digest}']\n[clients.ads]\nkey_sha256 = ['{digest}']\n"
+    )
+    with pytest.raises(ConfigError, match=r"clients\.(ads|design) too"):
+        load_config(file, env={})
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ("[clients.'bad name']\n", "clients"),
+        ("[clients.design]\nkey_sha256 = ['not-a-digest']\n", "clients.design.key_sha256"),
+        ("[clients.design]\ndaily_budget_usd = -1\n", "clients.design.daily_budget_usd"),
+    ],
+)
+def test_a_bad_client_is_refused_naming_the_key(tmp_path: Path, toml: str, named: str) -> None:
+    file = tmp_path / "gw.toml"
+    file.write_text(toml)
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(file, env={})

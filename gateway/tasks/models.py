@@ -70,6 +70,9 @@ class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
     submitted_at: float = 0.0  # epoch seconds, finer than `created_at`: for the wait metric
     # The name a run-once call's task is found by: let go when its outcome is not kept.
     once: OnceName | None = None
+    # The name of the client that made it (`[clients.<name>]`, "unnamed"): what its usage is
+    # counted under and where its end is announced, on whichever replica runs it.
+    client: str = ""
 
 
 class Job(msgspec.Struct, frozen=True, kw_only=True):

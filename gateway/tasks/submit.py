@@ -172,7 +172,14 @@ def _record(
 ) -> TaskRecord:
     task = Task(id=task_id, status=status, model=ctx.model, created_at=int(time.time()))
     attempt = 1 if status == "in_progress" else 0
-    return TaskRecord(task=task, owner=owner, attempt=attempt, submitted_at=time.time(), once=once)
+    return TaskRecord(
+        task=task,
+        owner=owner,
+        attempt=attempt,
+        submitted_at=time.time(),
+        once=once,
+        client=ctx.client,
+    )
 
 
 async def _submit_async(
