@@ -11,7 +11,7 @@ import re
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -273,6 +273,75 @@ class ClientConfig(_Section, frozen=True):
     webhook_secret: str = ""
 
 
+def _default_prices() -> dict[str, dict[str, float]]:
+    # The vendors' list prices per image in USD (OpenAI, Google, ByteDance, Black Forest Labs,
+    # late 2025): estimates, not APIYI's bill, which is its own and usually lower. Keys:
+    # "size/quality", "size", "/quality", "default", tried in that order.
+    gpt_image = {
+        "default": 0.042,
+        "/low": 0.011,
+        "/medium": 0.042,
+        "/high": 0.167,
+        "1024x1024/low": 0.011,
+        "1024x1024/medium": 0.042,
+        "1024x1024/high": 0.167,
+        "1536x1024/low": 0.016,
+        "1536x1024/medium": 0.063,
+        "1536x1024/high": 0.25,
+        "1024x1536/low": 0.016,
+        "1024x1536/medium": 0.063,
+        "1024x1536/high": 0.25,
+        "1536x1024": 0.063,
+        "1024x1536": 0.063,
+    }
+    return {
+        "gpt-image-1": gpt_image,
+        # Newer gpt-image models priced as gpt-image-1 until their own prices are set.
+        "gpt-image-1.5": gpt_image,
+        "gpt-image-2": gpt_image,
+        "gpt-image-2-all": gpt_image,
+        "gpt-image-2-vip": gpt_image,
+        "gpt-image-1-mini": {
+            "default": 0.011,
+            "/low": 0.005,
+            "/medium": 0.011,
+            "/high": 0.036,
+            "1536x1024/low": 0.006,
+            "1536x1024/medium": 0.015,
+            "1536x1024/high": 0.052,
+            "1024x1536/low": 0.006,
+            "1024x1536/medium": 0.015,
+            "1024x1536/high": 0.052,
+        },
+        "dall-e-3": {
+            "default": 0.04,
+            "/hd": 0.08,
+            "1024x1792": 0.08,
+            "1792x1024": 0.08,
+            "1024x1792/hd": 0.12,
+            "1792x1024/hd": 0.12,
+        },
+        "gemini-2.5-flash-image": {"default": 0.039},
+        "gemini-2.5-flash-image-preview": {"default": 0.039},
+        "gemini-3-pro-image-preview": {"default": 0.134, "4K": 0.24},
+        "seedream-4-0-250828": {"default": 0.03},
+        "seedream-4-5-251128": {"default": 0.04},
+        "flux-kontext-pro": {"default": 0.04},
+        "flux-kontext-max": {"default": 0.08},
+    }
+
+
+class UsageConfig(_Section, frozen=True):
+    # What one image of a model missing from [prices] is estimated at: high, so that an unpriced
+    # model spends a budget rather than slipping past it at $0 (each such model is logged once
+    # and counted in gateway_unpriced_images_total).
+    unpriced_image_usd: Dollars = 0.2
+    # A budgeted client's call when the task store (Redis) cannot be asked within
+    # tasks.store_timeout_s: "open" lets it through uncounted against the budget (counted in
+    # gateway_budget_unchecked_total), "closed" refuses it with a retryable 503.
+    budget_store_down: Literal["open", "closed"] = "open"
+
+
 # An origin as browsers send it: no path, no trailing slash, no wildcard.
 _Origin = Annotated[str, msgspec.Meta(pattern=r"^https?://[^/?#\s*]+$")]
 
@@ -298,6 +367,9 @@ class Config(_Section, frozen=True):
     auth: AuthConfig = AuthConfig()
     cors: CorsConfig = CorsConfig()
     clients: dict[ClientName, ClientConfig] = {}
+    usage: UsageConfig = UsageConfig()
+    # Estimated USD per image, by model (UsageConfig, _default_prices).
+    prices: dict[str, dict[str, float]] = msgspec.field(default_factory=_default_prices)
 
     @property
     def client_digests(self) -> dict[str, str]:
@@ -401,6 +473,10 @@ def _check_per_model(config: Config, file: Path) -> None:
         for model, value in table.items():
             if not (value > 0 if rule == "> 0" else value >= 0):  # NaN fails both
                 raise ConfigError(f'{file}: {key}."{model}" must be {rule}')
+    for model, prices in config.prices.items():
+        for which, usd in prices.items():
+            if not usd >= 0:  # NaN fails too
+                raise ConfigError(f'{file}: prices."{model}"."{which}" must be >= 0')
 
 
 def _check(config: Config, file: Path, env: Mapping[str, str]) -> None:

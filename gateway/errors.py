@@ -115,6 +115,20 @@ class QueueFull(GatewayError):
 QUEUE_FULL_FOR_ALL = "The gateway has as many tasks queued as it allows in all; retry later."
 
 
+class BudgetExceeded(GatewayError):
+    """A client's budget for the day or month would be passed: nothing was sent. Retrying
+    before the reset is refused the same way, so the SDK must not retry."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+    should_retry = False
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class UpstreamUnreachable(GatewayError):
     """Nothing reached the upstream, so nothing was billed: retrying is safe."""
 

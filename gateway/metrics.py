@@ -89,6 +89,7 @@ class Metrics:
         self._request_metrics()
         self._task_metrics()
         self._pool_metrics()
+        self._usage_metrics()
         Info("gateway_build", "The running gateway.", registry=self.registry).info(
             {"version": __version__, "python": platform.python_version()}
         )
@@ -208,6 +209,53 @@ class Metrics:
         self.pool_size = self._gauge(
             "upstream_pool_size", "Most upstream connections at once (0: no limit)."
         )()
+
+    def _usage_metrics(self) -> None:
+        # `client` is a configured client's name or "unnamed": bounded by the config.
+        self.client_calls = self._counter(
+            "client_calls",
+            "Counted calls (image routes, Gemini, chat) per client.",
+            "client",
+            "model",
+        )
+        self.client_images = self._counter(
+            "client_images",
+            "Images made per client (the answer's, else the request's n).",
+            "client",
+            "model",
+        )
+        self.client_tokens = self._counter(
+            "client_tokens",
+            "Upstream usage tokens per client, where the answer has them (kind: input, output).",
+            "client",
+            "model",
+            "kind",
+        )
+        self.client_cost = self._counter(
+            "client_cost_usd", "Estimated spend per client ([prices]), in USD.", "client", "model"
+        )
+        self.budget_refusals = self._counter(
+            "budget_refusals",
+            "Calls refused with 429 budget_exceeded, by client and period (day, month).",
+            "client",
+            "period",
+        )
+        self.budget_unchecked = self._counter(
+            "budget_unchecked",
+            "Calls of budgeted clients let through unchecked: the task store did not answer "
+            "(usage.budget_store_down = open).",
+            "client",
+        )
+        self.usage_unrecorded = self._counter(
+            "usage_unrecorded",
+            "Settled calls the usage ledger failed to record (task store unreachable).",
+            "client",
+        )
+        self.unpriced_images = self._counter(
+            "unpriced_images",
+            "Images of models missing from [prices], estimated at usage.unpriced_image_usd.",
+            "model",
+        )
 
     def store_call(self, op: str, seconds: float, failure: str) -> None:
         self.store_duration(op).observe(seconds)

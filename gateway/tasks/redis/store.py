@@ -112,6 +112,12 @@ class RedisStore:
         self.ready = not cluster
         self._getting_ready = asyncio.Lock()
 
+    @property
+    def redis(self) -> Any:
+        """The client, for the usage ledger (`gateway/usage/redis_ledger.py`), whose keys and
+        scripts are its own but whose Redis is this one."""
+        return self._redis
+
     async def get_ready(self) -> None:
         async with self._getting_ready:
             if not self.ready:

@@ -1,0 +1,122 @@
+"""What a call asks for, as far as its price goes: model, images (`n`), size and quality.
+
+Read from the fields alone, never the prompt or the images: a JSON body decoded into a struct of
+four fields (msgspec skips the rest without making Python objects of it), a multipart edit's
+form fields, or Gemini's path model with `generationConfig`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+
+import msgspec
+
+# The routes whose calls are counted and priced; any other call is neither.
+IMAGE_ROUTES = frozenset(
+    (
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/images/variations",
+    )
+)
+GEMINI_ROUTES = frozenset(
+    (
+        "/v1beta/models/{model}:generateContent",
+        "/v1/models/{model}:generateContent",
+        "/v1beta/models/{model}:streamGenerateContent",
+        "/v1/models/{model}:streamGenerateContent",
+    )
+)
+# Chat completions are counted (calls, tokens) and priced per image only for a model in
+# [prices] (APIYI serves Gemini's image models there too); a text model costs nothing here.
+CHAT_ROUTE = "/v1/chat/completions"
+COUNTED_ROUTES = IMAGE_ROUTES | GEMINI_ROUTES | {CHAT_ROUTE}
+# A caller's `n` beyond this is taken as this: OpenAI's own cap is 10.
+_MOST_IMAGES = 10
+
+
+class Ask(msgspec.Struct, frozen=True):
+    model: str | None
+    images: int
+    size: str | None
+    quality: str | None
+    # A chat completion: priced per image only for a model in [prices].
+    chat: bool = False
+
+
+class _OpenAIFields(msgspec.Struct):
+    model: str | None = None
+    n: int | None = None
+    size: str | None = None
+    quality: str | None = None
+
+
+class _ImageConfig(msgspec.Struct):
+    imageSize: str | None = None
+    image_size: str | None = None
+
+
+class _GenerationConfig(msgspec.Struct):
+    candidateCount: int | None = None
+    candidate_count: int | None = None
+    imageConfig: _ImageConfig | None = None
+    image_config: _ImageConfig | None = None
+
+
+class _GeminiFields(msgspec.Struct):
+    generationConfig: _GenerationConfig | None = None
+    generation_config: _GenerationConfig | None = None
+
+
+_openai = msgspec.json.Decoder(_OpenAIFields).decode
+_gemini = msgspec.json.Decoder(_GeminiFields).decode
+# A form field of a multipart body that is not a file: its name, then its short value.
+_FORM_FIELD = re.compile(
+    rb'content-disposition:[ \t]*form-data;[ \t]*name="(model|n|size|quality)"\r\n'
+    rb"(?:[^\r\n]*\r\n)*?\r\n([^\r\n]{0,100})\r\n",
+    re.IGNORECASE,
+)
+
+Body = bytes | bytearray | memoryview | mmap.mmap
+
+
+def ask_of(route: str, model: str | None, content_type: str, body: Body) -> Ask:
+    """What the call asks for. `model`: as the gateway found it (path or body); a body that
+    cannot be read for these fields asks for one image of that model at its default price."""
+    mime = content_type.partition(";")[0].strip().lower()
+    try:
+        if route in GEMINI_ROUTES:
+            return _gemini_ask(model, body)
+        if mime == "multipart/form-data":
+            return _form_ask(model, body)
+        fields = _openai(body) if body else _OpenAIFields()
+    except (msgspec.DecodeError, RecursionError):
+        return Ask(model, 1, None, None, route == CHAT_ROUTE)
+    chat = route == CHAT_ROUTE
+    return Ask(fields.model or model, _images(fields.n), fields.size, fields.quality, chat)
+
+
+def _gemini_ask(model: str | None, body: Body) -> Ask:
+    fields = _gemini(body) if body else _GeminiFields()
+    config = fields.generationConfig or fields.generation_config or _GenerationConfig()
+    image = config.imageConfig or config.image_config or _ImageConfig()
+    count = config.candidateCount or config.candidate_count
+    return Ask(model, _images(count), image.imageSize or image.image_size, None)
+
+
+def _form_ask(model: str | None, body: Body) -> Ask:
+    found: dict[bytes, str] = {}
+    for match in _FORM_FIELD.finditer(body):
+        found.setdefault(match[1].lower(), match[2].decode("utf-8", "replace").strip())
+    n = found.get(b"n", "")
+    return Ask(
+        found.get(b"model") or model,
+        _images(int(n) if n.isdigit() else None),
+        found.get(b"size") or None,
+        found.get(b"quality") or None,
+    )
+
+
+def _images(n: int | None) -> int:
+    return min(max(n or 1, 1), _MOST_IMAGES)

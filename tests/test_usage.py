@@ -1,0 +1,238 @@
+"""Usage and budgets per named client (issue 21 item 1): prices, what a call asks for and what
+its answer made, the ledger's holds on a real Redis (standalone and Cluster) and in memory, and
+end to end through real gateways: every path refused over budget, a budget held under 50
+concurrent callers on two replicas, GET /v1/usage, the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gateway.config import TasksConfig
+from gateway.tasks import redis as redis_store
+from gateway.tasks.redis.observed import unobserved
+from gateway.usage.answer import AnswerMeter, Tokens
+from gateway.usage.ask import Ask, ask_of
+from gateway.usage.ledger import Budgets, Ledger, MemoryLedger, Spend
+from gateway.usage.periods import Periods, iso
+from gateway.usage.prices import PriceTable
+from gateway.usage.redis_ledger import RedisLedger
+
+# --- prices -------------------------------------------------------------------------------
+
+
+def test_a_price_is_looked_up_by_size_and_quality_then_size_then_quality_then_default() -> None:
+    table = PriceTable(
+        {"m": {"default": 1.0, "/high": 2.0, "big": 3.0, "big/high": 4.0}}, unpriced_image_usd=9.0
+    )
+    assert table.per_image("m", "big", "high") == 4.0
+    assert table.per_image("m", "big", "low") == 3.0
+    assert table.per_image("m", "small", "high") == 2.0
+    assert table.per_image("m", None, None) == 1.0
+    assert table.per_image("m", "small", "low") == 1.0
+
+
+def test_a_model_missing_from_the_table_never_costs_nothing() -> None:
+    told: list[str] = []
+    table = PriceTable({"m": {"default": 1.0}}, unpriced_image_usd=0.2, on_unpriced=told.append)
+    assert table.per_image("imagen-4", "1024x1024", None) == 0.2
+    assert table.per_image(None, None, None) == 0.2
+    assert told == ["imagen-4", ""]
+
+
+# --- what a call asks for ---------------------------------------------------------------------
+
+
+def test_a_json_call_asks_for_its_model_n_size_and_quality() -> None:
+    body = json.dumps(
+        {
+            "model": "gpt-image-1",
+            "prompt": "x" * 1000,
+            "n": 3,
+            "size": "1536x1024",
+            "quality": "high",
+        }
+    ).encode()
+    got = ask_of("/v1/images/generations", None, "application/json", body)
+    assert got == Ask("gpt-image-1", 3, "1536x1024", "high")
+    # Nonsense n is one image, a huge one OpenAI's cap; an unreadable body one image too.
+    many = ask_of("/v1/images/generations", None, "application/json", b'{"model":"m","n":500}')
+    assert many.images == 10
+    assert ask_of("/v1/images/generations", "m", "application/json", b"{nope") == Ask(
+        "m", 1, None, None
+    )
+
+
+def test_a_multipart_edit_asks_through_its_form_fields() -> None:
+    boundary = "b0undary"
+    parts = [
+        ("image", b"\x89PNG" + b"\0" * 5000, 'filename="a.png"\r\nContent-Type: image/png'),
+        ("model", b"gpt-image-1", None),
+        ("n", b"2", None),
+        ("quality", b"low", None),
+    ]
+    body = b""
+    for name, value, extra in parts:
+        head = f'Content-Disposition: form-data; name="{name}"'
+        head += f"; {extra}" if extra else ""
+        body += f"--{boundary}\r\n{head}\r\n\r\n".encode() + value + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    got = ask_of("/v1/images/edits", None, f"multipart/form-data; boundary={boundary}", body)
+    assert got == Ask("gpt-image-1", 2, None, "low")
+
+
+def test_a_gemini_call_asks_through_its_path_and_generation_config() -> None:
+    route = "/v1beta/models/{model}:generateContent"
+    body = json.dumps(
+        {
+            "contents": [{"parts": [{"text": "a cat"}]}],
+            "generationConfig": {"candidateCount": 2, "imageConfig": {"imageSize": "4K"}},
+        }
+    ).encode()
+    got = ask_of(route, "gemini-3-pro-image-preview", "application/json", body)
+    assert got == Ask("gemini-3-pro-image-preview", 2, "4K", None)
+    assert ask_of(route, "gemini-2.5-flash-image", "application/json", b"{}").images == 1
+
+
+# --- what an answer made ----------------------------------------------------------------------
+
+
+def _answer(images: int, image_bytes: int = 30_000) -> bytes:
+    data = [{"b64_json": base64.b64encode(b"\0" * image_bytes).decode()} for _ in range(images)]
+    usage = {"input_tokens": 12, "output_tokens": 4160, "total_tokens": 4172}
+    return json.dumps({"created": 1, "data": data, "usage": usage}).encode()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000, 65536, 10**7])
+def test_an_answer_s_images_and_tokens_are_read_as_it_streams_past(chunk: int) -> None:
+    body = _answer(3)
+    meter = AnswerMeter()
+    for start in range(0, len(body), chunk):
+        meter.feed(body[start : start + chunk])
+    assert meter.images == 3
+    assert meter.tokens == Tokens(input=12, output=4160)
+
+
+def test_a_gemini_answer_s_inline_images_and_usage_metadata_are_read() -> None:
+    body = json.dumps(
+        {
+            "candidates": [
+                {"content": {"parts": [{"inlineData": {"mimeType": "image/png", "data": "QUJD"}}]}}
+            ]
+            * 2,
+            "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 1290},
+        }
+    ).encode()
+    meter = AnswerMeter()
+    meter.feed(body)
+    assert meter.images == 2
+    assert meter.tokens == Tokens(input=10, output=1290)
+
+
+def test_an_error_answer_names_no_images_and_no_tokens() -> None:
+    meter = AnswerMeter()
+    meter.feed(b'{"error": {"message": "no", "type": "x", "code": "y"}}')
+    assert meter.images is None
+    assert meter.tokens is None
+
+
+# --- periods ----------------------------------------------------------------------------------
+
+
+def test_a_day_ends_at_utc_midnight_and_a_month_on_the_first() -> None:
+    periods = Periods(1_798_761_599.0)  # 2026-12-31T23:59:59Z
+    assert (periods.day, periods.month) == ("2026-12-31", "2026-12")
+    assert iso(periods.day_ends) == "2027-01-01T00:00:00Z"
+    assert iso(periods.month_ends) == "2027-01-01T00:00:00Z"
+    assert iso(Periods(1_770_000_000.0).month_ends) == "2026-03-01T00:00:00Z"  # in February
+
+
+# --- the ledger -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def ledgers(store: dict[str, Any]) -> AsyncIterator[tuple[Ledger, Ledger]]:
+    """Two ledgers over one store, as two replicas have: on Redis two clients of their own."""
+    if not store:
+        one = MemoryLedger()
+        yield one, one
+        return
+    config = TasksConfig(**store)
+    stores = [redis_store.connect(config, unobserved) for _ in range(2)]
+    try:
+        first, second = (RedisLedger(s, config.key_prefix) for s in stores)
+        yield first, second
+    finally:
+        for s in stores:
+            await s.redis.aclose()
+
+
+async def test_holds_never_pass_a_budget_however_many_race_on_two_replicas(
+    ledgers: tuple[Ledger, Ledger],
+) -> None:
+    """50 calls of $0.167 race for a $2 daily budget from two replicas: 11 get it (11 x 0.167
+    = 1.837; a 12th would pass 2.0), whoever asks first."""
+    periods = Periods(time.time())
+    budgets = Budgets(day=2_000_000)
+    client = f"c{uuid.uuid4().hex[:6]}"
+    holds = await asyncio.gather(
+        *(ledgers[i % 2].hold(client, f"h{i}", 167_000, budgets, periods, 60) for i in range(50))
+    )
+    held = [i for i, refused in enumerate(holds) if refused is None]
+    assert len(held) == 11
+    refused = next(r for r in holds if r is not None)
+    assert refused.period == "day"
+    # Settled at what they cost (one made nothing: an error answer); the figures add up.
+    for n, i in enumerate(held):
+        spend = Spend("gpt-image-1", 0 if n == 0 else 167_000, images=0 if n == 0 else 1)
+        assert await ledgers[i % 2].settle(client, f"h{i}", spend, periods, 3600)
+    figures = await ledgers[0].figures(client, periods)
+    assert figures.day.spent == 10 * 167_000
+    assert figures.day.held == 0
+    assert figures.day.models["gpt-image-1"].calls == 11
+    assert figures.day.models["gpt-image-1"].images == 10
+    assert figures.month.spent == figures.day.spent
+    # The freed amount is there to hold again.
+    assert await ledgers[1].hold(client, "again", 167_000, budgets, periods, 60) is None
+
+
+async def test_a_hold_settles_once_and_a_dead_replica_s_hold_lapses(
+    ledgers: tuple[Ledger, Ledger],
+) -> None:
+    periods = Periods(time.time())
+    budgets = Budgets(day=1_000_000, month=5_000_000)
+    client = f"c{uuid.uuid4().hex[:6]}"
+    assert await ledgers[0].hold(client, "task_a", 600_000, budgets, periods, 3600) is None
+    spend = Spend("m", 600_000, images=1)
+    assert await ledgers[0].settle(client, "task_a", spend, periods, 3600)
+    # A task run again after a lost worker settles again: not counted twice.
+    assert not await ledgers[1].settle(client, "task_a", spend, periods, 3600)
+    assert (await ledgers[1].figures(client, periods)).day.spent == 600_000
+    # A replica that died mid-call never settles; its hold lapses and the budget is free again.
+    assert await ledgers[0].hold(client, "lost", 400_000, budgets, periods, 0.3) is None
+    refused = await ledgers[1].hold(client, "next", 400_000, budgets, periods, 60)
+    assert refused is not None
+    assert refused.held == 400_000
+    await asyncio.sleep(0.5)
+    assert await ledgers[1].hold(client, "next", 400_000, budgets, periods, 60) is None
+
+
+async def test_a_monthly_budget_is_held_as_a_daily_one(ledgers: tuple[Ledger, Ledger]) -> None:
+    periods = Periods(time.time())
+    client = f"c{uuid.uuid4().hex[:6]}"
+    budgets = Budgets(month=100_000)
+    assert await ledgers[0].hold(client, "a", 100_000, budgets, periods, 60) is None
+    refused = await ledgers[1].hold(client, "b", 1, budgets, periods, 60)
+    assert refused is not None
+    assert refused.period == "month"
+    # Released without being counted (the call never ran): nothing spent.
+    assert await ledgers[1].settle(client, "a", None, periods, 0)
+    assert (await ledgers[0].figures(client, periods)).month.spent == 0
+    assert await ledgers[1].hold(client, "b", 1, budgets, periods, 60) is None
