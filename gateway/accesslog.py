@@ -1,4 +1,4 @@
-"""Request ids, the one access-log line per request, and log lines no caller can forge.
+"""The one access-log line per request, written without a system call per line.
 
 The line carries method, route, model, status, durations and byte counts; never a prompt, an
 image, a header value or a key. Every value a caller chose (a path, a model) is escaped, so it
@@ -10,11 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import itertools
 import logging
-import math
-import re
-import secrets
 import time
 from typing import TextIO
 
@@ -23,104 +19,10 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
+from gateway.context import REQUEST_CONTEXT
+from gateway.logsafe import escape_controls, log_field
+
 access_logger = logging.getLogger("gateway.access")
-
-# Caller-chosen ids are echoed and logged, so only a plain token is accepted (no log injection).
-_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Request ids made here: unique, not secret (they only tie log lines together), so a random
-# per-process prefix and a counter, without a system call per request as uuid4 makes.
-_ID_PREFIX = secrets.token_hex(8)
-_next_id = itertools.count(1).__next__
-# What a log line shows of a caller's value as it is; anything else is escaped and quoted.
-_PLAIN_FIELD = re.compile(r"[A-Za-z0-9._:/{}@+-]{1,200}")
-# Characters that end or hide a line somewhere (terminals, `str.splitlines`, log shippers), and
-# lone surrogates, which no UTF-8 log file can hold.
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-
-
-def escape_controls(text: str) -> str:
-    """`text` with every line-breaking or unencodable character written as an escape."""
-    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-
-
-def log_field(value: str) -> str:
-    """A caller's value as one field of a text log line."""
-    if _PLAIN_FIELD.fullmatch(value):
-        return value
-    escaped = escape_controls(value[:200].replace("\\", "\\\\").replace('"', '\\"'))
-    return f'"{escaped}"'
-
-
-class OncePer:
-    """True once per `seconds`: for a warning that would otherwise come with every call or
-    from every worker (a store outage)."""
-
-    def __init__(self, seconds: float) -> None:
-        self._seconds = seconds
-        self._next = 0.0
-
-    def __call__(self) -> bool:
-        now = time.monotonic()
-        if now < self._next:
-            return False
-        self._next = now + self._seconds
-        return True
-
-
-class OneLineFormatter(logging.Formatter):
-    """Every log message stays one line, whatever a caller put into it; tracebacks are ours."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        if not record.message.isprintable():  # line breaks, controls and surrogates are not
-            record.message = escape_controls(record.message)
-        return super().formatMessage(record)
-
-
-class RequestContext:
-    """What one request did, filled in as it goes, for the log line and the metrics."""
-
-    __slots__ = (
-        "bytes_in",
-        "call_goes_on",
-        "caller_limit_s",
-        "client",
-        "mode",
-        "model",
-        "request_id",
-        "route",
-        "started",
-        "upstream_s",
-    )
-
-    def __init__(self, request: web.Request) -> None:
-        self.started = asyncio.get_running_loop().time()
-        given = request.headers.get("X-Request-ID", "")
-        self.request_id = given if _SAFE_ID.fullmatch(given) else f"{_ID_PREFIX}{_next_id():016x}"
-        resource = request.match_info.route.resource
-        self.route = resource.canonical if resource is not None else "other"
-        self.model: str | None = None
-        self.mode = "sync"  # "async" once the call runs as a task the caller does not wait on
-        self.caller_limit_s = math.inf
-        self.upstream_s: float | None = None
-        self.bytes_in = 0
-        # The caller's client name (`[clients.<name>]`), once a call needs it: empty until then.
-        self.client = ""
-        # A call run once goes on when its caller leaves (a retry attaches to it).
-        self.call_goes_on = False
-
-    def time_upstream(self, seconds: float) -> None:
-        """The upstream's time of a call made elsewhere for this request (a call run once)."""
-        self.upstream_s = seconds
-
-
-REQUEST_CONTEXT = web.RequestKey("request_context", RequestContext)
-
-
-async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare hook: every proxied response, streamed or not, names its request id."""
-    ctx = request.get(REQUEST_CONTEXT)
-    if ctx is not None:
-        response.headers["X-Request-ID"] = ctx.request_id
 
 
 class BatchedLines:

@@ -12,9 +12,10 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from gateway.accesslog import OneLineFormatter, write_access_lines_to
+from gateway.accesslog import write_access_lines_to
 from gateway.auth import key_digest
 from gateway.config import ConfigError, load_config
+from gateway.logsafe import OneLineFormatter
 
 logger = logging.getLogger("gateway")
 
@@ -130,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(key_digest(key))
         return 0
 
-    from gateway.server import CannotListen, cannot_listen, serve, work
+    from gateway.edge.server import CannotListen, cannot_listen, serve, work
 
     if args.command == "fake-upstream":
         from gateway.fake import FakeSettings, serve_fake

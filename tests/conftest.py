@@ -15,11 +15,11 @@ import openai
 import pytest
 from aiohttp import web
 
-from gateway.app import create_app
 from gateway.config import Config
+from gateway.edge.app import create_app
+from gateway.edge.server import start
 from gateway.fake import STATS, FakeSettings, FakeStats, start_fake
 from gateway.metrics import METRICS, Metrics
-from gateway.server import start
 from tests.procs import GatewayProcess, free_port
 from tests.redis_cluster import ClusterNodes
 from tests.redis_server import RedisServer

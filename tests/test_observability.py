@@ -110,7 +110,7 @@ async def test_a_served_gateway_writes_one_access_line_per_call_like_its_other_l
     await asyncio.sleep(0.3)
     lines = proc.output().splitlines()
     stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
-    assert re.match(stamp + "INFO gateway.server ", lines[0])  # the start-up line's shape
+    assert re.match(stamp + "INFO gateway.edge.server ", lines[0])  # the start-up line's shape
     access = [
         re.fullmatch(
             stamp + r"INFO gateway\.access (call-\d) POST /v1/images/generations "

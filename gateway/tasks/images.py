@@ -23,7 +23,6 @@ from typing import IO, Any
 
 import aiohttp
 import msgspec
-from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
@@ -38,7 +37,6 @@ from gateway.tasks.results import (
     discard,
     put_within,
 )
-from gateway.tasks.views import replay
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +47,7 @@ _MAX_REDIRECTS = 3
 _REDIRECTS = frozenset((301, 302, 303, 307, 308))
 # The kinds served, by their first bytes: nothing else is kept, so the gateway's origin never
 # serves a page (HTML, SVG) an upstream could have put behind an image URL.
-_KINDS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+IMAGE_KINDS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 class CopyFailed(Exception):
@@ -267,16 +265,3 @@ class ImageCopies:
 def _marked(response: StoredResponse, body: bytes, outcome: str) -> StoredResponse:
     headers = [(k, v) for k, v in response.headers if k.lower() != COPY_HEADER]
     return msgspec.structs.replace(response, headers=[*headers, (COPY_HEADER, outcome)], body=body)
-
-
-async def image_view(request: web.Request) -> web.StreamResponse:
-    """An image copy, to anyone holding its URL (unguessable, like the upstream's own links)."""
-    name = request.match_info["name"]
-    headers = [
-        ("Content-Type", _KINDS[name.rsplit(".", 1)[1]]),
-        ("Cache-Control", "private, max-age=3600, immutable"),
-        ("X-Content-Type-Options", "nosniff"),
-    ]
-    return await replay(
-        request, StoredResponse(status=200, headers=headers, body=b"", body_ref=name)
-    )

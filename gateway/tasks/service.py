@@ -11,6 +11,7 @@ import secrets
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from multidict import MultiMapping
 from yarl import URL
 
 from gateway.auth import Auth
@@ -24,9 +25,6 @@ from gateway.tasks.results import FileResults, Results, ResultStoreUnavailable
 from gateway.tasks.results_s3 import S3Results
 
 logger = logging.getLogger(__name__)
-
-# The owner of the task a signed link opened: whose caps its connections count against.
-_LINK_OWNER = web.RequestKey("link_owner", str)
 
 
 class TaskService:
@@ -57,26 +55,23 @@ class TaskService:
         except StoreUnavailable:
             logger.warning("task store unreachable at start-up; plain calls are served")
 
-    async def owner(self, request: web.Request) -> str:
+    async def owner(self, caller_key: str | None) -> str:
         """The caller's credential as a keyed hash: who may see a task."""
-        if _LINK_OWNER in request:
-            return request[_LINK_OWNER]
-        key = self._auth.caller_key(request)
-        if key is None:
+        if caller_key is None:
             raise Unauthorized("Async tasks belong to a credential: send an API key.")
         if not self._owner_key:
             self._owner_key = await self.store.owner_key()
-        return self._digest(key)
+        return self._digest(caller_key)
 
-    def upstream_credential(self, request: web.Request) -> str:
+    def upstream_credential(self, caller_key: str | None) -> str:
         """The key the caller's job sends upstream, as a keyed hash: the unit APIYI's
         concurrency limits count in."""
-        return self._digest(self._auth.upstream_credential(self._auth.caller_key(request)))
+        return self._digest(self._auth.upstream_credential(caller_key))
 
-    def signer(self, request: web.Request) -> links.Signer | None:
-        """What signs the links of a task object answered to `request`: none to a request that
-        came by a signed link, whose links would otherwise outlive it."""
-        if not self._link_ttl_s or not self._owner_key or _LINK_OWNER in request:
+    def signer(self) -> links.Signer | None:
+        """What signs the links of a task object (None: links are off, or the owner key is
+        not yet known)."""
+        if not self._link_ttl_s or not self._owner_key:
             return None
         secret, ttl_s = links.link_secret(self._owner_key), self._link_ttl_s
         return lambda path: links.sign(secret, path, ttl_s)
@@ -84,43 +79,45 @@ class TaskService:
     def _digest(self, key: str) -> str:
         return hmac.new(self._owner_key, key.encode(), hashlib.sha256).hexdigest()
 
-    async def visible(self, request: web.Request, *, by_link: bool = False) -> TaskRecord:
-        """The task named in the path, if the caller's credential made it (or, `by_link`, the
-        request carries a signed link of this path); 404 otherwise, so another tenant cannot
-        even learn that it exists."""
-        return (await self._visible(request, with_answer=False, by_link=by_link))[0]
-
-    async def visible_answer(
-        self, request: web.Request, *, by_link: bool = False
+    async def visible(
+        self, caller_key: str | None, task_id: str, *, with_answer: bool = False
     ) -> tuple[TaskRecord, StoredResponse | None]:
-        """`visible`'s task and its answer (None until it has one), read together."""
-        return await self._visible(request, with_answer=True, by_link=by_link)
-
-    async def _visible(
-        self, request: web.Request, *, with_answer: bool, by_link: bool
-    ) -> tuple[TaskRecord, StoredResponse | None]:
-        by_link = by_link and links.is_signed(request.query)
-        owner = None if by_link else await self.owner(request)
-        if by_link and not await self._link_valid(request):
-            raise NotFound("No such task.")  # expired or forged: as for another's task
-        task_id = request.match_info["task_id"]
-        got: tuple[TaskRecord, StoredResponse | None] | None = None
-        if TASK_ID.fullmatch(task_id) and with_answer:
-            got = await self.store.answered(task_id)
-        elif TASK_ID.fullmatch(task_id) and (record := await self.store.get(task_id)):
-            got = (record, None)
-        if got is None or (owner is not None and not hmac.compare_digest(got[0].owner, owner)):
+        """The task, and its answer if asked for (None until it has one), if the caller's
+        credential made it; 404 otherwise, so another tenant cannot even learn that it exists."""
+        owner = await self.owner(caller_key)
+        got = await self._read(task_id, with_answer)
+        if got is None or not hmac.compare_digest(got[0].owner, owner):
             raise NotFound("No such task.")
-        if by_link:
-            request[_LINK_OWNER] = got[0].owner
         return got
 
-    async def _link_valid(self, request: web.Request) -> bool:
+    async def linked(
+        self, path: str, query: MultiMapping[str], task_id: str, *, with_answer: bool = False
+    ) -> tuple[TaskRecord, StoredResponse | None]:
+        """`visible`'s answer for a signed link of `path` instead of a credential: 404 for a
+        link that is expired, forged, or of another path, as for another's task."""
+        if not await self._link_valid(path, query):
+            raise NotFound("No such task.")
+        got = await self._read(task_id, with_answer)
+        if got is None:
+            raise NotFound("No such task.")
+        return got
+
+    async def _read(
+        self, task_id: str, with_answer: bool
+    ) -> tuple[TaskRecord, StoredResponse | None] | None:
+        if not TASK_ID.fullmatch(task_id):
+            return None
+        if with_answer:
+            return await self.store.answered(task_id)
+        record = await self.store.get(task_id)
+        return None if record is None else (record, None)
+
+    async def _link_valid(self, path: str, query: MultiMapping[str]) -> bool:
         if not self._link_ttl_s:
             return False  # links turned off: those handed out before stop working too
         if not self._owner_key:
             self._owner_key = await self.store.owner_key()
-        return links.verify(links.link_secret(self._owner_key), request.path, request.query)
+        return links.verify(links.link_secret(self._owner_key), path, query)
 
 
 TASKS = web.AppKey("tasks", TaskService)

@@ -11,9 +11,7 @@ import mmap
 from collections.abc import Awaitable, Callable, Iterator
 
 import msgspec
-from aiohttp import web
 
-from gateway.config import CONFIG
 from gateway.errors import GatewayError, StoreUnavailable
 from gateway.tasks.models import Job
 from gateway.tasks.results import (
@@ -23,7 +21,6 @@ from gateway.tasks.results import (
     put_within,
     request_ref,
 )
-from gateway.tasks.service import TASKS
 from gateway.uploads import Body, SpooledBody
 
 
@@ -49,7 +46,8 @@ def readable(body: Body) -> Iterator[bytes | mmap.mmap]:
 
 
 async def create_task(
-    request: web.Request,
+    results: Results | None,
+    timeout_s: float,
     call: Submission,
     task_id: str,
     create: Callable[[Job], Awaitable[str | None]],
@@ -57,12 +55,10 @@ async def create_task(
     """`create(job)`, with the request body put in the results store first when it waits in a
     spool file: the task store keeps a reference, never a large body. The body goes again
     unless the task now holds it (or may: a creation the store may have done keeps it for the
-    sweep). The job as created, and what `create` returned."""
+    sweep), its put bounded by `timeout_s`. The job as created, and what `create` returned."""
     if call.spool is None:
         return call.job, await create(call.job)
-    results = request.app[TASKS].results
     assert results is not None  # a spool is kept only where there is a results store
-    timeout_s = request.app[CONFIG].tasks.result_store_timeout_s
     # Run to its end even if the caller leaves: a body put and then abandoned half-way (the
     # caller's disconnect cancels its handler) was left to the sweep, a day, and a caller
     # dropping large keyed calls filled the volume every large answer is kept on.

@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Callable
 import msgspec
 from aiohttp import web
 
-from gateway.accesslog import OncePer
 from gateway.admission import ADMISSION, Admission
 from gateway.aio import until_set
 from gateway.auth import AUTH, Auth
 from gateway.config import Config
 from gateway.errors import StoreUnavailable
+from gateway.logsafe import OncePer
 from gateway.metrics import METRICS, Metrics
 from gateway.tasks.call import Outcome, TaskCall, failed
 from gateway.tasks.follow import IDLE_S

@@ -25,7 +25,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError
 
-from gateway.accesslog import OncePer
+from gateway.logsafe import OncePer
 
 logger = logging.getLogger(__name__)
 # How long a node found without a replica is not waited on; then a WAIT asks again.

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
-from gateway.accesslog import OncePer
+from gateway.logsafe import OncePer
 from gateway.tasks.models import TERMINAL, Claim
 
 logger = logging.getLogger(__name__)

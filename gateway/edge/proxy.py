@@ -17,11 +17,11 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.accesslog import RequestContext
 from gateway.admission import ADMISSION
 from gateway.auth import AUTH
-from gateway.boundary import count_disconnect
 from gateway.config import CONFIG, Config
+from gateway.context import RequestContext
+from gateway.edge.boundary import count_disconnect
 from gateway.errors import (
     RequestTimeout,
     UpstreamBroken,

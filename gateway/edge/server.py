@@ -11,9 +11,9 @@ from aiohttp import web
 from yarl import URL
 
 from gateway.accesslog import AccessLogger, JsonAccessLogger, access_logger, quiet_bad_requests
-from gateway.app import create_app, create_metrics_app, create_worker_app
 from gateway.config import Config, ConfigError
-from gateway.health import READINESS
+from gateway.edge.app import create_app, create_metrics_app, create_worker_app
+from gateway.edge.health import READINESS
 from gateway.netopts import listening_socket
 from gateway.tasks.service import describe_store
 

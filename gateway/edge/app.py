@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.accesslog import add_request_id
 from gateway.admission import ADMISSION, HELD, Admission, HeldConnections
 from gateway.auth import AUTH, Auth
-from gateway.boundary import boundary
 from gateway.config import CONFIG, Config
+from gateway.context import add_request_id
 from gateway.cors import add_cors_headers
-from gateway.dispatch import dispatch
+from gateway.edge.boundary import boundary
+from gateway.edge.dispatch import dispatch
+from gateway.edge.health import READINESS, Readiness, healthz, readyz
+from gateway.edge.replay import image_view
+from gateway.edge.task_api import cancel_view, events_view, result_view, task_view
 from gateway.errors import not_found
-from gateway.health import READINESS, Readiness, healthz, readyz
 from gateway.metrics import METRICS, Metrics, metrics_view
-from gateway.tasks.images import IMAGE_ROUTE, image_view
+from gateway.tasks.images import IMAGE_ROUTE
 from gateway.tasks.service import (
     TASKS,
     TaskService,
@@ -23,7 +25,6 @@ from gateway.tasks.service import (
     results_ctx,
     tasks_ctx,
 )
-from gateway.tasks.views import cancel_view, events_view, result_view, task_view
 from gateway.tasks.worker import WORKER_POOL, WorkerPool
 from gateway.upstream import upstream_ctx
 

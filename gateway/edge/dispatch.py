@@ -6,14 +6,14 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from gateway.accesslog import REQUEST_CONTEXT, RequestContext
 from gateway.admission import HELD
 from gateway.auth import AUTH
 from gateway.config import CONFIG
-from gateway.proxy import SMALL_BODY, admit, forward, receive_body
+from gateway.context import REQUEST_CONTEXT, RequestContext
+from gateway.edge.proxy import SMALL_BODY, admit, forward, receive_body
+from gateway.edge.submit import ASYNC_ROUTES, submit
 from gateway.tasks.idempotency import RunOnce, run_once
 from gateway.tasks.prefer import Preferences, parse_prefer
-from gateway.tasks.submit import ASYNC_ROUTES, submit
 from gateway.uploads import Body, SpooledBody
 
 

@@ -9,7 +9,7 @@ import logging
 
 from aiohttp import web
 
-from gateway.accesslog import REQUEST_CONTEXT, RequestContext
+from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.cors import preflight
 from gateway.errors import GatewayError, Handler, from_aiohttp
 from gateway.metrics import METRICS, Metrics

@@ -18,9 +18,11 @@ from collections.abc import Awaitable
 import msgspec
 from aiohttp import web
 
-from gateway.accesslog import OncePer, RequestContext
 from gateway.auth import AUTH
 from gateway.config import CONFIG, Config
+from gateway.context import RequestContext
+from gateway.edge.replay import GONE, replay
+from gateway.edge.task_api import held_outcome, signer, task_response
 from gateway.errors import (
     BadRequest,
     IdempotencyMismatch,
@@ -30,13 +32,14 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.headers import header_pairs, strip_hop_by_hop
+from gateway.logsafe import OncePer
 from gateway.metrics import METRICS
 from gateway.tasks.idempotency import RunOnce, fingerprint, kept_for_retries
 from gateway.tasks.models import Claim, Job, OnceName, Status, Task, TaskRecord, TaskStore
 from gateway.tasks.prefer import Preferences
+from gateway.tasks.results import Results
 from gateway.tasks.service import TASKS, new_task_id
 from gateway.tasks.submission import Submission, create_task, readable
-from gateway.tasks.views import held_outcome, replay, task_response
 from gateway.tasks.worker import WORKER_POOL
 from gateway.uploads import Body, SpooledBody
 
@@ -83,7 +86,7 @@ async def submit(
             f"X-Request-Timeout under {_MIN_TASK_DEADLINE_S:g} s leaves a task no time to run."
         )
     try:
-        owner = await tasks.owner(request)
+        owner = await tasks.owner(request.app[AUTH].caller_key(request))
     except StoreUnavailable:
         if (prefs is not None and prefs.respond_async) or once is None or once.key is not None:
             raise
@@ -160,7 +163,7 @@ def _job(request: web.Request, ctx: RequestContext, target: str, body: bytes, ow
         deadline_s=min(config.timeouts.for_model(ctx.model), ctx.caller_limit_s),
         limits=config.tasks.limits(
             ctx.model,
-            request.app[TASKS].upstream_credential(request),
+            request.app[TASKS].upstream_credential(auth.caller_key(request)),
             owner,
             config.upstream.per_credential,
         ),
@@ -194,14 +197,14 @@ async def _submit_async(
     task_id = new_task_id()
     if once is None:
         record = _record(ctx, call.owner, "queued", task_id)
-        await create_task(request, call, task_id, lambda job: store.create(record, job))
+        await create_task(*_keeping(request), call, task_id, lambda job: store.create(record, job))
         return await _accepted(request, store, record.task, prefs.wait_s)
     request_print = call.request_print
     assert request_print is not None  # computed for every call that runs once
     name = _name(config, once, call.owner, request_print, task_id)
     record = _record(ctx, call.owner, "queued", task_id, name)
     _, held = await create_task(
-        request, call, task_id, lambda job: store.find_or_create(record, job, None, name)
+        *_keeping(request), call, task_id, lambda job: store.find_or_create(record, job, None, name)
     )
     if held is None:
         return await _accepted(request, store, record.task, prefs.wait_s)
@@ -219,7 +222,7 @@ async def _accepted(
         if ended.status != "cancelled" and answer is not None:
             return await replay(request, answer, replayed)
         task = ended
-    response = task_response(task, status=202, sign=request.app[TASKS].signer(request))
+    response = task_response(task, status=202, sign=signer(request))
     response.headers.update(
         {
             "Location": f"/v1/tasks/{task.id}",
@@ -254,7 +257,7 @@ async def _run_once_here(
             return store.find_or_create(record, job, kept_s, name, here=True)
 
         try:
-            job, held = await create_task(request, call, task_id, here)
+            job, held = await create_task(*_keeping(request), call, task_id, here)
         except StoreUnavailable as exc:
             # A key promises one run: without the store it cannot be kept. A store that may
             # have taken the task (the answer was lost) will run it: the retry attaches.
@@ -279,12 +282,17 @@ async def _run_once_here(
         if ended.status == "cancelled":
             raise TaskCancelled()
         if answer is None:
-            raise NotFound("The call's answer is no longer kept.")
+            raise NotFound(GONE)
         if kept_for_retries(ended.error) or run == _MAX_RUNS - 1:
             return await replay(request, answer, replayed=True)
         # The run this request attached to ended in what a retry runs again (a 429, a 503):
         # its own caller has that answer; this request runs the call anew.
     raise AssertionError("unreachable")
+
+
+def _keeping(request: web.Request) -> tuple[Results | None, float]:
+    """Where a large request body is kept for its task, and how long its put may take."""
+    return request.app[TASKS].results, request.app[CONFIG].tasks.result_store_timeout_s
 
 
 def _say_store_down(request: web.Request) -> None:
@@ -315,5 +323,5 @@ async def _found(store: TaskStore, once: RunOnce, request_print: str, held: str)
         raise IdempotencyMismatch()
     earlier = await store.get(found_id)
     if earlier is None:
-        raise NotFound("The call's answer is no longer kept.")
+        raise NotFound(GONE)
     return earlier.task
