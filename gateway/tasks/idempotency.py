@@ -15,7 +15,9 @@ import re
 import msgspec
 from multidict import MultiMapping
 
-from gateway.errors import BadRequest
+from gateway.admission import CallerOverloaded, Overloaded
+from gateway.errors import BadRequest, RequestTimeout, UpstreamUnreachable
+from gateway.tasks.call import RequestBodyLost
 from gateway.tasks.models import TaskError
 
 _KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as Stripe and the IETF draft allow
@@ -59,11 +61,16 @@ _NOT_KEPT = frozenset(
         "408",
         "409",
         "429",
-        "upstream_unreachable",
-        "request_timeout",
-        "gateway_overloaded",
-        "caller_overloaded",
-        "request_body_unavailable",
+        *(
+            refusal.code
+            for refusal in (
+                UpstreamUnreachable,
+                RequestTimeout,
+                Overloaded,
+                CallerOverloaded,
+                RequestBodyLost,
+            )
+        ),
     )
 )
 

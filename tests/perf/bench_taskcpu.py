@@ -36,7 +36,7 @@ import aiohttp
 import psutil
 from redis.asyncio import Redis
 
-from gateway.tasks.redis.transitions import script
+from gateway.tasks.redis.scripts import script
 from tests.perf.bench_async import pct
 from tests.perf.bench_sync import cpu_s
 from tests.procs import GatewayProcess, free_port

@@ -13,7 +13,8 @@ from gateway.tasks.models import Job, OnceName, TaskRecord
 from gateway.tasks.redis.keys import Keys
 from gateway.tasks.redis.queue import ENQUEUE, HOLD_HERE, OPEN, Queue
 from gateway.tasks.redis.replicas import ReplicaAcks
-from gateway.tasks.redis.transitions import CREATE, Transitions, script
+from gateway.tasks.redis.scripts import script
+from gateway.tasks.redis.transitions import CREATE, Transitions
 
 _FENCE = script("fence")
 

@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 
 from gateway.tasks.models import QueueCaps
 from gateway.tasks.redis.keys import Keys
-from gateway.tasks.redis.transitions import script
+from gateway.tasks.redis.scripts import script
 
 _GROUP = b"workers"
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.tasks.redis.keys import Keys
-from gateway.tasks.redis.transitions import script
+from gateway.tasks.redis.scripts import script
 
 _ACQUIRE, _RENEW = script("slots") + script("acquire"), script("renew_slots")
 

@@ -7,7 +7,6 @@ was created, so no change rewrites it and ending a task needs no read first.
 
 from __future__ import annotations
 
-from importlib import resources
 from typing import Any, Literal, cast
 
 import msgspec
@@ -23,6 +22,7 @@ from gateway.tasks.models import (
 )
 from gateway.tasks.redis.keys import Keys
 from gateway.tasks.redis.replicas import ReplicaAcks
+from gateway.tasks.redis.scripts import script
 
 pack = msgspec.msgpack.Encoder().encode
 _task_json = msgspec.json.Encoder().encode
@@ -31,13 +31,6 @@ _error = msgspec.msgpack.Decoder(TaskError).decode
 _task = msgspec.json.Decoder(Task).decode
 unpack_job = msgspec.msgpack.Decoder(Job).decode
 _FIELDS = ("status", "attempt", "error", "record")
-
-
-def script(name: str) -> str:
-    """A Lua script from `lua/`, read once at import: each names its KEYS and ARGV. Without its
-    comment lines: a creation sends its scripts whole (EVAL), and Redis hashes them each time."""
-    text = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
-    return "".join(line for line in text.splitlines(True) if not line.lstrip().startswith("--"))
 
 
 CREATE = script("task") + script("create")  # run fenced (`creation.py`)
