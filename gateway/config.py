@@ -6,6 +6,8 @@ gateway runs with no file at all.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import urllib.parse
@@ -21,6 +23,8 @@ from gateway.tasks.models import QueueCaps
 DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
 # Results store URLs: a directory, or a bucket (S3 and GCS naming rules, loosely) and a prefix.
 _IMAGE_BASE_URL = re.compile(r"https?://[^/?#\s]+(/[^?#\s]*)?")
+# Where a client's webhooks go: an http(s) URL with a host (a query may carry a token).
+_WEBHOOK_URL = re.compile(r"https?://[^/?#\s@]+([/?][^#\s]*)?")
 _RESULTS_URL = re.compile(r"file:///[^?#]*|s3://[a-z0-9][a-z0-9._-]*[a-z0-9](/[^?#]*)?")
 
 
@@ -356,6 +360,22 @@ class CorsConfig(_Section, frozen=True):
     signed_link_ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 600.0
 
 
+def _default_retry_delays() -> tuple[float, ...]:
+    # Standard Webhooks' (Svix's) schedule: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h; a receiver
+    # down for most of a day still gets the event.
+    return (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+
+
+class WebhooksConfig(_Section, frozen=True):
+    # After a failed delivery (no 2xx answer within timeout_s; a redirect is not followed), the
+    # next one waits these seconds in turn; after the last the event is given up (logged and
+    # counted). Every try carries the same webhook-id, so a receiver can drop repeats.
+    retry_delays_s: tuple[Seconds, ...] = msgspec.field(default_factory=_default_retry_delays)
+    timeout_s: Seconds = 10.0
+    # Deliveries one replica makes at once.
+    concurrency: AtLeastOne = 16
+
+
 class Config(_Section, frozen=True):
     server: ServerConfig = ServerConfig()
     upstream: UpstreamConfig = UpstreamConfig()
@@ -366,6 +386,7 @@ class Config(_Section, frozen=True):
     admission: AdmissionConfig = AdmissionConfig()
     auth: AuthConfig = AuthConfig()
     cors: CorsConfig = CorsConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     clients: dict[ClientName, ClientConfig] = {}
     usage: UsageConfig = UsageConfig()
     # Estimated USD per image, by model (UsageConfig, _default_prices).
@@ -522,6 +543,7 @@ def _check(config: Config, file: Path, env: Mapping[str, str]) -> None:
     owners: dict[str, str] = {}
     for name, client in config.clients.items():
         _check_digests(f"clients.{name}.key_sha256", client.key_sha256, file)
+        _check_webhook(f"clients.{name}", client, file)
         for digest in client.key_sha256:
             if owners.setdefault(digest, name) != name:
                 raise ConfigError(
@@ -533,3 +555,31 @@ def _check_digests(key: str, digests: frozenset[str], file: Path) -> None:
     for digest in digests:
         if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
             raise ConfigError(f"{file}: {key} holds a non-SHA-256 value")
+
+
+def _check_webhook(key: str, client: ClientConfig, file: Path) -> None:
+    """A client's webhook: both its URL and its secret, or neither. Values are not echoed: a
+    URL may carry a token, and a secret is one."""
+    url, secret = client.webhook_url, client.webhook_secret
+    if bool(url) != bool(secret):
+        missing = "webhook_secret" if url else "webhook_url"
+        raise ConfigError(f"{file}: {key}.{missing} is missing: a webhook needs both, or neither")
+    if url and not _WEBHOOK_URL.fullmatch(url):
+        raise ConfigError(f"{file}: {key}.webhook_url must be an http(s) URL")
+    if secret and not is_webhook_secret(secret):
+        raise ConfigError(
+            f'{file}: {key}.webhook_secret must be "whsec_" followed by base64 (of 24 to 64 '
+            'random bytes: `python -c \'import base64,os; print("whsec_" + '
+            "base64.b64encode(os.urandom(32)).decode())'`)"
+        )
+
+
+def is_webhook_secret(secret: str) -> bool:
+    """Standard Webhooks' secret form, as openai-python's `webhooks.unwrap` reads it."""
+    if not secret.startswith("whsec_"):
+        return False
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except binascii.Error:
+        return False
+    return 24 <= len(key) <= 64

@@ -478,3 +478,29 @@ async def test_tasks_an_older_gateway_made_still_start_and_its_bare_wake_ups_are
         assert await asyncio.wait_for(watching, 2.0) == "cancelled"
     finally:
         await store.close()
+
+
+async def test_a_task_that_announces_its_end_is_in_the_outbox_from_before_it_ends(
+    store: TaskStore,
+) -> None:
+    """Its entry is there from its creation (not yet due), due once it ends however it ends
+    (a cancel here), and leased to one taker at a time; a stale lease settles nothing."""
+    announcing = msgspec.structs.replace(record("t-hook"), announce=True)
+    await store.create(announcing, JOB)
+    await store.create(record("t-quiet"), JOB)  # a task that does not announce: no entry
+    assert await store.outbox.take(10, 30.0) == ([], 1)
+    await store.cancel("t-quiet")
+    await store.cancel("t-hook")
+    (taken,), held = await store.outbox.take(10, 30.0)
+    assert (taken.task_id, taken.attempts, taken.body, held) == ("t-hook", 0, b"", 1)
+    assert await store.outbox.take(10, 30.0) == ([], 1)  # leased: no second taker
+    assert await store.outbox.keep(taken, "alpha", b'{"id":"evt_1"}')
+    assert await store.outbox.later(taken, 0.0, failed=True)
+    (again,), _ = await store.outbox.take(10, 0.05)
+    assert (again.attempts, again.client, again.body) == (1, "alpha", b'{"id":"evt_1"}')
+    assert not await store.outbox.drop(taken)  # its lease is over: it settles nothing
+    await asyncio.sleep(0.1)  # the short lease ends: due again
+    (last,), _ = await store.outbox.take(10, 30.0)
+    assert not await store.outbox.drop(again)
+    assert await store.outbox.drop(last)
+    assert await store.outbox.take(10, 30.0) == ([], 0)

@@ -27,6 +27,7 @@ from gateway.tasks.service import (
 )
 from gateway.tasks.worker import WORKER_POOL, WorkerPool
 from gateway.upstream import upstream_ctx
+from gateway.webhooks.delivery import webhooks_ctx
 
 # The rest of a path, line breaks included: with `.*` a decoded %0a would fall through to
 # aiohttp's plain-text 404 instead of the gateway's checks.
@@ -115,6 +116,8 @@ def _add_tasks(app: web.Application, config: Config) -> None:
     app.cleanup_ctx.append(upstream_ctx(config))
     app.cleanup_ctx.append(results_ctx)
     app.cleanup_ctx.append(tasks_ctx)
+    # After the task store it reads; it stops after the workers, whose ends it announces.
+    app.cleanup_ctx.append(webhooks_ctx)
     app.cleanup_ctx.append(app[WORKER_POOL].ctx)
     # Runs when the drain starts, before in-flight requests are awaited.
     app.on_shutdown.append(shutdown_tasks)

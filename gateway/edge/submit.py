@@ -171,7 +171,13 @@ def _job(request: web.Request, ctx: RequestContext, target: str, body: bytes, ow
 
 
 def _record(
-    ctx: RequestContext, owner: str, status: Status, task_id: str, once: OnceName | None = None
+    ctx: RequestContext,
+    owner: str,
+    status: Status,
+    task_id: str,
+    once: OnceName | None = None,
+    *,
+    announce: bool = False,
 ) -> TaskRecord:
     task = Task(id=task_id, status=status, model=ctx.model, created_at=int(time.time()))
     attempt = 1 if status == "in_progress" else 0
@@ -182,7 +188,16 @@ def _record(
         submitted_at=time.time(),
         once=once,
         client=ctx.client,
+        announce=announce,
     )
+
+
+def _announces(config: Config, client: str) -> bool:
+    """Whether an async task of `client` announces its end (its webhook). Only async tasks: a
+    sync call's caller (an SDK call, a keyed one) has the answer in its response, and never saw
+    the id of the task it ran as."""
+    named = config.clients.get(client)
+    return named is not None and bool(named.webhook_url)
 
 
 async def _submit_async(
@@ -195,14 +210,15 @@ async def _submit_async(
     config: Config = request.app[CONFIG]
     store = request.app[TASKS].store
     task_id = new_task_id()
+    announce = _announces(config, ctx.client)
     if once is None:
-        record = _record(ctx, call.owner, "queued", task_id)
+        record = _record(ctx, call.owner, "queued", task_id, announce=announce)
         await create_task(*_keeping(request), call, task_id, lambda job: store.create(record, job))
         return await _accepted(request, store, record.task, prefs.wait_s)
     request_print = call.request_print
     assert request_print is not None  # computed for every call that runs once
     name = _name(config, once, call.owner, request_print, task_id)
-    record = _record(ctx, call.owner, "queued", task_id, name)
+    record = _record(ctx, call.owner, "queued", task_id, name, announce=announce)
     _, held = await create_task(
         *_keeping(request), call, task_id, lambda job: store.find_or_create(record, job, None, name)
     )

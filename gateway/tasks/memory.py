@@ -26,6 +26,7 @@ from gateway.tasks.models import (
     TaskEvent,
     TaskRecord,
 )
+from gateway.tasks.outbox import MemoryOutbox
 
 # A queued job with a body larger than this waits on disk, not in the process heap; so does
 # any job once queued jobs hold this much of the heap (a flood of small ones).
@@ -107,6 +108,7 @@ class MemoryStore:
         self._holders: dict[str, set[str]] = {}  # concurrency slot -> running task ids
         self._names: dict[str, tuple[str, float]] = {}  # remembered name -> (value, expiry)
         self._owner_key = secrets.token_bytes(32)  # tasks die with the process, so may the key
+        self.outbox = MemoryOutbox()
 
     def _entry(self, task_id: str) -> _Entry | None:
         entry = self._entries.get(task_id)
@@ -126,6 +128,8 @@ class MemoryStore:
         entry.events.append(TaskEvent(str(len(entry.events) + 1), record.task))
         entry.changed.set()
         entry.changed = asyncio.Event()
+        if record.announce and record.task.status in TERMINAL:
+            self.outbox.nudge(record.task.id)
 
     async def create(
         self, record: TaskRecord, job: Job, retention_s: float | None = None, *, here: bool = False
@@ -133,6 +137,8 @@ class MemoryStore:
         self._purge()
         if not here:  # else its caller's replica, this one, runs it
             self._queue.put(record.owner, record.task.id, len(job.body))  # or QueueFull
+        if record.announce:
+            self.outbox.expect(record.task.id)
         kept_s = self._retention_s if retention_s is None else retention_s
         size = len(job.body)
         spool = size > SPOOL_BYTES or self._heap_job_bytes + size > _HEAP_JOB_BYTES

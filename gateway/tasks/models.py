@@ -14,6 +14,7 @@ from typing import Literal, Protocol
 import msgspec
 
 from gateway.errors import QUEUE_FULL_FOR_ALL, QueueFull
+from gateway.tasks.outbox import Outbox
 
 Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[Status] = frozenset(("completed", "failed", "cancelled"))
@@ -73,6 +74,9 @@ class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
     # The name of the client that made it (`[clients.<name>]`, "unnamed"): what its usage is
     # counted under and where its end is announced, on whichever replica runs it.
     client: str = ""
+    # Its end is announced (its client's webhook; an async task): the store keeps it in its
+    # outbox from before it exists until the announcement is delivered (`outbox.py`).
+    announce: bool = False
 
 
 class Job(msgspec.Struct, frozen=True, kw_only=True):
@@ -143,6 +147,10 @@ class QueueCaps(msgspec.Struct, frozen=True, kw_only=True):
 class TaskStore(Protocol):
     """Task state with atomic transitions: every status change and its event happen together,
     terminal states never change, and a worker's writes count only for its own attempt."""
+
+    @property
+    def outbox(self) -> Outbox:
+        """The ends of tasks that announce theirs (`TaskRecord.announce`), until delivered."""
 
     async def create(
         self, record: TaskRecord, job: Job, retention_s: float | None = None, *, here: bool = False

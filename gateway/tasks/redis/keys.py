@@ -2,7 +2,7 @@
 
 A task's keys share its hash tag `{task id}`, so each of its transitions is one Lua script on
 one Redis Cluster slot; the concurrency slots share `{slots}`, so taking several is one atomic
-step. Everything else is a key of its own.
+step, and the outbox's keys `{outbox}`. Everything else is a key of its own.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ class Keys:
         self.wake = f"{prefix}:wake"
         # The key that owner hashes are made with, shared by every replica.
         self.owner_key = f"{prefix}:owner-key"
+        # Task ends to announce (webhooks): a sorted set of task ids by when due (a lease's end
+        # while one is delivered), and a hash of each one's failed deliveries, client and event.
+        self.outbox = f"{prefix}:{{outbox}}"
+        self.outbox_state = f"{prefix}:{{outbox}}:state"
 
     def task(self, task_id: str) -> str:
         """A hash: `status`, `attempt`, `entry` (its queue entry while it runs), `error`, and

@@ -39,6 +39,7 @@ from gateway.tasks.redis.observed import (
     store_write,
     unobserved,
 )
+from gateway.tasks.redis.outbox import RedisOutbox
 from gateway.tasks.redis.queue import Queue
 from gateway.tasks.redis.replicas import ReplicaAcks
 from gateway.tasks.redis.slots import Slots
@@ -86,7 +87,8 @@ class RedisStore:
             cluster=cluster,
             on_skip=on_wait_skipped,
         )
-        self._transitions = Transitions(redis, keys, int(retention_s * 1000), acks)
+        self.outbox = RedisOutbox(redis, keys, self)
+        self._transitions = Transitions(redis, keys, int(retention_s * 1000), acks, self.outbox)
         self._creation = Creation(
             redis, keys, self._queue, self._transitions, acks, ordered=not cluster
         )
@@ -151,6 +153,8 @@ class RedisStore:
         here: bool,
     ) -> str | None:
         retention_ms = None if retention_s is None else int(retention_s * 1000)
+        if record.announce:  # first: no task that announces its end exists without its entry
+            await self.outbox.expect(record.task.id)
         # Before its caller stops waiting, by the time a replica may take and a quarter of the
         # deadline for the error of reading Redis's clock: a write later than that does nothing.
         fence_ms = await self._clock.fence_ms(

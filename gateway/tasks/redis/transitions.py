@@ -21,6 +21,7 @@ from gateway.tasks.models import (
     TaskRecord,
 )
 from gateway.tasks.redis.keys import Keys
+from gateway.tasks.redis.outbox import RedisOutbox
 from gateway.tasks.redis.replicas import ReplicaAcks
 from gateway.tasks.redis.scripts import script
 
@@ -47,8 +48,11 @@ def with_status(record: TaskRecord, status: Status, error: TaskError | None = No
 
 
 class Transitions:
-    def __init__(self, redis: Any, keys: Keys, ttl_ms: int, acks: ReplicaAcks) -> None:
+    def __init__(
+        self, redis: Any, keys: Keys, ttl_ms: int, acks: ReplicaAcks, outbox: RedisOutbox
+    ) -> None:
         self._redis = redis
+        self._outbox = outbox
         self._acks = acks
         self._keys = keys
         self._ttl_ms = ttl_ms
@@ -156,7 +160,11 @@ class Transitions:
             ],
             announce=(self._keys.wake, f"{task_id} {status}", status),
         )
-        return None if not done else (ended, bytes(done[1]))
+        if not done:
+            return None
+        if record.announce:  # whatever ended it: its announcement is due now
+            await self._outbox.nudge(task_id)
+        return ended, bytes(done[1])
 
     async def events(
         self, task_id: str, after: str | None

@@ -1,0 +1,197 @@
+"""The delivery loop every replica runs when a client has a webhook: take due entries from the
+task store's outbox under a lease, build each task's event once, POST it signed, settle it.
+
+At least once: an entry goes only after a 2xx (or the last retry), so a replica killed mid-try
+leaves it to come due again when its lease ends, on whichever replica takes it; the same
+webhook-id on every try lets the receiver drop repeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+
+import aiohttp
+from aiohttp import web
+
+from gateway.config import CONFIG, Config
+from gateway.errors import StoreUnavailable
+from gateway.logsafe import OncePer
+from gateway.metrics import METRICS
+from gateway.tasks.models import TERMINAL, TaskStore
+from gateway.tasks.outbox import UNENDED_RECHECK_S, Announcement, Outbox
+from gateway.tasks.service import TASKS
+from gateway.webhooks.events import event_body, event_id
+from gateway.webhooks.metrics import Outcome, WebhookMetrics
+from gateway.webhooks.signing import secret_key, signed_headers
+
+logger = logging.getLogger(__name__)
+
+# Between two looks at the outbox when nothing was due: how late a due event may start.
+_POLL_S = 1.0
+_USER_AGENT = "gateway-webhooks/1"
+
+
+class Hook:
+    """A client's webhook: where its events go and the key they are signed with."""
+
+    def __init__(self, url: str, secret: str) -> None:
+        self.url = url
+        self.key = secret_key(secret)
+
+
+def hooks(config: Config) -> dict[str, Hook]:
+    """The clients with a webhook, by name."""
+    return {
+        name: Hook(client.webhook_url, client.webhook_secret)
+        for name, client in config.clients.items()
+        if client.webhook_url
+    }
+
+
+class Deliverer:
+    def __init__(
+        self,
+        store: TaskStore,
+        hooks: Mapping[str, Hook],
+        config: Config,
+        metrics: WebhookMetrics,
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self._store = store
+        self._outbox: Outbox = store.outbox
+        self._hooks = hooks
+        self._delays_s = config.webhooks.retry_delays_s
+        self._timeout_s = config.webhooks.timeout_s
+        self._concurrency = config.webhooks.concurrency
+        # A try's whole step (its task read, its event kept, the POST, its settling) ends
+        # before its lease: no two replicas deliver one event at once.
+        self._step_s = self._timeout_s + 3 * config.tasks.store_timeout_s
+        self._lease_s = self._step_s + 5.0
+        self._metrics = metrics
+        self._session = session
+        self._running: set[asyncio.Task[None]] = set()
+        self._store_down_said = OncePer(60.0)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                taken = await self._take()
+                for announcement in taken:
+                    delivery = asyncio.create_task(self._deliver(announcement))
+                    self._running.add(delivery)
+                    delivery.add_done_callback(self._running.discard)
+                if len(taken) < self._concurrency:
+                    await asyncio.sleep(_POLL_S)  # else more are due: look again at once
+        finally:
+            # Cut tries are left to their leases: another replica (or this one, restarted)
+            # delivers them once the leases end.
+            for delivery in self._running:
+                delivery.cancel()
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _take(self) -> list[Announcement]:
+        free = self._concurrency - len(self._running)
+        try:
+            taken, held = await self._outbox.take(free, self._lease_s)
+        except StoreUnavailable:
+            if self._store_down_said():
+                logger.warning("task store unreachable: webhooks wait until it is back")
+            return []
+        self._metrics.pending.set(held)
+        return taken
+
+    async def _deliver(self, taken: Announcement) -> None:
+        try:
+            async with asyncio.timeout(self._step_s):
+                await self._try(taken)
+        except (StoreUnavailable, TimeoutError):
+            pass  # its lease ends, and it is tried again
+        except Exception:
+            logger.exception("%s: webhook delivery failed", taken.task_id)
+
+    async def _try(self, taken: Announcement) -> None:
+        client, body = taken.client, taken.body
+        if not body:  # its first try: the event is built from the task, then kept
+            record = await self._store.get(taken.task_id)
+            if record is None:  # gone past retention, or never made (its creation failed)
+                await self._outbox.drop(taken)
+                return
+            if record.task.status not in TERMINAL:
+                await self._outbox.later(taken, UNENDED_RECHECK_S, failed=False)
+                return
+            client, body = record.client, event_body(record.task, int(time.time()))
+            if client in self._hooks and not await self._outbox.keep(taken, client, body):
+                return  # its lease ended: another replica has it
+        hook = self._hooks.get(client)
+        if hook is None:  # its client's webhook was removed from the config since
+            await self._outbox.drop(taken)
+            return
+        started = time.monotonic()
+        answer = await self._post(hook, taken.task_id, body)
+        seconds = time.monotonic() - started
+        if answer is None:
+            await self._outbox.drop(taken)
+            self._metrics.tried(client, "delivered", seconds)
+            return
+        attempts = taken.attempts + 1
+        outcome: Outcome = "gave_up" if attempts > len(self._delays_s) else "failed_attempt"
+        if outcome == "gave_up":
+            await self._outbox.drop(taken)
+            logger.warning(
+                "%s: webhook to client %s given up after %d tries (%s)",
+                taken.task_id,
+                client,
+                attempts,
+                answer,
+            )
+        else:
+            delay_s = self._delays_s[attempts - 1]
+            await self._outbox.later(taken, delay_s, failed=True)
+            logger.info(
+                "%s: webhook to client %s failed (%s), try %d; next in %g s",
+                taken.task_id,
+                client,
+                answer,
+                attempts,
+                delay_s,
+            )
+        self._metrics.tried(client, outcome, seconds)
+
+    async def _post(self, hook: Hook, task_id: str, body: bytes) -> str | None:
+        """None when the receiver took the event (a 2xx), else why not (for the log: never
+        the URL, which may hold a token)."""
+        headers = signed_headers(hook.key, event_id(task_id), int(time.time()), body)
+        headers |= {"Content-Type": "application/json", "User-Agent": _USER_AGENT}
+        timeout = aiohttp.ClientTimeout(total=self._timeout_s)
+        try:
+            async with self._session.post(
+                hook.url, data=body, headers=headers, allow_redirects=False, timeout=timeout
+            ) as response:
+                return None if 200 <= response.status < 300 else f"status {response.status}"
+        except TimeoutError:
+            return f"no answer within {self._timeout_s:g} s"
+        except aiohttp.ClientError as failure:
+            return type(failure).__name__
+
+
+async def webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Delivers the outbox's due events on this replica, when a client has a webhook: a
+    gateway without webhooks runs nothing for them."""
+    config: Config = app[CONFIG]
+    by_client = hooks(config)
+    if not by_client:
+        yield
+        return
+    metrics = WebhookMetrics(app[METRICS].registry, by_client)
+    connector = aiohttp.TCPConnector(limit=config.webhooks.concurrency)
+    async with aiohttp.ClientSession(
+        connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
+        deliverer = Deliverer(app[TASKS].store, by_client, config, metrics, session)
+        loop = asyncio.create_task(deliverer.run())
+        yield
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)

@@ -1,0 +1,343 @@
+"""Signed webhooks (issue 21 item 4): a client's async tasks announce their end to the URL in
+its config, signed so that openai-python's `webhooks.unwrap` verifies them, retried until the
+receiver takes them, delivered by any replica sharing the Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from gateway.auth import key_digest
+from gateway.config import ConfigError, load_config
+from tests.conftest import Fake, GatewayFactory, Spawn
+from tests.procs import free_port
+from tests.redis_server import RedisServer
+
+SECRET = "whsec_" + base64.b64encode(b"webhook signing key, 32 bytes..").decode()
+OTHER_SECRET = "whsec_" + base64.b64encode(b"another client's signing key...!").decode()
+ALPHA, BETA, GAMMA = "sk-alpha-0123", "sk-beta-0123", "sk-gamma-0123"
+GENERATE = {"model": "gpt-image-1", "prompt": "a lighthouse at dusk"}
+# Short retries: the schedule's shape, in seconds instead of hours.
+FAST = {"retry_delays_s": [0.2, 0.2, 0.2, 0.2], "timeout_s": 2.0}
+
+
+class Receiver:
+    """A webhook receiver on a real socket: answers each delivery as `script` says in turn
+    ("500", "drop" the connection unanswered, "hang" past the timeout), then 200."""
+
+    def __init__(self, script: list[str] | None = None) -> None:
+        self.script = list(script or [])
+        self.deliveries: list[tuple[dict[str, str], bytes]] = []
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hooks/{tail:.*}", self._receive)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}/hooks/in"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _receive(self, request: web.Request) -> web.StreamResponse:
+        self.deliveries.append((dict(request.headers), await request.read()))
+        action = self.script.pop(0) if self.script else "200"
+        if action == "drop":
+            assert request.transport is not None
+            request.transport.abort()
+            raise ConnectionResetError  # nothing is answered
+        if action == "hang":
+            await asyncio.sleep(3600)
+        return web.Response(status=int(action))
+
+    async def until(self, count: int, within_s: float = 15.0) -> None:
+        deadline = time.monotonic() + within_s
+        while len(self.deliveries) < count:
+            assert time.monotonic() < deadline, f"{len(self.deliveries)} deliveries, not {count}"
+            await asyncio.sleep(0.02)
+
+    def events(self, secret: str = SECRET) -> list[Any]:
+        """Every delivery, verified and parsed by the OpenAI SDK, unchanged."""
+        sdk = openai.OpenAI(api_key="unused")
+        return [
+            sdk.webhooks.unwrap(body, headers, secret=secret) for headers, body in self.deliveries
+        ]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    got = Receiver()
+    await got.start()
+    yield got
+    await got.stop()
+
+
+def _clients(**hooks: tuple[str, str, str]) -> dict[str, Any]:
+    """[clients.<name>] tables: name = (key, webhook URL or "", secret or "")."""
+    return {
+        name: {"key_sha256": [key_digest(key)], "webhook_url": url, "webhook_secret": secret}
+        for name, (key, url, secret) in hooks.items()
+    }
+
+
+async def _submit(
+    http: aiohttp.ClientSession, url: str, key: str, **headers: str
+) -> dict[str, Any]:
+    async with http.post(
+        f"{url}/v1/images/generations",
+        json=GENERATE,
+        headers={"Authorization": f"Bearer {key}", "Prefer": "respond-async", **headers},
+    ) as resp:
+        assert resp.status == 202, await resp.text()
+        task: dict[str, Any] = await resp.json()
+        return task
+
+
+async def _task(http: aiohttp.ClientSession, url: str, key: str, task_id: str) -> Any:
+    async with http.get(
+        f"{url}/v1/tasks/{task_id}", headers={"Authorization": f"Bearer {key}"}
+    ) as resp:
+        return await resp.json()
+
+
+async def test_an_async_task_announces_its_end_signed_and_retried_until_taken(
+    gateway_factory: GatewayFactory,
+    store: dict[str, Any],
+    receiver: Receiver,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The receiver fails twice (500), then drops the connection, then takes the event: four
+    tries, each verified by the SDK's `unwrap` with the configured secret, one webhook-id."""
+    receiver.script = ["500", "500", "drop"]
+    gateway = await gateway_factory(
+        tasks=store, clients=_clients(alpha=(ALPHA, receiver.url, SECRET)), webhooks=FAST
+    )
+    task = await _submit(http, gateway.url, ALPHA)
+    await receiver.until(4)
+    events = receiver.events()
+    assert [event.type for event in events] == ["task.completed"] * 4
+    assert len({headers["webhook-id"] for headers, _ in receiver.deliveries}) == 1
+    assert len({body for _, body in receiver.deliveries}) == 1  # the same event every try
+    event = events[0]
+    assert event.id == receiver.deliveries[0][0]["webhook-id"]
+    assert event.id.startswith("evt_")
+    assert event.object == "event"
+    assert abs(event.created_at - time.time()) < 30
+    data = json.loads(receiver.deliveries[0][1])["data"]
+    assert data == await _task(http, gateway.url, ALPHA, task["id"]) | {
+        "signed_events_url": None,
+        "signed_result_url": None,
+    }
+    assert data["result_url"] == f"/v1/tasks/{task['id']}/result"
+    # No prompt, image or key in it.
+    body = receiver.deliveries[0][1].decode()
+    assert "lighthouse" not in body
+    assert ALPHA not in body
+    assert "b64_json" not in body
+    await asyncio.sleep(1.5)
+    assert len(receiver.deliveries) == 4  # taken: never sent again
+    assert (
+        gateway.sample("gateway_webhook_deliveries_total", client="alpha", outcome="failed_attempt")
+        == 3
+    )
+    assert (
+        gateway.sample("gateway_webhook_deliveries_total", client="alpha", outcome="delivered") == 1
+    )
+    assert gateway.sample("gateway_webhook_pending") == 0
+
+
+async def test_a_cancelled_and_a_failed_task_announce_their_end_too(
+    gateway_factory: GatewayFactory, fake: Fake, receiver: Receiver, http: aiohttp.ClientSession
+) -> None:
+    gateway = await gateway_factory(
+        clients=_clients(alpha=(ALPHA, receiver.url, SECRET)), webhooks=FAST
+    )
+    running = await _submit(http, gateway.url, ALPHA, **{"X-Fake-Latency": "30"})
+    await fake.until_running()
+    async with http.delete(
+        f"{gateway.url}/v1/tasks/{running['id']}", headers={"Authorization": f"Bearer {ALPHA}"}
+    ) as resp:
+        assert resp.status == 200
+    failing = await _submit(http, gateway.url, ALPHA, **{"X-Fake-Fault": "500"})
+    await receiver.until(2)
+    by_task = {event.data.id: event for event in receiver.events()}
+    assert by_task[running["id"]].type == "task.cancelled"
+    assert by_task[failing["id"]].type == "task.failed"
+    assert by_task[failing["id"]].data.error["code"] == "500"
+
+
+async def test_each_client_gets_only_its_own_tasks_and_one_without_a_webhook_none(
+    gateway_factory: GatewayFactory, receiver: Receiver, http: aiohttp.ClientSession
+) -> None:
+    other = Receiver()
+    await other.start()
+    try:
+        gateway = await gateway_factory(
+            clients=_clients(
+                alpha=(ALPHA, receiver.url, SECRET),
+                beta=(BETA, other.url, OTHER_SECRET),
+                gamma=(GAMMA, "", ""),
+            ),
+            webhooks=FAST,
+        )
+        alphas = [(await _submit(http, gateway.url, ALPHA))["id"] for _ in range(3)]
+        gammas = [(await _submit(http, gateway.url, GAMMA))["id"] for _ in range(2)]
+        beta = (await _submit(http, gateway.url, BETA))["id"]
+        await receiver.until(3)
+        await other.until(1)
+        await asyncio.sleep(1.5)  # room for a stray delivery to arrive
+        assert sorted(event.data.id for event in receiver.events()) == sorted(alphas)
+        assert [event.data.id for event in other.events(OTHER_SECRET)] == [beta]
+        for gamma in gammas:  # ended, announced nowhere
+            assert (await _task(http, gateway.url, GAMMA, gamma))["status"] == "completed"
+        with pytest.raises(openai.InvalidWebhookSignatureError):  # beta's secret is not alpha's
+            openai.OpenAI(api_key="unused").webhooks.unwrap(
+                other.deliveries[0][1], other.deliveries[0][0], secret=SECRET
+            )
+    finally:
+        await other.stop()
+
+
+async def test_a_sync_call_announces_nothing(
+    gateway_factory: GatewayFactory, receiver: Receiver, http: aiohttp.ClientSession
+) -> None:
+    """An SDK call (run as a task, once) and a keyed call get their answer in the response:
+    a webhook would name a task their caller never saw."""
+    gateway = await gateway_factory(
+        clients=_clients(alpha=(ALPHA, receiver.url, SECRET)), webhooks=FAST
+    )
+    async with openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=ALPHA) as sdk:
+        image = await sdk.images.generate(model="gpt-image-1", prompt="a lighthouse")
+        assert image.data
+    async with http.post(
+        f"{gateway.url}/v1/images/generations",
+        json=GENERATE,
+        headers={"Authorization": f"Bearer {ALPHA}", "Idempotency-Key": uuid.uuid4().hex},
+    ) as resp:
+        assert resp.status == 200
+    await _submit(http, gateway.url, ALPHA)  # an async one does
+    await receiver.until(1)
+    await asyncio.sleep(1.5)
+    assert len(receiver.deliveries) == 1
+
+
+async def test_two_replicas_deliver_each_event_once(
+    gateway_factory: GatewayFactory,
+    redis_server: RedisServer,
+    receiver: Receiver,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Each due event is leased to one replica: two delivering replicas, one try each."""
+    tasks = {"redis_url": redis_server.url, "key_prefix": f"wh-{uuid.uuid4().hex[:8]}"}
+    clients = _clients(alpha=(ALPHA, receiver.url, SECRET))
+    first = await gateway_factory(tasks=tasks, clients=clients, webhooks=FAST)
+    second = await gateway_factory(tasks=tasks, clients=clients, webhooks=FAST)
+    ids = [(await _submit(http, gw.url, ALPHA))["id"] for gw in (first, second) * 10]
+    await receiver.until(20)
+    await asyncio.sleep(1.5)
+    assert sorted(event.data.id for event in receiver.events()) == sorted(ids)
+    delivered = sum(
+        gw.sample("gateway_webhook_deliveries_total", client="alpha", outcome="delivered")
+        for gw in (first, second)
+    )
+    assert delivered == 20
+
+
+def _process_config(fake: Fake, redis: RedisServer, prefix: str, hook: str) -> str:
+    return f"""
+[server]
+drain_timeout_s = 0.5
+[upstream]
+url = '{fake.url}/v1'
+[tasks]
+redis_url = '{redis.url}'
+key_prefix = '{prefix}'
+store_timeout_s = 0.5
+[webhooks]
+retry_delays_s = [0.5, 0.5, 0.5, 0.5]
+timeout_s = 1.0
+[clients.alpha]
+key_sha256 = ['{key_digest(ALPHA)}']
+webhook_url = '{hook}'
+webhook_secret = '{SECRET}'
+"""
+
+
+async def test_a_delivery_outlives_the_killed_replica_that_ended_the_task(
+    spawn: Spawn,
+    fake: Fake,
+    redis_server: RedisServer,
+    receiver: Receiver,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The replica that ran the task tries once (500) and is killed (-9); a replica started
+    after, sharing the Redis, goes on with the same event until the receiver takes it."""
+    receiver.script = ["500", "500", "drop"]
+    config = _process_config(fake, redis_server, f"wh-{uuid.uuid4().hex[:8]}", receiver.url)
+    first, first_url = await spawn(config)
+    task = await _submit(http, first_url, ALPHA)
+    await receiver.until(1)
+    first.proc.kill()
+    assert await first.wait_exit(5) != 0
+    second, _ = await spawn(config)
+    await receiver.until(4, within_s=20)
+    events = receiver.events()
+    assert {event.data.id for event in events} == {task["id"]}
+    assert {event.type for event in events} == {"task.completed"}
+    assert len({headers["webhook-id"] for headers, _ in receiver.deliveries}) == 1
+    await asyncio.sleep(1.5)
+    assert len(receiver.deliveries) == 4
+    assert "webhook to client alpha failed" in second.output()
+
+
+@pytest.mark.parametrize(
+    ("table", "says"),
+    [
+        (
+            {"webhook_url": "https://hooks.example.com/in"},
+            "clients.alpha.webhook_secret is missing",
+        ),
+        ({"webhook_secret": SECRET}, "clients.alpha.webhook_url is missing"),
+        (
+            {"webhook_url": "ftp://hooks.example.com/", "webhook_secret": SECRET},
+            "clients.alpha.webhook_url must be an http(s) URL",
+        ),
+        (
+            {"webhook_url": "https://hooks.example.com/", "webhook_secret": "whsec_not base64!"},
+            "clients.alpha.webhook_secret must be",
+        ),
+        (
+            {"webhook_url": "https://hooks.example.com/", "webhook_secret": "sk-plain-secret"},
+            "clients.alpha.webhook_secret must be",
+        ),
+    ],
+)
+def test_a_webhook_config_that_cannot_work_is_refused_naming_the_key(
+    tmp_path: Path, table: dict[str, str], says: str
+) -> None:
+    lines = [f"{key} = '{value}'" for key, value in table.items()]
+    file = tmp_path / "gateway.toml"
+    file.write_text("[clients.alpha]\n" + "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(file, {})
+    message = str(refused.value)
+    assert says in message
+    assert "\n" not in message
+    assert "not base64" not in message
+    assert "sk-plain" not in message
