@@ -13,8 +13,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
+import openai
 import pytest
 
+from gateway.auth import key_digest
 from gateway.config import TasksConfig
 from gateway.tasks import redis as redis_store
 from gateway.tasks.redis.observed import unobserved
@@ -24,6 +27,7 @@ from gateway.usage.ledger import Budgets, Ledger, MemoryLedger, Spend
 from gateway.usage.periods import Periods, iso
 from gateway.usage.prices import PriceTable
 from gateway.usage.redis_ledger import RedisLedger
+from tests.conftest import Fake, GatewayFactory, Spawn
 
 # --- prices -------------------------------------------------------------------------------
 
@@ -236,3 +240,216 @@ async def test_a_monthly_budget_is_held_as_a_daily_one(ledgers: tuple[Ledger, Le
     assert await ledgers[1].settle(client, "a", None, periods, 0)
     assert (await ledgers[0].figures(client, periods)).month.spent == 0
     assert await ledgers[1].hold(client, "b", 1, budgets, periods, 60) is None
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+DESIGN_KEY = "sk-client-design"
+OPS_KEY = "sk-client-ops"
+UNNAMED_KEY = "sk-client-unnamed"
+DESIGN = {"Authorization": f"Bearer {DESIGN_KEY}"}
+OPS = {"Authorization": f"Bearer {OPS_KEY}"}
+# Test prices: a round $0.10 an image, a high-quality square one $0.167.
+PRICES = {
+    "gpt-image-1": {"default": 0.1, "1024x1024/high": 0.167},
+    "gemini-2.5-flash-image": {"default": 0.1},
+}
+IMAGE = {"model": "gpt-image-1", "prompt": "a lighthouse at dusk"}
+
+
+def _clients(daily_usd: float = 0.0) -> dict[str, Any]:
+    return {
+        "design": {"key_sha256": [key_digest(DESIGN_KEY)], "daily_budget_usd": daily_usd},
+        "ops": {"key_sha256": [key_digest(OPS_KEY)]},
+    }
+
+
+def _sections(store: dict[str, Any], daily_usd: float = 0.0) -> dict[str, Any]:
+    return {
+        "tasks": store,
+        "auth": {"upstream_api_key": "sk-upstream", "client_key_sha256": [key_digest(UNNAMED_KEY)]},
+        "clients": _clients(daily_usd),
+        "prices": PRICES,
+    }
+
+
+async def _usage(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> Any:
+    async with http.get(f"{url}/v1/usage", headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def _settled(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> Any:
+    """The client's figures once nothing is held: every call under way has settled."""
+    deadline = time.monotonic() + 10
+    while True:
+        usage = await _usage(http, url, headers)
+        if usage["day"]["held_usd"] == 0 or time.monotonic() > deadline:
+            return usage
+        await asyncio.sleep(0.05)
+
+
+def _assert_over_budget(status: int, headers: Any, body: Any) -> None:
+    assert status == 429
+    assert body["error"]["code"] == "budget_exceeded"
+    tomorrow = iso(Periods(time.time()).day_ends)
+    assert tomorrow in body["error"]["message"]
+    assert headers["x-should-retry"] == "false"
+    assert 0 < int(headers["Retry-After"]) <= 86401
+    assert abs(time.time() + int(headers["Retry-After"]) - Periods(time.time()).day_ends) < 5
+
+
+async def _until_ended(http: aiohttp.ClientSession, url: str, task_id: str) -> Any:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        async with http.get(f"{url}/v1/tasks/{task_id}", headers=DESIGN) as resp:
+            task = await resp.json()
+        if task["status"] in ("completed", "failed", "cancelled"):
+            return task
+        await asyncio.sleep(0.05)
+    raise AssertionError("the task did not end")
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"], indirect=True)
+async def test_every_path_spends_the_budget_and_is_refused_past_it(
+    gateway_factory: GatewayFactory, fake: Fake, store: dict[str, Any], http: aiohttp.ClientSession
+) -> None:
+    """$0.35 a day at $0.10 an image: a plain call, an async task and an SDK call (run once)
+    spend $0.30; an upstream error spends nothing; then each path, Gemini's too, is refused
+    with 429 budget_exceeded and the reset time, and the upstream sees none of them."""
+    gw = await gateway_factory(**_sections(store, daily_usd=0.35))
+    url = f"{gw.url}/v1/images/generations"
+    async with http.post(url, json=IMAGE, headers=DESIGN) as resp:
+        assert resp.status == 200
+    async with http.post(url, json=IMAGE, headers={**DESIGN, "X-Fake-Fault": "500"}) as resp:
+        assert resp.status == 500  # the upstream's error: costs nothing
+    async with http.post(url, json=IMAGE, headers={**DESIGN, "Prefer": "respond-async"}) as resp:
+        assert resp.status == 202
+        task_id = (await resp.json())["id"]
+    assert (await _until_ended(http, gw.url, task_id))["status"] == "completed"
+    async with openai.AsyncOpenAI(
+        base_url=f"{gw.url}/v1", api_key=DESIGN_KEY, max_retries=2
+    ) as sdk:
+        await sdk.images.generate(model="gpt-image-1", prompt="a lighthouse")
+        usage = await _settled(http, gw.url, DESIGN)
+        assert usage["day"]["cost_usd"] == pytest.approx(0.3)
+        calls_before = fake.stats.requests
+        with pytest.raises(openai.RateLimitError) as refused:
+            await sdk.images.generate(model="gpt-image-1", prompt="a lighthouse")
+    response = refused.value.response
+    _assert_over_budget(response.status_code, response.headers, response.json())
+    async with http.post(url, json=IMAGE, headers=DESIGN) as resp:
+        _assert_over_budget(resp.status, resp.headers, await resp.json())
+    async with http.post(url, json=IMAGE, headers={**DESIGN, "Prefer": "respond-async"}) as resp:
+        _assert_over_budget(resp.status, resp.headers, await resp.json())
+    gemini = f"{gw.url}/v1beta/models/gemini-2.5-flash-image:generateContent"
+    body = {"contents": [{"parts": [{"text": "a lighthouse"}]}]}
+    async with http.post(gemini, json=body, headers={"x-goog-api-key": DESIGN_KEY}) as resp:
+        _assert_over_budget(resp.status, resp.headers, await resp.json())
+    # Refused before anything went upstream; the SDK did not retry the refusal either.
+    assert fake.stats.requests == calls_before
+    # Another client, without a budget, is not held back.
+    async with http.post(url, json=IMAGE, headers=OPS) as resp:
+        assert resp.status == 200
+    assert gw.sample("gateway_budget_refusals_total", client="design", period="day") == 4
+
+
+async def test_usage_shows_a_client_its_own_figures_only(
+    gateway_factory: GatewayFactory, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    gw = await gateway_factory(**_sections({}, daily_usd=5.0))
+    url = f"{gw.url}/v1/images/generations"
+    high = {**IMAGE, "n": 2, "size": "1024x1024", "quality": "high"}
+    async with http.post(url, json=high, headers=DESIGN) as resp:
+        assert resp.status == 200
+    async with http.post(url, json=IMAGE, headers=DESIGN) as resp:
+        assert resp.status == 200
+    async with http.post(url, json=IMAGE, headers=OPS) as resp:
+        assert resp.status == 200
+    design = await _settled(http, gw.url, DESIGN)
+    assert design["client"] == "design"
+    [model] = design["day"]["models"]
+    assert model == {
+        "model": "gpt-image-1",
+        "calls": 2,
+        "images": 3,
+        # The stand-in's gpt-image `usage`: 12 in, 4160 out, per call.
+        "input_tokens": 24,
+        "output_tokens": 8320,
+        "cost_usd": pytest.approx(2 * 0.167 + 0.1),
+    }
+    assert design["day"]["budget_usd"] == 5.0
+    assert design["day"]["remaining_usd"] == pytest.approx(5.0 - 0.434)
+    assert design["day"]["resets_at"] == iso(Periods(time.time()).day_ends)
+    assert design["month"]["cost_usd"] == pytest.approx(0.434)
+    assert design["month"]["budget_usd"] is None
+    ops = await _settled(http, gw.url, OPS)
+    assert ops["client"] == "ops"
+    assert [m["calls"] for m in ops["day"]["models"]] == [1]
+    # A key in no client is told so, not shown every unnamed caller's figures.
+    async with http.get(
+        f"{gw.url}/v1/usage", headers={"Authorization": f"Bearer {UNNAMED_KEY}"}
+    ) as resp:
+        assert resp.status == 403
+        assert (await resp.json())["error"]["code"] == "usage_not_kept"
+    # The gateway's own route: never forwarded upstream, whatever the method.
+    async with http.post(f"{gw.url}/v1/usage", json={}, headers=DESIGN) as resp:
+        assert resp.status == 405
+    async with http.get(f"{gw.url}/v1/usage", headers={"Authorization": "Bearer nope"}) as resp:
+        assert resp.status == 401
+    assert not any("usage" in path for path in fake.stats.by_path)
+    # The metrics, labelled by client.
+    labels = {"client": "design", "model": "gpt-image-1"}
+    assert gw.sample("gateway_client_calls_total", **labels) == 2
+    assert gw.sample("gateway_client_images_total", **labels) == 3
+    assert gw.sample("gateway_client_tokens_total", **labels, kind="output") == 8320
+    assert gw.sample("gateway_client_cost_usd_total", **labels) == pytest.approx(0.434)
+    assert gw.sample("gateway_client_calls_total", client="ops", model="gpt-image-1") == 1
+
+
+def _replica_config(fake: Fake, redis: Any, prefix: str, daily_usd: float) -> str:
+    design = key_digest(DESIGN_KEY)
+    return "\n".join(
+        [
+            "[upstream]",
+            f"url = '{fake.url}/v1'",
+            "[tasks]",
+            f"redis_url = '{redis.url}'",
+            f"key_prefix = '{prefix}'",
+            "[auth]",
+            "upstream_api_key = 'sk-upstream'",
+            "[clients.design]",
+            f"key_sha256 = ['{design}']",
+            f"daily_budget_usd = {daily_usd}",
+            '[prices."gpt-image-1"]',
+            "default = 0.1",
+            '"1024x1024/high" = 0.167',
+        ]
+    )
+
+
+async def test_a_budget_holds_under_50_concurrent_callers_on_two_replicas(
+    spawn: Spawn, fake: Fake, redis_server: Any, http: aiohttp.ClientSession
+) -> None:
+    """50 callers at once, half on each replica, each a $0.167 image against a $1.00 day:
+    what is spent stays within the budget and one call's price (here: within the budget)."""
+    config = _replica_config(fake, redis_server, f"usage-{uuid.uuid4().hex[:8]}", 1.0)
+    _, first = await spawn(config)
+    _, second = await spawn(config)
+    high = {**IMAGE, "size": "1024x1024", "quality": "high"}
+    slow = {**DESIGN, "X-Fake-Latency": "0.3"}
+
+    async def call(url: str) -> tuple[int, Any]:
+        async with http.post(f"{url}/v1/images/generations", json=high, headers=slow) as resp:
+            return resp.status, await resp.json()
+
+    answers = await asyncio.gather(*(call(first if i % 2 else second) for i in range(50)))
+    made = [body for status, body in answers if status == 200]
+    refused = [body for status, body in answers if status != 200]
+    assert all(body["error"]["code"] == "budget_exceeded" for body in refused)
+    spent = (await _settled(http, first, DESIGN))["day"]["cost_usd"]
+    assert spent == pytest.approx(len(made) * 0.167)
+    assert spent <= 1.0 + 0.167
+    assert len(made) == 5  # holds are exact: a sixth ($1.002) would pass the budget
+    assert fake.stats.requests == len(made)
+    assert (await _usage(http, second, DESIGN))["day"]["cost_usd"] == pytest.approx(spent)

@@ -27,6 +27,8 @@ from gateway.tasks.service import (
 )
 from gateway.tasks.worker import WORKER_POOL, WorkerPool
 from gateway.upstream import upstream_ctx
+from gateway.usage.meter import USAGE, open_meter
+from gateway.usage.view import USAGE_ROUTE, usage_view
 from gateway.webhooks.delivery import webhooks_ctx
 
 # The rest of a path, line breaks included: with `.*` a decoded %0a would fall through to
@@ -75,6 +77,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/v1/tasks/{task_id}/result", result_view)
     app.router.add_get("/v1/tasks/{task_id}/events", events_view)
     app.router.add_get(IMAGE_ROUTE, image_view)  # before /v1/..., which would forward it
+    app.router.add_route("*", USAGE_ROUTE, usage_view)  # the gateway's own: never forwarded
     for path in PROXY_ROUTES:
         app.router.add_route("*", path, dispatch)
     app.router.add_route("*", f"/{_ANY}", not_found)
@@ -112,12 +115,15 @@ def _add_tasks(app: web.Application, config: Config) -> None:
     store = open_store(config, app[METRICS])
     link_ttl_s = config.cors.signed_link_ttl_s
     app[TASKS] = TaskService(store, app[AUTH], open_results(config), link_ttl_s)
+    app[USAGE] = open_meter(config, app[METRICS], store)
     app[WORKER_POOL] = WorkerPool(config)
     app.cleanup_ctx.append(upstream_ctx(config))
     app.cleanup_ctx.append(results_ctx)
     app.cleanup_ctx.append(tasks_ctx)
     # After the task store it reads; it stops after the workers, whose ends it announces.
     app.cleanup_ctx.append(webhooks_ctx)
+    # Usage settles under way are waited for once the workers stop, before the store closes.
+    app.cleanup_ctx.append(app[USAGE].ctx)
     app.cleanup_ctx.append(app[WORKER_POOL].ctx)
     # Runs when the drain starts, before in-flight requests are awaited.
     app.on_shutdown.append(shutdown_tasks)

@@ -23,6 +23,7 @@ from gateway.config import CONFIG, Config
 from gateway.context import RequestContext
 from gateway.edge.boundary import count_disconnect
 from gateway.errors import (
+    GatewayError,
     RequestTimeout,
     UpstreamBroken,
     UpstreamTimeout,
@@ -33,6 +34,9 @@ from gateway.sniff import ModelScanner, model_from_body, model_from_path
 from gateway.target import check_method, check_target, check_version
 from gateway.uploads import Body, SpooledBody, arrived, receive
 from gateway.upstream import UPSTREAM, Payload
+from gateway.usage.answer import AnswerMeter
+from gateway.usage.ask import Ask
+from gateway.usage.meter import SENT_FAILURES, USAGE, Meter, Result, new_hold_id
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +96,43 @@ async def receive_body(request: web.Request, ctx: RequestContext) -> Body:
 async def forward(
     request: web.Request, ctx: RequestContext, target: str, body: Body
 ) -> web.StreamResponse:
-    """The call upstream, its answer streamed back to the caller."""
+    """The call upstream, its answer streamed back to the caller; a counted call's usage
+    counted (`gateway/usage/`), held against its client's budget first if it has one."""
+    meter = request.app[USAGE]
+    if not meter.counting:  # no [clients]: the plain call pays this read alone
+        return await _forward(request, ctx, target, body, None)
+    if (ask := _ask(meter, request, ctx, body)) is None:
+        return await _forward(request, ctx, target, body, None)
+    client = request.app[AUTH].client(request)
+    # Held until the call's deadline and a minute more, if this replica dies mid-call.
+    ttl_s = _deadline(ctx, request.app[CONFIG]) - asyncio.get_running_loop().time() + 60.0
+    hold = await meter.hold(client, ask, new_hold_id(), ttl_s)
+    seen = AnswerMeter()
+    # A caller gone mid-call (cancelled) leaves a call the upstream bills: the estimate.
+    result: Result | None = Result(None, sent=True)
+    try:
+        out = await _forward(request, ctx, target, body, seen)
+        result = Result(out.status, True, seen.images, seen.tokens)
+        return out
+    except GatewayError as failure:
+        # Refused here, or unsent: no call; sent but unanswered: billed all the same.
+        result = Result(None) if failure.code in SENT_FAILURES else None
+        raise
+    finally:
+        meter.settle_soon(client, ask, hold.id, result)
+
+
+def _ask(meter: Meter, request: web.Request, ctx: RequestContext, body: Body) -> Ask | None:
+    content_type = request.headers.get("Content-Type", "")
+    if not isinstance(body, SpooledBody):
+        return meter.ask(ctx.route, ctx.model, content_type, body)
+    with body.view() as mapped:  # read from the page cache, never copied into the heap
+        return meter.ask(ctx.route, ctx.model, content_type, mapped)
+
+
+async def _forward(
+    request: web.Request, ctx: RequestContext, target: str, body: Body, seen: AnswerMeter | None
+) -> web.StreamResponse:
     auth = request.app[AUTH]
     headers = strip_hop_by_hop(request.headers)
     auth.upstream_headers(headers)
@@ -109,9 +149,9 @@ async def forward(
     target = auth.upstream_target(target)
     with admission.credential_slot(credential):
         if not admission.limited(ctx.model):
-            return await _exchange(request, ctx, target, headers, data, deadline)
+            return await _exchange(request, ctx, target, headers, data, deadline, seen)
         async with admission.slot(ctx.model, credential, deadline):
-            return await _exchange(request, ctx, target, headers, data, deadline)
+            return await _exchange(request, ctx, target, headers, data, deadline, seen)
 
 
 async def _exchange(
@@ -121,9 +161,11 @@ async def _exchange(
     headers: CIMultiDict[str],
     data: Payload,
     deadline: float,
+    seen: AnswerMeter | None,
 ) -> web.StreamResponse:
-    """The upstream call and its answer, streamed back; an answer that already started when
-    the call failed is cut, so the caller sees a broken body, never a short one."""
+    """The upstream call and its answer, streamed back (and fed to `seen`, if counted); an
+    answer that already started when the call failed is cut, so the caller sees a broken body,
+    never a short one."""
     out: web.StreamResponse | None = None
     upstream = request.app[UPSTREAM]
     try:
@@ -140,12 +182,13 @@ async def _exchange(
             kept = answer_headers(up.headers, request.app[AUTH].injects)
             if request.method != "HEAD" and (up.content_length or math.inf) <= SMALL_BODY:
                 kept.popall("Content-Length", None)
-                out = web.Response(
-                    status=up.status, reason=up.reason, headers=kept, body=await up.read()
-                )
+                answer = await up.read()
+                if seen is not None:
+                    seen.feed(answer)
+                out = web.Response(status=up.status, reason=up.reason, headers=kept, body=answer)
             else:
                 out = web.StreamResponse(status=up.status, reason=up.reason, headers=kept)
-                await _stream(request, up, out, ctx)
+                await _stream(request, up, out, ctx, seen)
     except (UpstreamTimeout, UpstreamBroken):
         if out is None or not out.prepared:
             raise
@@ -160,9 +203,12 @@ async def _stream(
     up: aiohttp.ClientResponse,
     out: web.StreamResponse,
     ctx: RequestContext,
+    seen: AnswerMeter | None,
 ) -> None:
     await out.prepare(request)
     async for chunk in up.content.iter_any():
+        if seen is not None:
+            seen.feed(chunk)
         try:
             await out.write(chunk)
         except ConnectionError:

@@ -9,11 +9,12 @@ retries only where the upstream ran (`kept_for_retries`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import mmap
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 from aiohttp import web
@@ -42,6 +43,8 @@ from gateway.tasks.service import TASKS, new_task_id
 from gateway.tasks.submission import Submission, create_task, readable
 from gateway.tasks.worker import WORKER_POOL
 from gateway.uploads import Body, SpooledBody
+from gateway.usage.ask import Ask
+from gateway.usage.meter import USAGE
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +101,7 @@ async def submit(
     content_type = request.headers.get("Content-Type", "")
     with readable(body) as data:
         _check_body(content_type, data)
+        ask = request.app[USAGE].ask(ctx.route, ctx.model, content_type, data)
         job = _job(request, ctx, target, b"" if spool else bytes(data), owner)
         request_print = (
             None
@@ -107,9 +111,9 @@ async def submit(
     call = Submission(owner, job, spool, request_print)
     ctx.call_goes_on = True
     if prefs is not None and prefs.respond_async:
-        return await _submit_async(request, ctx, call, once, prefs)
+        return await _submit_async(request, ctx, call, once, prefs, ask)
     assert once is not None  # a sync call runs as a task only to run once
-    return await _run_once_here(request, ctx, call, once)
+    return await _run_once_here(request, ctx, call, once, ask)
 
 
 def _check_body(content_type: str, body: bytes | mmap.mmap) -> None:
@@ -178,6 +182,7 @@ def _record(
     once: OnceName | None = None,
     *,
     announce: bool = False,
+    ask: Ask | None = None,
 ) -> TaskRecord:
     task = Task(id=task_id, status=status, model=ctx.model, created_at=int(time.time()))
     attempt = 1 if status == "in_progress" else 0
@@ -187,6 +192,7 @@ def _record(
         attempt=attempt,
         submitted_at=time.time(),
         once=once,
+        ask=ask,
         client=ctx.client,
         announce=announce,
     )
@@ -206,22 +212,31 @@ async def _submit_async(
     call: Submission,
     once: RunOnce | None,
     prefs: Preferences,
+    ask: Ask | None,
 ) -> web.StreamResponse:
     config: Config = request.app[CONFIG]
     store = request.app[TASKS].store
     task_id = new_task_id()
     announce = _announces(config, ctx.client)
     if once is None:
-        record = _record(ctx, call.owner, "queued", task_id, announce=announce)
-        await create_task(*_keeping(request), call, task_id, lambda job: store.create(record, job))
+        record = _record(ctx, call.owner, "queued", task_id, announce=announce, ask=ask)
+        async with _budget_held(request, ctx, ask, task_id):
+            await create_task(
+                *_keeping(request), call, task_id, lambda job: store.create(record, job)
+            )
         return await _accepted(request, store, record.task, prefs.wait_s)
     request_print = call.request_print
     assert request_print is not None  # computed for every call that runs once
     name = _name(config, once, call.owner, request_print, task_id)
-    record = _record(ctx, call.owner, "queued", task_id, name, announce=announce)
-    _, held = await create_task(
-        *_keeping(request), call, task_id, lambda job: store.find_or_create(record, job, None, name)
-    )
+    record = _record(ctx, call.owner, "queued", task_id, name, announce=announce, ask=ask)
+    async with _budget_held(request, ctx, ask, task_id) as found_earlier:
+        _, held = await create_task(
+            *_keeping(request),
+            call,
+            task_id,
+            lambda job: store.find_or_create(record, job, None, name),
+        )
+        found_earlier(held is not None)
     if held is None:
         return await _accepted(request, store, record.task, prefs.wait_s)
     found = await _found(store, once, request_print, held)
@@ -252,7 +267,7 @@ async def _accepted(
 
 
 async def _run_once_here(
-    request: web.Request, ctx: RequestContext, call: Submission, once: RunOnce
+    request: web.Request, ctx: RequestContext, call: Submission, once: RunOnce, ask: Ask | None
 ) -> web.StreamResponse | None:
     """Run the call here, or attach to the run of an earlier request of it; the answer as the
     sync call would have given it. The run goes on if the caller leaves: its retry attaches."""
@@ -265,7 +280,7 @@ async def _run_once_here(
     for run in range(_MAX_RUNS):
         task_id = new_task_id()
         name = _name(config, once, call.owner, request_print, task_id)
-        record = _record(ctx, call.owner, "in_progress", task_id, name)
+        record = _record(ctx, call.owner, "in_progress", task_id, name, ask=ask)
 
         def here(
             job: Job, record: TaskRecord = record, name: OnceName = name
@@ -273,7 +288,9 @@ async def _run_once_here(
             return store.find_or_create(record, job, kept_s, name, here=True)
 
         try:
-            job, held = await create_task(*_keeping(request), call, task_id, here)
+            async with _budget_held(request, ctx, ask, task_id) as found_earlier:
+                job, held = await create_task(*_keeping(request), call, task_id, here)
+                found_earlier(held is not None)
         except StoreUnavailable as exc:
             # A key promises one run: without the store it cannot be kept. A store that may
             # have taken the task (the answer was lost) will run it: the retry attaches.
@@ -304,6 +321,34 @@ async def _run_once_here(
         # The run this request attached to ended in what a retry runs again (a 429, a 503):
         # its own caller has that answer; this request runs the call anew.
     raise AssertionError("unreachable")
+
+
+@contextlib.asynccontextmanager
+async def _budget_held(
+    request: web.Request, ctx: RequestContext, ask: Ask | None, task_id: str
+) -> AsyncIterator[Callable[[bool], None]]:
+    """The task's estimate held on its client's budget (the hold's id is the task's; the
+    worker that ends it settles it) while it is created: 429 budget_exceeded, before anything
+    is stored, when it would pass. The hold goes again if the creation fails, or if the call
+    attached to an earlier task instead (told through the callable yielded)."""
+    if ask is None:
+        yield lambda attached: None
+        return
+    meter = request.app[USAGE]
+    hold = await meter.hold(ctx.client, ask, task_id, request.app[CONFIG].tasks.retention_s)
+    attached = False
+
+    def found_earlier(found: bool) -> None:
+        nonlocal attached
+        attached = found
+
+    try:
+        yield found_earlier
+    except BaseException:
+        meter.release(ctx.client, hold.id)
+        raise
+    if attached:
+        meter.release(ctx.client, hold.id)
 
 
 def _keeping(request: web.Request) -> tuple[Results | None, float]:

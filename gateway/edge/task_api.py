@@ -13,6 +13,7 @@ from aiohttp_sse import EventSourceResponse, sse_response
 from gateway.admission import HELD, TooManyConnections
 from gateway.aio import until_set
 from gateway.auth import AUTH
+from gateway.config import CONFIG
 from gateway.edge.replay import replay, streamed
 from gateway.errors import BadRequest, StoreUnavailable, TaskCancelled
 from gateway.metrics import METRICS
@@ -31,6 +32,7 @@ from gateway.tasks.models import (
 from gateway.tasks.prefer import parse_prefer
 from gateway.tasks.public import public
 from gateway.tasks.service import TASKS
+from gateway.usage.meter import USAGE
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,13 @@ async def cancel_view(request: web.Request) -> web.StreamResponse:
     if task is not None and task.status == "cancelled" and record.task.status not in TERMINAL:
         metrics = request.app[METRICS]
         metrics.tasks(metrics.model_label(task.model), "cancelled").inc()
+        if record.task.status == "queued" and record.ask is not None:
+            # No worker will end it: its budget hold goes now (settled once, as a worker's
+            # end would be, should one have claimed it meanwhile).
+            retention_s = request.app[CONFIG].tasks.retention_s
+            request.app[USAGE].settle_soon(
+                record.client, record.ask, record.task.id, None, retention_s
+            )
     return task_response(task or record.task, sign=signer(request))
 
 

@@ -15,6 +15,7 @@ import msgspec
 
 from gateway.errors import QUEUE_FULL_FOR_ALL, QueueFull
 from gateway.tasks.outbox import Outbox
+from gateway.usage.ask import Ask
 
 Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[Status] = frozenset(("completed", "failed", "cancelled"))
@@ -77,6 +78,9 @@ class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
     # Its end is announced (its client's webhook; an async task): the store keeps it in its
     # outbox from before it exists until the announcement is delivered (`outbox.py`).
     announce: bool = False
+    # What the call asks for, as far as its price goes, when its client's usage is counted: the
+    # worker that ends it settles its budget hold (the task's id) with what it made.
+    ask: Ask | None = None
 
 
 class Job(msgspec.Struct, frozen=True, kw_only=True):

@@ -31,6 +31,7 @@ from gateway.tasks.models import TERMINAL, Claim, Status, StoredResponse, TaskEr
 from gateway.tasks.results import Results, ResultStoreUnavailable, discard, put_within
 from gateway.tasks.service import TASKS
 from gateway.upstream import UPSTREAM, Upstream
+from gateway.usage.meter import SENT_FAILURES, USAGE, Meter, Result, answered
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,10 @@ class Worker:
         metrics: Metrics,
         admission: Admission | None = None,
         results: Results | None = None,
+        usage: Meter | None = None,
     ) -> None:
         self._store = store
+        self._usage = usage
         self._results = results
         self._call = TaskCall(upstream, auth, admission, config.tasks.result_max_bytes, results)
         self._images = ImageCopies(config.tasks, results, metrics)
@@ -157,6 +160,7 @@ class Worker:
         None when the task was cancelled or taken over meanwhile."""
         task_id, attempt = claim.record.task.id, claim.record.attempt
         outcome = await self._outcome(claim, credential, timed)
+        self._count(claim, outcome)
         if outcome is None:
             logger.info("%s cancelled or ended elsewhere; upstream call aborted", task_id)
             return None
@@ -167,6 +171,23 @@ class Worker:
         if status is not None:
             hand()
         return status
+
+    def _count(self, claim: Claim, outcome: Outcome | None) -> None:
+        """Count the call against its client's usage and settle its budget hold (the task's
+        id: a run after a lost worker settles it no more). A run cancelled or taken over made
+        its call, so it costs the estimate."""
+        record = claim.record
+        if self._usage is None or record.ask is None:
+            return
+        result = Result(None, sent=True)
+        if outcome is not None:
+            response, error = outcome
+            if error is None or error.code.isdigit():  # the upstream's own answer
+                result = answered(response.status, response.body)
+            else:
+                result = Result(None, sent=error.code in SENT_FAILURES)
+        retention_s = self._config.tasks.retention_s
+        self._usage.settle_soon(record.client, record.ask, record.task.id, result, retention_s)
 
     @contextlib.asynccontextmanager
     async def _leased(self, task_id: str) -> AsyncIterator[None]:
@@ -314,6 +335,7 @@ class WorkerPool:
             app[METRICS],
             app.get(ADMISSION),
             app[TASKS].results,
+            app.get(USAGE),
         )
         self._loops = [
             asyncio.create_task(self._worker.run()) for _ in range(self._config.tasks.workers)
