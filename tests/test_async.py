@@ -14,6 +14,7 @@ import pytest
 
 from gateway.fake import png
 from tests.conftest import Fake, Gateway, GatewayFactory
+from tests.helpers import GENERATE, KEY, OTHER, post_task, until_ended
 
 
 @pytest.fixture
@@ -21,37 +22,14 @@ async def gateway(gateway_factory: GatewayFactory, store: dict[str, Any]) -> Gat
     return await gateway_factory(tasks=store)
 
 
-KEY = {"Authorization": "Bearer sk-tenant-a"}
-OTHER = {"Authorization": "Bearer sk-tenant-b"}
-GENERATE = {"model": "gpt-image-1", "prompt": "a lighthouse"}
-
-
 async def _submit(
     http: aiohttp.ClientSession, gateway: Gateway, prefer: str = "respond-async", **headers: str
 ) -> tuple[int, dict[str, str], Any]:
-    return await _submit_as(http, gateway, GENERATE, {**KEY, "Prefer": prefer, **headers})
+    return await post_task(http, gateway.url, headers={"Prefer": prefer, **headers})
 
 
-async def _submit_as(
-    http: aiohttp.ClientSession, gateway: Gateway, body: dict[str, Any], headers: dict[str, str]
-) -> tuple[int, dict[str, str], Any]:
-    async with http.post(
-        f"{gateway.url}/v1/images/generations", json=body, headers=headers
-    ) as resp:
-        return resp.status, dict(resp.headers), await resp.json()
-
-
-async def _until_ended(
-    http: aiohttp.ClientSession, url: str, within_s: float = 10, key: dict[str, str] = KEY
-) -> Any:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        async with http.get(url, headers=key) as resp:
-            task = await resp.json()
-        if task["status"] in ("completed", "failed", "cancelled"):
-            return task
-        await asyncio.sleep(0.05)
-    raise AssertionError("task did not end")
+async def _until_ended(http: aiohttp.ClientSession, url: str, key: dict[str, str] = KEY) -> Any:
+    return (await until_ended(http, url, key=key))[0]
 
 
 async def test_submit_answers_202_at_once_and_the_result_is_the_sync_answer(
@@ -247,11 +225,12 @@ async def _run_all(
 ) -> list[float]:
     """Submit (model, credential) tasks at once; the time each one ended, in submit order."""
     submitted = [
-        await _submit_as(
+        await post_task(
             http,
-            gateway,
-            {**GENERATE, "model": model},
-            {**key, "Prefer": "respond-async", "X-Fake-Latency": "0.4"},
+            gateway.url,
+            body={**GENERATE, "model": model},
+            key=key,
+            headers={"X-Fake-Latency": "0.4"},
         )
         for model, key in jobs
     ]

@@ -13,10 +13,10 @@ import pytest
 from gateway.admission import CallerOverloaded, Overloaded
 from gateway.errors import QueueFull
 from tests.conftest import Fake, Gateway, GatewayFactory
+from tests.helpers import GENERATE
 
 TENANT_A = {"Authorization": "Bearer sk-tenant-a"}
 TENANT_B = {"Authorization": "Bearer sk-tenant-b"}
-GENERATE = {"model": "gpt-image-1", "prompt": "a lighthouse"}
 
 
 @pytest.fixture

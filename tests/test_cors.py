@@ -14,12 +14,12 @@ from gateway.auth import key_digest
 from gateway.tasks import links
 from gateway.tasks.service import TASKS
 from tests.conftest import Fake, Gateway, GatewayFactory
+from tests.helpers import GENERATE, submit
 
 APP = "https://app.example.com"
 EVIL = "https://evil.example.net"
 CLIENT_KEY = "gw-client-key"
 KEY = {"Authorization": f"Bearer {CLIENT_KEY}"}
-GENERATE = {"model": "gpt-image-1", "prompt": "a lighthouse"}
 # Key injection: what a deployment fronting browsers runs (the page never holds APIYI's key).
 INJECTING = {"client_key_sha256": [key_digest(CLIENT_KEY)], "upstream_api_key": "sk-UPSTREAM"}
 
@@ -128,11 +128,7 @@ async def test_the_upstreams_own_cors_headers_are_not_the_gateways(
 
 
 async def _submit(http: aiohttp.ClientSession, gateway: Gateway, latency_s: float = 0.3) -> Any:
-    headers = {**KEY, "Prefer": "respond-async", "X-Fake-Latency": str(latency_s)}
-    url = f"{gateway.url}/v1/images/generations"
-    async with http.post(url, json=GENERATE, headers=headers) as resp:
-        assert resp.status == 202
-        return await resp.json()
+    return await submit(http, gateway.url, key=KEY, headers={"X-Fake-Latency": str(latency_s)})
 
 
 async def _events(http: aiohttp.ClientSession, url: str) -> list[str]:

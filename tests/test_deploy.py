@@ -21,13 +21,13 @@ import yaml
 from gateway.auth import key_digest
 from gateway.config import Config
 from tests.conftest import Fake, GatewayFactory, Spawn
+from tests.helpers import KEY
 from tests.procs import GatewayProcess, free_port
 from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
-KEY = {"Authorization": "Bearer sk-tenant-a"}
 CLIENT_KEY = "gw-team-a-0123456789"
 
 
@@ -276,9 +276,13 @@ async def test_prometheus_scrapes_a_gateway_and_every_dashboard_panel_shows_data
 ) -> None:
     prom_url, targets = prometheus
     metrics_port = free_port()
+    team_a = key_digest(KEY["Authorization"].removeprefix("Bearer "))
     _, url = await spawn(
         f"[server]\nmetrics_port = {metrics_port}\n[upstream]\nurl = '{fake.url}/v1'\n"
         f"[tasks]\nredis_url = '{redis_server.url}'\nkey_prefix = 'prom'\n"
+        # A named client with a budget: the spend panel's series.
+        f"[clients.team-a]\nkey_sha256 = ['{team_a}']\n"
+        "daily_budget_usd = 100.0\n"
     )
     targets.write_text(json.dumps([{"targets": [f"127.0.0.1:{metrics_port}"]}]))
     async with aiohttp.ClientSession() as http:

@@ -16,11 +16,11 @@ from redis import Redis as SyncRedis
 from redis.cluster import RedisCluster as SyncRedisCluster
 
 from tests.conftest import Fake, Spawn
+from tests.helpers import KEY
 from tests.redis_cluster import ClusterNodes
 from tests.redis_server import RedisServer
 from tests.test_replicas import (
     IMAGE_BYTES,
-    KEY,
     _assert_completed_once,
     _config,
     _submit,

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from gateway.tasks.service import TASKS
 from tests.conftest import Fake, Gateway, GatewayFactory
+from tests.helpers import KEY
 
-KEY = {"Authorization": "Bearer sk-tenant-a"}
 GENERATE = "/v1/images/generations"
 # What an HTTP client can put in a header value: visible Latin-1 and spaces, any length.
 HEADER_TEXT = st.text(

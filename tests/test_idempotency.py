@@ -15,10 +15,8 @@ import pytest
 from gateway.fake import png
 from gateway.tasks.idempotency import fingerprint
 from tests.conftest import Fake, Gateway, GatewayFactory
+from tests.helpers import GENERATE, KEY, OTHER
 
-KEY = {"Authorization": "Bearer sk-tenant-a"}
-OTHER = {"Authorization": "Bearer sk-tenant-b"}
-GENERATE = {"model": "gpt-image-1", "prompt": "a lighthouse"}
 IMAGE = png(64 * 1024)  # what the stand-in of these tests generates
 
 

@@ -17,13 +17,13 @@ from gateway.fake import png
 from gateway.tasks.service import TASKS
 from tests import test_results_s3
 from tests.conftest import Fake, Gateway, GatewayFactory
+from tests.helpers import KEY
 from tests.procs import free_port
 
 # S3 from moto's server, as test_results_s3 runs it.
 moto_server = test_results_s3.moto_server
 s3 = test_results_s3.s3
 
-KEY = {"Authorization": "Bearer sk-tenant-a"}
 IMAGE_BYTES = 64 * 1024  # the `fake` fixture's image size
 URL_IMAGE = {"model": "flux-kontext-pro", "prompt": "a lighthouse", "response_format": "url"}
 

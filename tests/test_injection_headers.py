@@ -15,12 +15,12 @@ from multidict import CIMultiDictProxy
 
 from gateway.auth import key_digest
 from tests.conftest import Fake, Gateway, GatewayFactory
+from tests.helpers import GENERATE
 from tests.redis_server import RedisServer
 
 CLIENT_KEY = "gw-team-a-0123456789"
 INJECTING = {"client_key_sha256": [key_digest(CLIENT_KEY)], "upstream_api_key": "sk-UPSTREAM"}
 KEY = {"Authorization": f"Bearer {CLIENT_KEY}"}
-GENERATE = {"model": "gpt-image-1", "prompt": "a lighthouse"}
 # What a caller (or a proxy in front of the gateway) may send that says where it is or which
 # of the organisation's accounts pays.
 CALLER_SIDE = {

@@ -20,10 +20,9 @@ from yarl import URL
 
 from gateway.fake import png
 from tests.conftest import Fake, Gateway, GatewayFactory, Spawn
+from tests.helpers import GENERATE, KEY
 from tests.redis_server import RedisServer
 
-KEY = {"Authorization": "Bearer sk-tenant-a"}
-GENERATE = {"model": "gpt-image-1", "prompt": "a lighthouse"}
 IMAGE_BYTES = 22_000_000  # 29.3 MB of base64 in the JSON answer
 
 

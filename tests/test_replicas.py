@@ -20,11 +20,11 @@ from redis.asyncio.cluster import RedisCluster
 
 from gateway.fake import png
 from tests.conftest import Fake, Spawn
+from tests.helpers import KEY, submit, until_ended
 from tests.procs import GatewayProcess
 from tests.redis_cluster import ClusterNodes
 from tests.redis_server import RedisServer
 
-KEY = {"Authorization": "Bearer sk-tenant-a"}
 IMAGE_BYTES = 50_000
 
 
@@ -64,40 +64,16 @@ def _prefix() -> str:
 
 
 async def _submit(http: aiohttp.ClientSession, url: str, latency_s: float) -> str:
-    async with http.post(
-        f"{url}/v1/images/generations",
-        json={"model": "gpt-image-1", "prompt": "a lighthouse"},
-        headers={
-            **KEY,
-            "Prefer": "respond-async",
-            "X-Fake-Latency": str(latency_s),
-            "X-Fake-Image-Bytes": str(IMAGE_BYTES),
-        },
-    ) as resp:
-        assert resp.status == 202, await resp.text()
-        task_id: str = (await resp.json())["id"]
-        return task_id
-
-
-async def _task(http: aiohttp.ClientSession, url: str, task_id: str) -> Any:
-    async with http.get(f"{url}/v1/tasks/{task_id}", headers=KEY) as resp:
-        if resp.status == 503:  # Redis is restarting: a clear, retryable answer
-            assert resp.headers["x-should-retry"] == "true"
-            return {"status": "unknown"}
-        assert resp.status == 200
-        return await resp.json()
+    headers = {"X-Fake-Latency": str(latency_s), "X-Fake-Image-Bytes": str(IMAGE_BYTES)}
+    task_id: str = (await submit(http, url, headers=headers))["id"]
+    return task_id
 
 
 async def _until_all_ended(
     http: aiohttp.ClientSession, url: str, task_ids: list[str], within_s: float
 ) -> list[Any]:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        tasks = [await _task(http, url, task_id) for task_id in task_ids]
-        if all(t["status"] in ("completed", "failed", "cancelled") for t in tasks):
-            return tasks
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"not all ended: {[t['status'] for t in tasks]}")
+    urls = (f"{url}/v1/tasks/{task_id}" for task_id in task_ids)
+    return await until_ended(http, *urls, within_s=within_s)
 
 
 async def _events(
