@@ -21,13 +21,13 @@ import yaml
 from gateway.auth import key_digest
 from gateway.config import Config
 from tests.conftest import Fake, GatewayFactory, Spawn
+from tests.helpers import KEY
 from tests.procs import GatewayProcess, free_port
 from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
-KEY = {"Authorization": "Bearer sk-tenant-a"}
 CLIENT_KEY = "gw-team-a-0123456789"
 
 
