@@ -28,6 +28,8 @@ from gateway.usage.periods import Periods, iso
 from gateway.usage.prices import PriceTable
 from gateway.usage.redis_ledger import RedisLedger
 from tests.conftest import Fake, GatewayFactory, Spawn
+from tests.helpers import until_ended
+from tests.redis_server import RedisServer
 
 # --- prices -------------------------------------------------------------------------------
 
@@ -299,17 +301,6 @@ def _assert_over_budget(status: int, headers: Any, body: Any) -> None:
     assert abs(time.time() + int(headers["Retry-After"]) - Periods(time.time()).day_ends) < 5
 
 
-async def _until_ended(http: aiohttp.ClientSession, url: str, task_id: str) -> Any:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        async with http.get(f"{url}/v1/tasks/{task_id}", headers=DESIGN) as resp:
-            task = await resp.json()
-        if task["status"] in ("completed", "failed", "cancelled"):
-            return task
-        await asyncio.sleep(0.05)
-    raise AssertionError("the task did not end")
-
-
 @pytest.mark.parametrize("store", ["memory", "redis"], indirect=True)
 async def test_every_path_spends_the_budget_and_is_refused_past_it(
     gateway_factory: GatewayFactory, fake: Fake, store: dict[str, Any], http: aiohttp.ClientSession
@@ -326,7 +317,8 @@ async def test_every_path_spends_the_budget_and_is_refused_past_it(
     async with http.post(url, json=IMAGE, headers={**DESIGN, "Prefer": "respond-async"}) as resp:
         assert resp.status == 202
         task_id = (await resp.json())["id"]
-    assert (await _until_ended(http, gw.url, task_id))["status"] == "completed"
+    [task] = await until_ended(http, f"{gw.url}/v1/tasks/{task_id}", key=DESIGN)
+    assert task["status"] == "completed"
     async with openai.AsyncOpenAI(
         base_url=f"{gw.url}/v1", api_key=DESIGN_KEY, max_retries=2
     ) as sdk:
@@ -431,25 +423,98 @@ def _replica_config(fake: Fake, redis: Any, prefix: str, daily_usd: float) -> st
 async def test_a_budget_holds_under_50_concurrent_callers_on_two_replicas(
     spawn: Spawn, fake: Fake, redis_server: Any, http: aiohttp.ClientSession
 ) -> None:
-    """50 callers at once, half on each replica, each a $0.167 image against a $1.00 day:
-    what is spent stays within the budget and one call's price (here: within the budget)."""
+    """50 callers at once, half on each replica, each a $0.167 image against a $1.00 day, by
+    every way in: plain calls, async tasks and OpenAI SDK calls (run once, with the SDK's
+    retries). What is spent stays within the budget and one call's price (here, holds being
+    exact: within the budget), and the upstream sees only the calls that were let through."""
     config = _replica_config(fake, redis_server, f"usage-{uuid.uuid4().hex[:8]}", 1.0)
     _, first = await spawn(config)
     _, second = await spawn(config)
     high = {**IMAGE, "size": "1024x1024", "quality": "high"}
     slow = {**DESIGN, "X-Fake-Latency": "0.3"}
+    sdks = [
+        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=DESIGN_KEY, default_headers=slow)
+        for url in (first, second)
+    ]
 
-    async def call(url: str) -> tuple[int, Any]:
-        async with http.post(f"{url}/v1/images/generations", json=high, headers=slow) as resp:
-            return resp.status, await resp.json()
+    async def call(i: int) -> tuple[int, str | None]:
+        url = (first, second)[i % 2]
+        if i % 3 == 2:
+            try:
+                await sdks[i % 2].images.generate(
+                    model="gpt-image-1", prompt="x", size="1024x1024", quality="high"
+                )
+            except openai.RateLimitError as refused:
+                return 429, refused.code
+            return 200, None
+        headers = {**slow, "Prefer": "respond-async"} if i % 3 == 1 else slow
+        async with http.post(f"{url}/v1/images/generations", json=high, headers=headers) as resp:
+            body = await resp.json()
+            return resp.status, body["id"] if resp.status == 202 else body.get("error", {}).get(
+                "code"
+            )
 
-    answers = await asyncio.gather(*(call(first if i % 2 else second) for i in range(50)))
-    made = [body for status, body in answers if status == 200]
-    refused = [body for status, body in answers if status != 200]
-    assert all(body["error"]["code"] == "budget_exceeded" for body in refused)
+    answers = await asyncio.gather(*(call(i) for i in range(50)))
+    for sdk in sdks:
+        await sdk.close()
+    made = [answer for answer in answers if answer[0] in (200, 202)]
+    refused = [answer for answer in answers if answer[0] not in (200, 202)]
+    assert {code for _, code in refused} == {"budget_exceeded"}
+    tasks = [f"{first}/v1/tasks/{task_id}" for status, task_id in made if status == 202]
+    await until_ended(http, *tasks, key=DESIGN)
     spent = (await _settled(http, first, DESIGN))["day"]["cost_usd"]
-    assert spent == pytest.approx(len(made) * 0.167)
     assert spent <= 1.0 + 0.167
+    assert spent == pytest.approx(len(made) * 0.167)
     assert len(made) == 5  # holds are exact: a sixth ($1.002) would pass the budget
     assert fake.stats.requests == len(made)
     assert (await _usage(http, second, DESIGN))["day"]["cost_usd"] == pytest.approx(spent)
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+async def test_a_budgeted_call_while_redis_is_down_goes_through_or_is_refused_as_configured(
+    gateway_factory: GatewayFactory, tmp_path: Any, http: aiohttp.ClientSession, mode: str
+) -> None:
+    """Redis down: by default (open) a budgeted client's plain call goes upstream as it would
+    without the gateway, counted as unchecked; "closed" refuses it, retryable. A client
+    without a budget is never held up."""
+    redis = RedisServer(tmp_path)
+    try:
+        sections = _sections({"redis_url": redis.url, "key_prefix": "down"}, daily_usd=5.0)
+        gw = await gateway_factory(**sections, usage={"budget_store_down": mode})
+        redis.stop()
+        url = f"{gw.url}/v1/images/generations"
+        async with http.post(url, json=IMAGE, headers=DESIGN) as resp:
+            if mode == "open":
+                assert resp.status == 200
+            else:
+                assert resp.status == 503
+                assert (await resp.json())["error"]["code"] == "store_unavailable"
+                assert resp.headers["x-should-retry"] == "true"
+        async with http.post(url, json=IMAGE, headers=OPS) as resp:
+            assert resp.status == 200
+        expected = 1 if mode == "open" else 0
+        assert gw.sample("gateway_budget_unchecked_total", client="design") == expected
+    finally:
+        redis.stop()
+
+
+async def test_a_cancelled_queued_task_gives_its_budget_back(
+    gateway_factory: GatewayFactory, redis_server: Any, http: aiohttp.ClientSession
+) -> None:
+    """A task waiting for a worker holds its estimate; cancelled before any worker took it,
+    it never costs anything, so the budget it held is free again at once."""
+    store = {"redis_url": redis_server.url, "key_prefix": f"cancel-{uuid.uuid4().hex[:8]}"}
+    gw = await gateway_factory(**_sections({**store, "workers": 0}, daily_usd=0.15))
+    url = f"{gw.url}/v1/images/generations"
+    queued = {**DESIGN, "Prefer": "respond-async"}
+    async with http.post(url, json=IMAGE, headers=queued) as resp:
+        assert resp.status == 202
+        task_id = (await resp.json())["id"]
+    async with http.post(url, json=IMAGE, headers=queued) as resp:
+        assert resp.status == 429  # $0.10 held, $0.10 more would pass $0.15
+    async with http.delete(f"{gw.url}/v1/tasks/{task_id}", headers=DESIGN) as resp:
+        assert (await resp.json())["status"] == "cancelled"
+    usage = await _settled(http, gw.url, DESIGN)
+    assert usage["day"]["cost_usd"] == 0
+    async with http.post(url, json=IMAGE, headers=queued) as resp:
+        assert resp.status == 202
