@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -34,11 +35,12 @@ FAST = {"retry_delays_s": [0.2, 0.2, 0.2, 0.2], "timeout_s": 2.0}
 
 class Receiver:
     """A webhook receiver on a real socket: answers each delivery as `script` says in turn
-    ("500", "drop" the connection unanswered, "hang" past the timeout), then 200."""
+    ("500", "drop" the connection unanswered, "redirect" elsewhere), then 200."""
 
     def __init__(self, script: list[str] | None = None) -> None:
         self.script = list(script or [])
         self.deliveries: list[tuple[dict[str, str], bytes]] = []
+        self.paths: list[str] = []
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -57,13 +59,14 @@ class Receiver:
 
     async def _receive(self, request: web.Request) -> web.StreamResponse:
         self.deliveries.append((dict(request.headers), await request.read()))
+        self.paths.append(request.path)
         action = self.script.pop(0) if self.script else "200"
         if action == "drop":
             assert request.transport is not None
             request.transport.abort()
             raise ConnectionResetError  # nothing is answered
-        if action == "hang":
-            await asyncio.sleep(3600)
+        if action == "redirect":  # a receiver must not send the gateway's posts elsewhere
+            raise web.HTTPTemporaryRedirect("/hooks/elsewhere")
         return web.Response(status=int(action))
 
     async def until(self, count: int, within_s: float = 15.0) -> None:
@@ -122,16 +125,18 @@ async def test_an_async_task_announces_its_end_signed_and_retried_until_taken(
     receiver: Receiver,
     http: aiohttp.ClientSession,
 ) -> None:
-    """The receiver fails twice (500), then drops the connection, then takes the event: four
-    tries, each verified by the SDK's `unwrap` with the configured secret, one webhook-id."""
-    receiver.script = ["500", "500", "drop"]
+    """The receiver fails twice (500), drops the connection, redirects (not followed), then
+    takes the event: five tries, each verified by the SDK's `unwrap` with the configured
+    secret, one webhook-id."""
+    receiver.script = ["500", "500", "drop", "redirect"]
     gateway = await gateway_factory(
         tasks=store, clients=_clients(alpha=(ALPHA, receiver.url, SECRET)), webhooks=FAST
     )
     task = await _submit(http, gateway.url, ALPHA)
-    await receiver.until(4)
+    await receiver.until(5)
     events = receiver.events()
-    assert [event.type for event in events] == ["task.completed"] * 4
+    assert [event.type for event in events] == ["task.completed"] * 5
+    assert set(receiver.paths) == {"/hooks/in"}
     assert len({headers["webhook-id"] for headers, _ in receiver.deliveries}) == 1
     assert len({body for _, body in receiver.deliveries}) == 1  # the same event every try
     event = events[0]
@@ -151,15 +156,37 @@ async def test_an_async_task_announces_its_end_signed_and_retried_until_taken(
     assert ALPHA not in body
     assert "b64_json" not in body
     await asyncio.sleep(1.5)
-    assert len(receiver.deliveries) == 4  # taken: never sent again
+    assert len(receiver.deliveries) == 5  # taken: never sent again
     assert (
         gateway.sample("gateway_webhook_deliveries_total", client="alpha", outcome="failed_attempt")
-        == 3
+        == 4
     )
     assert (
         gateway.sample("gateway_webhook_deliveries_total", client="alpha", outcome="delivered") == 1
     )
     assert gateway.sample("gateway_webhook_pending") == 0
+
+
+async def test_an_event_no_try_delivers_is_given_up_after_the_last_retry(
+    gateway_factory: GatewayFactory,
+    receiver: Receiver,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    receiver.script = ["503"] * 10
+    gateway = await gateway_factory(
+        clients=_clients(alpha=(ALPHA, receiver.url, SECRET)),
+        webhooks={"retry_delays_s": [0.1, 0.1], "timeout_s": 2.0},
+    )
+    task = await _submit(http, gateway.url, ALPHA)
+    await receiver.until(3)
+    await asyncio.sleep(1.5)
+    assert len(receiver.deliveries) == 3  # the first try and two retries
+    assert (
+        gateway.sample("gateway_webhook_deliveries_total", client="alpha", outcome="gave_up") == 1
+    )
+    assert gateway.sample("gateway_webhook_pending") == 0
+    assert f"{task['id']}: webhook to client alpha given up after 3 tries" in caplog.text
 
 
 async def test_a_cancelled_and_a_failed_task_announce_their_end_too(
@@ -257,6 +284,42 @@ async def test_two_replicas_deliver_each_event_once(
         for gw in (first, second)
     )
     assert delivered == 20
+
+
+async def test_an_event_waits_out_a_hung_redis_and_is_delivered_when_it_resumes(
+    gateway_factory: GatewayFactory,
+    tmp_path: Path,
+    receiver: Receiver,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis stops answering (SIGSTOP) between two tries: no try is lost, none doubles, and
+    the delivery goes on once it answers again."""
+    redis = RedisServer(tmp_path)
+    try:
+        receiver.script = ["500"]
+        gateway = await gateway_factory(
+            tasks={"redis_url": redis.url, "store_timeout_s": 0.5},
+            clients=_clients(alpha=(ALPHA, receiver.url, SECRET)),
+            webhooks={"retry_delays_s": [0.2], "timeout_s": 1.0},
+        )
+        await _submit(http, gateway.url, ALPHA)
+        await receiver.until(1)
+        redis.proc.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(3.0)
+        assert len(receiver.deliveries) == 1
+        redis.proc.send_signal(signal.SIGCONT)
+        # Soon: a take that Redis ran only as it resumed, after its caller gave up, took
+        # nothing (else the event would wait out a lease nobody holds, 7.5 s here).
+        await receiver.until(2, within_s=3.0)
+        assert len({headers["webhook-id"] for headers, _ in receiver.deliveries}) == 1
+        await asyncio.sleep(1.5)
+        assert len(receiver.deliveries) == 2
+        assert "webhooks wait until it is back" in caplog.text
+        assert gateway.sample("gateway_webhook_pending") == 0
+    finally:
+        redis.proc.send_signal(signal.SIGCONT)
+        redis.stop()
 
 
 def _process_config(fake: Fake, redis: RedisServer, prefix: str, hook: str) -> str:

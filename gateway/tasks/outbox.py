@@ -10,6 +10,8 @@ and settles each with the lease it took, so a deliverer whose lease ran out chan
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from typing import Protocol
 
@@ -27,7 +29,28 @@ class Announcement(msgspec.Struct, frozen=True, kw_only=True):
     body: bytes = b""
 
 
+class Doorbell:
+    """Rung when a task of this process that announces its end ends: its deliverer looks at
+    the outbox at once rather than at its next poll."""
+
+    def __init__(self) -> None:
+        self._rung = asyncio.Event()
+
+    def ring(self) -> None:
+        self._rung.set()
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until rung (since the last wait), or `timeout_s`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._rung.wait()
+        self._rung.clear()
+
+
 class Outbox(Protocol):
+    @property
+    def doorbell(self) -> Doorbell: ...
+
     async def take(self, limit: int, lease_s: float) -> tuple[list[Announcement], int]:
         """Up to `limit` due entries, each leased for `lease_s` to the caller (due again after
         it unless settled), and how many entries the outbox holds."""
@@ -56,6 +79,7 @@ class MemoryOutbox:
     def __init__(self) -> None:
         # task id -> [due (monotonic ms), attempts, client, body]
         self._entries: dict[str, tuple[int, int, str, bytes]] = {}
+        self.doorbell = Doorbell()
 
     def expect(self, task_id: str) -> None:
         self._entries.setdefault(task_id, (_now_ms(UNENDED_RECHECK_S), 0, "", b""))
@@ -63,6 +87,7 @@ class MemoryOutbox:
     def nudge(self, task_id: str) -> None:
         if (entry := self._entries.get(task_id)) is not None:
             self._entries[task_id] = (_now_ms(), *entry[1:])
+            self.doorbell.ring()
 
     async def take(self, limit: int, lease_s: float) -> tuple[list[Announcement], int]:
         now, taken = _now_ms(), list[Announcement]()

@@ -29,7 +29,8 @@ from gateway.webhooks.signing import secret_key, signed_headers
 
 logger = logging.getLogger(__name__)
 
-# Between two looks at the outbox when nothing was due: how late a due event may start.
+# Between two looks at the outbox when nothing was due: how late an event another replica made
+# due may start (one this replica ended rings its doorbell, and starts at once).
 _POLL_S = 1.0
 _USER_AGENT = "gateway-webhooks/1"
 
@@ -83,8 +84,8 @@ class Deliverer:
                     delivery = asyncio.create_task(self._deliver(announcement))
                     self._running.add(delivery)
                     delivery.add_done_callback(self._running.discard)
-                if len(taken) < self._concurrency:
-                    await asyncio.sleep(_POLL_S)  # else more are due: look again at once
+                if len(taken) < self._concurrency:  # else more are due: look again at once
+                    await self._outbox.doorbell.wait(_POLL_S)
         finally:
             # Cut tries are left to their leases: another replica (or this one, restarted)
             # delivers them once the leases end.
@@ -94,6 +95,8 @@ class Deliverer:
 
     async def _take(self) -> list[Announcement]:
         free = self._concurrency - len(self._running)
+        if free <= 0:
+            return []
         try:
             taken, held = await self._outbox.take(free, self._lease_s)
         except StoreUnavailable:

@@ -10,9 +10,10 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
-from gateway.tasks.outbox import UNENDED_RECHECK_S, Announcement
+from gateway.tasks.outbox import UNENDED_RECHECK_S, Announcement, Doorbell
+from gateway.tasks.redis.clock import RedisClock
 from gateway.tasks.redis.keys import Keys
-from gateway.tasks.redis.observed import Observer, store_call
+from gateway.tasks.redis.observed import Observer, giving_up_at, store_call
 from gateway.tasks.redis.scripts import script
 
 _TAKE = script("outbox_take")
@@ -31,12 +32,14 @@ class _Owner(Protocol):
 
 
 class RedisOutbox:
-    def __init__(self, redis: Any, keys: Keys, owner: _Owner) -> None:
+    def __init__(self, redis: Any, keys: Keys, owner: _Owner, clock: RedisClock) -> None:
         self._keys = [keys.outbox, keys.outbox_state]
         self._owner = owner
+        self._clock = clock
         self._take = redis.register_script(_TAKE)
         self._settle = redis.register_script(_SETTLE)
         self._schedule = redis.register_script(_SCHEDULE)
+        self.doorbell = Doorbell()
 
     # What `store_call` reads of the object it wraps a method of: the owner's.
     @property
@@ -66,10 +69,13 @@ class RedisOutbox:
         with contextlib.suppress(RedisError, OSError):  # a timeout is an OSError too
             async with asyncio.timeout(self._owner.deadline_s):
                 await self._schedule(keys=self._keys[:1], args=[task_id, 0, "XX"])
+                self.doorbell.ring()
 
     @store_call
     async def take(self, limit: int, lease_s: float) -> tuple[list[Announcement], int]:
-        got = await self._take(keys=self._keys, args=[_ms(lease_s), limit])
+        # A quarter of the deadline for the error of reading Redis's clock (`creation.py`).
+        cutoff_ms = await self._clock.fence_ms(giving_up_at.get() - self.deadline_s / 4)
+        got = await self._take(keys=self._keys, args=[_ms(lease_s), limit, cutoff_ms])
         held, entries = int(got[0]), got[1:]
         return [
             Announcement(

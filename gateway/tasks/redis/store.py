@@ -87,7 +87,7 @@ class RedisStore:
             cluster=cluster,
             on_skip=on_wait_skipped,
         )
-        self.outbox = RedisOutbox(redis, keys, self)
+        self.outbox = RedisOutbox(redis, keys, self, self._clock)
         self._transitions = Transitions(redis, keys, int(retention_s * 1000), acks, self.outbox)
         self._creation = Creation(
             redis, keys, self._queue, self._transitions, acks, ordered=not cluster
