@@ -27,7 +27,8 @@ from gateway.tasks.service import (
 )
 from gateway.tasks.worker import WORKER_POOL, WorkerPool
 from gateway.upstream import upstream_ctx
-from gateway.usage.meter import USAGE, open_meter
+from gateway.usage.meter import USAGE, Meter
+from gateway.usage.redis_ledger import open_ledger
 from gateway.usage.view import USAGE_ROUTE, usage_view
 from gateway.webhooks.delivery import webhooks_ctx
 
@@ -115,7 +116,7 @@ def _add_tasks(app: web.Application, config: Config) -> None:
     store = open_store(config, app[METRICS])
     link_ttl_s = config.cors.signed_link_ttl_s
     app[TASKS] = TaskService(store, app[AUTH], open_results(config), link_ttl_s)
-    app[USAGE] = open_meter(config, app[METRICS], store)
+    app[USAGE] = Meter(config, app[METRICS], open_ledger(store, config.tasks.key_prefix))
     app[WORKER_POOL] = WorkerPool(config)
     app.cleanup_ctx.append(upstream_ctx(config))
     app.cleanup_ctx.append(results_ctx)

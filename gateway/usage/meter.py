@@ -18,15 +18,20 @@ import msgspec
 from aiohttp import web
 
 from gateway.config import UNNAMED, Config
-from gateway.errors import BudgetExceeded, StoreUnavailable
+from gateway.errors import (
+    BudgetExceeded,
+    ResultTooLarge,
+    StoreUnavailable,
+    UpstreamBroken,
+    UpstreamTimeout,
+)
 from gateway.logsafe import OncePer
 from gateway.metrics import Metrics
 from gateway.usage.answer import AnswerMeter, Tokens
 from gateway.usage.ask import COUNTED_ROUTES, Ask, Body, ask_of
-from gateway.usage.ledger import Budgets, Ledger, MemoryLedger, Refusal, Spend, micro
+from gateway.usage.ledger import Budgets, Ledger, Refusal, Spend, micro
 from gateway.usage.periods import Periods, iso
 from gateway.usage.prices import PriceTable
-from gateway.usage.redis_ledger import RedisLedger
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +46,9 @@ class Hold(msgspec.Struct, frozen=True):
 
 NO_HOLD = Hold("", 0)
 # Gateway failures of a call whose request had reached the upstream: billed there all the same.
-SENT_FAILURES = frozenset(("upstream_timeout", "upstream_connection_broken", "result_too_large"))
+SENT_FAILURES = frozenset(
+    failure.code for failure in (UpstreamTimeout, UpstreamBroken, ResultTooLarge)
+)
 
 
 class Result(msgspec.Struct, frozen=True):
@@ -64,7 +71,6 @@ def answered(status: int, body: bytes) -> Result:
 
 class Meter:
     def __init__(self, config: Config, metrics: Metrics, ledger: Ledger) -> None:
-        self._clients = config.clients
         self._prices = config.prices
         self._table = PriceTable(
             config.prices,
@@ -94,9 +100,6 @@ class Meter:
         if not self.counting or route not in COUNTED_ROUTES:
             return None
         return ask_of(route, model, content_type, body)
-
-    def budgeted(self, client: str) -> bool:
-        return client in self._budgets
 
     def estimate(self, ask: Ask, images: int | None = None) -> int:
         """`images` (the asked-for count by default) at the call's price, in micro-dollars."""
@@ -151,16 +154,17 @@ class Meter:
         spend = None if result is None else self._count(client, ask, result)
         if client == UNNAMED or (spend is None and not hold_id):
             return  # no one reads an unnamed caller's ledger (`view.py`), nor holds for one
-        task = asyncio.get_running_loop().create_task(self._settle(client, hold_id, spend, once_s))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        self._settle_soon(client, hold_id, spend, once_s)
 
     def release(self, client: str, hold_id: str) -> None:
         """Let a hold go uncounted: its call was never made here."""
         if hold_id:
-            task = asyncio.get_running_loop().create_task(self._settle(client, hold_id, None, 0.0))
-            self._settling.add(task)
-            task.add_done_callback(self._settling.discard)
+            self._settle_soon(client, hold_id, None, 0.0)
+
+    def _settle_soon(self, client: str, hold_id: str, spend: Spend | None, once_s: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._settle(client, hold_id, spend, once_s))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     def _count(self, client: str, ask: Ask, result: Result) -> Spend:
         model = self.model_label(ask.model)
@@ -213,14 +217,6 @@ def _over_budget(
         f"this call estimated at ${amount / 1e6:.4f}. It resets at {iso(resets)}."
     )
     return BudgetExceeded(message, retry_after_s=max(1, int(resets - time.time()) + 1))
-
-
-def open_meter(config: Config, metrics: Metrics, store: object) -> Meter:
-    """The meter on the task store's Redis when it has one (`store.redis`), else in memory."""
-    redis_client = getattr(store, "redis", None)
-    if redis_client is None:
-        return Meter(config, metrics, MemoryLedger())
-    return Meter(config, metrics, RedisLedger(store, config.tasks.key_prefix))
 
 
 USAGE = web.AppKey("usage", Meter)

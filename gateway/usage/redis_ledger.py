@@ -12,8 +12,19 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
+from gateway.tasks.models import TaskStore
 from gateway.tasks.redis.observed import Observer, store_call, store_wait
-from gateway.usage.ledger import Budgets, Figures, ModelFigures, PeriodFigures, Refusal, Spend
+from gateway.tasks.redis.store import RedisStore
+from gateway.usage.ledger import (
+    Budgets,
+    Figures,
+    Ledger,
+    MemoryLedger,
+    ModelFigures,
+    PeriodFigures,
+    Refusal,
+    Spend,
+)
 from gateway.usage.periods import Periods
 
 # How long a day's and a month's figures are kept after their last write: a month and more,
@@ -52,7 +63,7 @@ class UsageKeys:
 
 
 class RedisLedger:
-    def __init__(self, store: Any, prefix: str) -> None:
+    def __init__(self, store: RedisStore, prefix: str) -> None:
         # The task store's client, readiness and metrics (`observed.py` reads them from here).
         self._store = store
         self._redis: Any = store.redis
@@ -140,3 +151,8 @@ def _period(fields: dict[bytes, bytes], held: bytes | None) -> PeriodFigures:
             counts = figures.models.setdefault(model, ModelFigures())
             setattr(counts, count, int(value))
     return figures
+
+
+def open_ledger(store: TaskStore, prefix: str) -> Ledger:
+    """The ledger beside the task store: on its Redis when it is on Redis, else in memory."""
+    return RedisLedger(store, prefix) if isinstance(store, RedisStore) else MemoryLedger()

@@ -4,7 +4,8 @@ it at once), `transitions` (the Lua scripts that change a task's status), `queue
 waiting set, the stream and its consumer group, here-leases), `claiming` (a worker taking and
 starting its next task), `slots` (concurrency limits across replicas), `wakeups` (pub/sub),
 `waiting` (for a task's end), and `store`, which keeps the `TaskStore` contract with them.
-Nothing else in the gateway talks to Redis."""
+Nothing else in the gateway talks to Redis but the usage ledger (`gateway/usage/redis_ledger.py`),
+over this store's client with keys and scripts of its own."""
 
 from __future__ import annotations
 
