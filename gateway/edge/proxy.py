@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Coroutine
 
 import aiohttp
 from aiohttp import web
@@ -93,14 +94,21 @@ async def receive_body(request: web.Request, ctx: RequestContext) -> Body:
     return body
 
 
-async def forward(
+def forward(
     request: web.Request, ctx: RequestContext, target: str, body: Body
-) -> web.StreamResponse:
+) -> Coroutine[None, None, web.StreamResponse]:
     """The call upstream, its answer streamed back to the caller; a counted call's usage
-    counted (`gateway/usage/`), held against its client's budget first if it has one."""
+    counted (`gateway/usage/`), held against its client's budget first if it has one. Without
+    [clients] the plain call pays one attribute read for it, not even a coroutine's frame."""
     meter = request.app[USAGE]
-    if not meter.counting:  # no [clients]: the plain call pays this read alone
-        return await _forward(request, ctx, target, body, None)
+    if not meter.counting:
+        return _forward(request, ctx, target, body, None)
+    return _metered(request, ctx, target, body, meter)
+
+
+async def _metered(
+    request: web.Request, ctx: RequestContext, target: str, body: Body, meter: Meter
+) -> web.StreamResponse:
     if (ask := _ask(meter, request, ctx, body)) is None:
         return await _forward(request, ctx, target, body, None)
     client = request.app[AUTH].client(request)
