@@ -189,6 +189,19 @@ async def test_an_event_no_try_delivers_is_given_up_after_the_last_retry(
     assert f"{task['id']}: webhook to client alpha given up after 3 tries" in caplog.text
 
 
+async def test_a_burst_of_ends_is_announced_at_the_receivers_pace_not_the_polls(
+    gateway_factory: GatewayFactory, receiver: Receiver, http: aiohttp.ClientSession
+) -> None:
+    """200 tasks end at once: a delivery that ends frees its slot for the next due event at
+    once (16 at a time), rather than at the next look at the outbox, once a second."""
+    gateway = await gateway_factory(
+        tasks={"workers": 32}, clients=_clients(alpha=(ALPHA, receiver.url, SECRET)), webhooks=FAST
+    )
+    submitted = await asyncio.gather(*(_submit(http, gateway.url, ALPHA) for _ in range(200)))
+    await receiver.until(200, within_s=3.0)
+    assert {event.data.id for event in receiver.events()} == {task["id"] for task in submitted}
+
+
 async def test_a_cancelled_and_a_failed_task_announce_their_end_too(
     gateway_factory: GatewayFactory, fake: Fake, receiver: Receiver, http: aiohttp.ClientSession
 ) -> None:

@@ -79,12 +79,15 @@ class Deliverer:
     async def run(self) -> None:
         try:
             while True:
-                taken = await self._take()
+                free = self._concurrency - len(self._running)
+                taken = await self._take(free) if free else []
                 for announcement in taken:
                     delivery = asyncio.create_task(self._deliver(announcement))
                     self._running.add(delivery)
-                    delivery.add_done_callback(self._running.discard)
-                if len(taken) < self._concurrency:  # else more are due: look again at once
+                    delivery.add_done_callback(self._delivered)
+                # Every slot busy, or nothing more due: until a delivery ends, a task ends
+                # here, or the poll. Else more may be due: look again at once.
+                if not free or len(taken) < free:
                     await self._outbox.doorbell.wait(_POLL_S)
         finally:
             # Cut tries are left to their leases: another replica (or this one, restarted)
@@ -93,10 +96,11 @@ class Deliverer:
                 delivery.cancel()
             await asyncio.gather(*self._running, return_exceptions=True)
 
-    async def _take(self) -> list[Announcement]:
-        free = self._concurrency - len(self._running)
-        if free <= 0:
-            return []
+    def _delivered(self, delivery: asyncio.Task[None]) -> None:
+        self._running.discard(delivery)
+        self._outbox.doorbell.ring()  # a slot is free
+
+    async def _take(self, free: int) -> list[Announcement]:
         try:
             taken, held = await self._outbox.take(free, self._lease_s)
         except StoreUnavailable:
