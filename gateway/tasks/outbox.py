@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import time
 from typing import Protocol
 
@@ -74,35 +75,40 @@ UNENDED_RECHECK_S = 60.0
 
 
 class MemoryOutbox:
-    """The embedded store's outbox: as lost on restart as its tasks are."""
+    """The embedded store's outbox: as lost on restart as its tasks are. Entries by task id,
+    and a heap of (due, task id) to find the due ones without a scan; a heap item whose entry
+    was settled since (due elsewhen, or gone) is passed over."""
 
     def __init__(self) -> None:
-        # task id -> [due (monotonic ms), attempts, client, body]
+        # task id -> (due or lease end (monotonic ms), failed deliveries, client, event)
         self._entries: dict[str, tuple[int, int, str, bytes]] = {}
+        self._due: list[tuple[int, str]] = []
         self.doorbell = Doorbell()
 
     def expect(self, task_id: str) -> None:
-        self._entries.setdefault(task_id, (_now_ms(UNENDED_RECHECK_S), 0, "", b""))
+        if task_id not in self._entries:
+            self._schedule(task_id, (_now_ms(UNENDED_RECHECK_S), 0, "", b""))
 
     def nudge(self, task_id: str) -> None:
         if (entry := self._entries.get(task_id)) is not None:
-            self._entries[task_id] = (_now_ms(), *entry[1:])
+            self._schedule(task_id, (_now_ms(), *entry[1:]))
             self.doorbell.ring()
 
     async def take(self, limit: int, lease_s: float) -> tuple[list[Announcement], int]:
         now, taken = _now_ms(), list[Announcement]()
-        for task_id, (due, attempts, client, body) in self._entries.items():
-            if len(taken) >= limit:
-                break
-            if due <= now:
-                lease = now + int(lease_s * 1000)
-                taken.append(
-                    Announcement(
-                        task_id=task_id, lease=lease, attempts=attempts, client=client, body=body
-                    )
+        while self._due and self._due[0][0] <= now and len(taken) < limit:
+            due, task_id = heapq.heappop(self._due)
+            entry = self._entries.get(task_id)
+            if entry is None or entry[0] != due:
+                continue
+            _, attempts, client, body = entry
+            lease = now + int(lease_s * 1000)
+            self._schedule(task_id, (lease, attempts, client, body))
+            taken.append(
+                Announcement(
+                    task_id=task_id, lease=lease, attempts=attempts, client=client, body=body
                 )
-        for one in taken:
-            self._entries[one.task_id] = (one.lease, one.attempts, one.client, one.body)
+            )
         return taken, len(self._entries)
 
     async def keep(self, taken: Announcement, client: str, body: bytes) -> bool:
@@ -115,7 +121,7 @@ class MemoryOutbox:
         if not self._held(taken):
             return False
         _, attempts, client, body = self._entries[taken.task_id]
-        self._entries[taken.task_id] = (_now_ms(delay_s), attempts + failed, client, body)
+        self._schedule(taken.task_id, (_now_ms(delay_s), attempts + failed, client, body))
         return True
 
     async def drop(self, taken: Announcement) -> bool:
@@ -123,6 +129,10 @@ class MemoryOutbox:
             return False
         del self._entries[taken.task_id]
         return True
+
+    def _schedule(self, task_id: str, entry: tuple[int, int, str, bytes]) -> None:
+        self._entries[task_id] = entry
+        heapq.heappush(self._due, (entry[0], task_id))
 
     def _held(self, taken: Announcement) -> bool:
         entry = self._entries.get(taken.task_id)
