@@ -126,6 +126,21 @@ def test_an_answer_s_images_and_tokens_are_read_as_it_streams_past(chunk: int) -
     assert meter.tokens == Tokens(input=12, output=4160)
 
 
+def test_a_streamed_answer_s_partial_images_are_not_counted_as_images() -> None:
+    """`partial_images: 2` streams two previews before the image; one image was made."""
+    image = base64.b64encode(b"\0" * 3000).decode()
+    events = [
+        {"type": "image_generation.partial_image", "b64_json": image, "partial_image_index": i}
+        for i in range(2)
+    ]
+    events.append({"type": "image_generation.completed", "b64_json": image, "usage": {}})
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    meter = AnswerMeter()
+    for start in range(0, len(body), 1000):
+        meter.feed(body[start : start + 1000])
+    assert meter.images == 1
+
+
 def test_a_gemini_answer_s_inline_images_and_usage_metadata_are_read() -> None:
     body = json.dumps(
         {

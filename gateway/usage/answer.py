@@ -12,8 +12,11 @@ import re
 
 import msgspec
 
-# Keys one image each has in an answer: OpenAI's data items, Gemini's inline parts.
-_IMAGE_KEYS = re.compile(rb'"(?:b64_json|url|inlineData|inline_data)"\s*:')
+# Keys one image each has in an answer: OpenAI's data items, Gemini's inline parts; a streamed
+# gpt-image answer's partial images carry `b64_json` too, and `partial_image_index`, so each of
+# those takes one back.
+_IMAGE_KEYS = re.compile(rb'"(b64_json|url|inlineData|inline_data|partial_image_index)"\s*:')
+_PARTIAL = b"partial_image_index"
 _USAGE_KEY = re.compile(rb'"(?:usage|usageMetadata|usage_metadata)"\s*:\s*\{')
 # A key split between two chunks is found in the overlap kept from the one before.
 _OVERLAP = 32
@@ -52,17 +55,17 @@ class AnswerMeter:
     def feed(self, chunk: bytes) -> None:
         overlap = self._tail[-_OVERLAP:]
         # Keys within the chunk, and keys begun in the bytes before it and ended in it.
-        self._images += len(_IMAGE_KEYS.findall(chunk))
+        self._images += sum(_worth(key) for key in _IMAGE_KEYS.findall(chunk))
         joint = overlap + chunk[:_OVERLAP]
         self._images += sum(
-            1 for m in _IMAGE_KEYS.finditer(joint) if m.start() < len(overlap) < m.end()
+            _worth(m[1]) for m in _IMAGE_KEYS.finditer(joint) if m.start() < len(overlap) < m.end()
         )
         self._tail = chunk[-_TAIL:] if len(chunk) >= _TAIL else (self._tail + chunk)[-_TAIL:]
 
     @property
     def images(self) -> int | None:
         """The images the answer holds; None when it names none (a chat's text, an error)."""
-        return self._images or None
+        return self._images if self._images > 0 else None
 
     @property
     def tokens(self) -> Tokens | None:
@@ -97,3 +100,7 @@ class AnswerMeter:
             or usage.candidates_token_count
             or 0,
         )
+
+
+def _worth(key: bytes) -> int:
+    return -1 if key == _PARTIAL else 1
