@@ -372,8 +372,10 @@ class WebhooksConfig(_Section, frozen=True):
     # counted). Every try carries the same webhook-id, so a receiver can drop repeats.
     retry_delays_s: tuple[Seconds, ...] = msgspec.field(default_factory=_default_retry_delays)
     timeout_s: Seconds = 10.0
-    # Deliveries one replica makes at once.
+    # Deliveries one replica makes at once, and to one client's receiver: a receiver that hangs
+    # until timeout_s holds no more than this many, and other clients' events go meanwhile.
     concurrency: AtLeastOne = 16
+    concurrency_per_client: AtLeastOne = 4
 
 
 class Config(_Section, frozen=True):

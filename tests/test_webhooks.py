@@ -31,11 +31,13 @@ ALPHA, BETA, GAMMA = "sk-alpha-0123", "sk-beta-0123", "sk-gamma-0123"
 GENERATE = {"model": "gpt-image-1", "prompt": "a lighthouse at dusk"}
 # Short retries: the schedule's shape, in seconds instead of hours.
 FAST = {"retry_delays_s": [0.2, 0.2, 0.2, 0.2], "timeout_s": 2.0}
+HANG_S = 3.0  # past FAST's timeout_s
 
 
 class Receiver:
     """A webhook receiver on a real socket: answers each delivery as `script` says in turn
-    ("500", "drop" the connection unanswered, "redirect" elsewhere), then 200."""
+    ("500", "drop" the connection unanswered, "redirect" elsewhere, "hang" past the gateway's
+    timeout_s), then 200."""
 
     def __init__(self, script: list[str] | None = None) -> None:
         self.script = list(script or [])
@@ -67,6 +69,9 @@ class Receiver:
             raise ConnectionResetError  # nothing is answered
         if action == "redirect":  # a receiver must not send the gateway's posts elsewhere
             raise web.HTTPTemporaryRedirect("/hooks/elsewhere")
+        if action == "hang":
+            await asyncio.sleep(HANG_S)  # the gateway gave up meanwhile
+            action = "200"
         return web.Response(status=int(action))
 
     async def until(self, count: int, within_s: float = 15.0) -> None:
@@ -200,6 +205,31 @@ async def test_a_burst_of_ends_is_announced_at_the_receivers_pace_not_the_polls(
     submitted = await asyncio.gather(*(_submit(http, gateway.url, ALPHA) for _ in range(200)))
     await receiver.until(200, within_s=3.0)
     assert {event.data.id for event in receiver.events()} == {task["id"] for task in submitted}
+
+
+async def test_a_receiver_that_hangs_holds_up_no_other_clients_events(
+    gateway_factory: GatewayFactory, receiver: Receiver, http: aiohttp.ClientSession
+) -> None:
+    """Alpha's receiver hangs past timeout_s with a backlog of events: it holds at most
+    concurrency_per_client of the replica's deliveries, and beta's event goes at once."""
+    receiver.script = ["hang"] * 12
+    other = Receiver()
+    await other.start()
+    try:
+        gateway = await gateway_factory(
+            clients=_clients(
+                alpha=(ALPHA, receiver.url, SECRET), beta=(BETA, other.url, OTHER_SECRET)
+            ),
+            webhooks=FAST | {"concurrency": 4, "concurrency_per_client": 2},
+        )
+        for _ in range(12):
+            await _submit(http, gateway.url, ALPHA)
+        await receiver.until(2)
+        await _submit(http, gateway.url, BETA)
+        await other.until(1, within_s=2.0)  # alpha's tries time out at 2 s, its backlog later
+        assert len(receiver.deliveries) == 2  # the others wait their turn, not failed
+    finally:
+        await other.stop()
 
 
 async def test_a_cancelled_and_a_failed_task_announce_their_end_too(
@@ -362,8 +392,8 @@ async def test_a_delivery_outlives_the_killed_replica_that_ended_the_task(
     receiver: Receiver,
     http: aiohttp.ClientSession,
 ) -> None:
-    """The replica that ran the task tries once (500) and is killed (-9); a replica started
-    after, sharing the Redis, goes on with the same event until the receiver takes it."""
+    """The replica that ran the task tries once (500) and is killed (-9); a `gateway worker`
+    started after, sharing the Redis, goes on with the same event until the receiver takes it."""
     receiver.script = ["500", "500", "drop"]
     config = _process_config(fake, redis_server, f"wh-{uuid.uuid4().hex[:8]}", receiver.url)
     first, first_url = await spawn(config)
@@ -371,7 +401,7 @@ async def test_a_delivery_outlives_the_killed_replica_that_ended_the_task(
     await receiver.until(1)
     first.proc.kill()
     assert await first.wait_exit(5) != 0
-    second, _ = await spawn(config)
+    second, _ = await spawn(config, command="worker")
     await receiver.until(4, within_s=20)
     events = receiver.events()
     assert {event.data.id for event in events} == {task["id"]}

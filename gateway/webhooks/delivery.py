@@ -24,7 +24,7 @@ from gateway.tasks.models import TERMINAL, TaskStore
 from gateway.tasks.outbox import UNENDED_RECHECK_S, Announcement, Outbox
 from gateway.tasks.service import TASKS
 from gateway.webhooks.events import event_body, event_id
-from gateway.webhooks.metrics import Outcome, WebhookMetrics
+from gateway.webhooks.metrics import WebhookMetrics
 from gateway.webhooks.signing import secret_key, signed_headers
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 # due may start (one this replica ended rings its doorbell, and starts at once).
 _POLL_S = 1.0
 _USER_AGENT = "gateway-webhooks/1"
+# The most a delivery waits for one of its client's tries to end (a receiver that answers frees
+# one in milliseconds) before its event goes back to the outbox for a while; past it the
+# receiver counts as slow.
+_SLOW_ANSWER_S = 1.0
 
 
 class Hook:
@@ -67,6 +71,12 @@ class Deliverer:
         self._delays_s = config.webhooks.retry_delays_s
         self._timeout_s = config.webhooks.timeout_s
         self._concurrency = config.webhooks.concurrency
+        # concurrency_per_client tries at once to each client's receiver, and when each of
+        # those under way began.
+        self._turns = {
+            name: asyncio.Semaphore(config.webhooks.concurrency_per_client) for name in hooks
+        }
+        self._posting: dict[str, list[float]] = {name: [] for name in hooks}
         # A try's whole step (its task read, its event kept, the POST, its settling) ends
         # before its lease: no two replicas deliver one event at once.
         self._step_s = self._timeout_s + 3 * config.tasks.store_timeout_s
@@ -120,33 +130,78 @@ class Deliverer:
             logger.exception("%s: webhook delivery failed", taken.task_id)
 
     async def _try(self, taken: Announcement) -> None:
-        client, body = taken.client, taken.body
-        if not body:  # its first try: the event is built from the task, then kept
-            record = await self._store.get(taken.task_id)
-            if record is None:  # gone past retention, or never made (its creation failed)
-                await self._outbox.drop(taken)
-                return
-            if record.task.status not in TERMINAL:
-                await self._outbox.later(taken, UNENDED_RECHECK_S, failed=False)
-                return
-            client, body = record.client, event_body(record.task, int(time.time()))
-            if client in self._hooks and not await self._outbox.keep(taken, client, body):
-                return  # its lease ended: another replica has it
+        event = (taken.client, taken.body) if taken.body else await self._event(taken)
+        if event is None:
+            return
+        client, body = event
         hook = self._hooks.get(client)
         if hook is None:  # its client's webhook was removed from the config since
             await self._outbox.drop(taken)
             return
+        if not await self._turn(client):
+            # Its receiver has had concurrency_per_client tries unanswered for a while (it is
+            # slow, or hangs): this event waits its turn in the outbox, not in one of this
+            # replica's deliveries, and other clients' go meanwhile. Not a failed try.
+            await self._outbox.later(taken, self._waited_s(client), failed=False)
+            return
         started = time.monotonic()
-        answer = await self._post(hook, taken.task_id, body)
-        seconds = time.monotonic() - started
+        self._posting[client].append(started)
+        try:
+            answer = await self._post(hook, taken.task_id, body)
+        finally:
+            self._posting[client].remove(started)
+            self._turns[client].release()
+        await self._settle(taken, client, answer, time.monotonic() - started)
+
+    async def _turn(self, client: str) -> bool:
+        """One of the client's tries at once, if one is free or frees soon: a receiver that
+        answers frees one in milliseconds."""
+        turn = self._turns[client]
+        if turn.locked() and self._unanswered_s(client) >= _SLOW_ANSWER_S:
+            return False
+        try:
+            async with asyncio.timeout(_SLOW_ANSWER_S):
+                await turn.acquire()
+        except TimeoutError:
+            return False
+        return True
+
+    def _unanswered_s(self, client: str) -> float:
+        """How long the client's oldest try under way has waited for an answer."""
+        posting = self._posting[client]
+        return time.monotonic() - min(posting) if posting else 0.0
+
+    def _waited_s(self, client: str) -> float:
+        """About when one of the client's tries frees: from _SLOW_ANSWER_S to timeout_s."""
+        return min(max(self._unanswered_s(client), _SLOW_ANSWER_S), self._timeout_s)
+
+    async def _event(self, taken: Announcement) -> tuple[str, bytes] | None:
+        """A first try's client and event, built from the task and kept (every later try sends
+        it unchanged); None when there is nothing to send now."""
+        record = await self._store.get(taken.task_id)
+        if record is None:  # gone past retention, or never made (its creation failed)
+            await self._outbox.drop(taken)
+            return None
+        if record.task.status not in TERMINAL:
+            await self._outbox.later(taken, UNENDED_RECHECK_S, failed=False)
+            return None
+        client, body = record.client, event_body(record.task, int(time.time()))
+        if client in self._hooks and not await self._outbox.keep(taken, client, body):
+            return None  # its lease ended: another replica has it
+        return client, body
+
+    async def _settle(
+        self, taken: Announcement, client: str, answer: str | None, seconds: float
+    ) -> None:
+        """After a try: gone if delivered or if it was the last; else due after its delay."""
         if answer is None:
             await self._outbox.drop(taken)
             self._metrics.tried(client, "delivered", seconds)
             return
         attempts = taken.attempts + 1
-        outcome: Outcome = "gave_up" if attempts > len(self._delays_s) else "failed_attempt"
-        if outcome == "gave_up":
+        if attempts > len(self._delays_s):
             await self._outbox.drop(taken)
+            self._metrics.tried(client, "gave_up", seconds)
             logger.warning(
                 "%s: webhook to client %s given up after %d tries (%s)",
                 taken.task_id,
@@ -154,18 +209,18 @@ class Deliverer:
                 attempts,
                 answer,
             )
-        else:
-            delay_s = self._delays_s[attempts - 1]
-            await self._outbox.later(taken, delay_s, failed=True)
-            logger.info(
-                "%s: webhook to client %s failed (%s), try %d; next in %g s",
-                taken.task_id,
-                client,
-                answer,
-                attempts,
-                delay_s,
-            )
-        self._metrics.tried(client, outcome, seconds)
+            return
+        delay_s = self._delays_s[attempts - 1]
+        await self._outbox.later(taken, delay_s, failed=True)
+        self._metrics.tried(client, "failed_attempt", seconds)
+        logger.info(
+            "%s: webhook to client %s failed (%s), try %d; next in %g s",
+            taken.task_id,
+            client,
+            answer,
+            attempts,
+            delay_s,
+        )
 
     async def _post(self, hook: Hook, task_id: str, body: bytes) -> str | None:
         """None when the receiver took the event (a 2xx), else why not (for the log: never
