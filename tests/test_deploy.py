@@ -39,7 +39,7 @@ def _promtool(*args: str, cwd: Path) -> str:
 
 
 def test_alert_rules_pass_promtool_check_and_their_unit_tests() -> None:
-    assert "SUCCESS: 6 rules found" in _promtool(
+    assert "SUCCESS: 8 rules found" in _promtool(
         "check", "rules", "alerts.yml", cwd=DEPLOY / "prometheus"
     )
     assert "SUCCESS" in _promtool("test", "rules", "alerts.test.yml", cwd=DEPLOY / "prometheus")
@@ -56,6 +56,8 @@ def test_every_alert_has_a_runbook_line() -> None:
         "GatewayTaskQueueStuck",
         "GatewayNoLiveWorkers",
         "GatewayRedisErrors",
+        "GatewayWebhookReceiverFailing",
+        "GatewayWebhooksGivenUp",
     }
     assert all(a["annotations"]["runbook"] and a["annotations"]["summary"] for a in alerts)
 
