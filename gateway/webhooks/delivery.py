@@ -77,9 +77,9 @@ class Deliverer:
             name: asyncio.Semaphore(config.webhooks.concurrency_per_client) for name in hooks
         }
         self._posting: dict[str, list[float]] = {name: [] for name in hooks}
-        # A try's whole step (its task read, its event kept, the POST, its settling) ends
-        # before its lease: no two replicas deliver one event at once.
-        self._step_s = self._timeout_s + 3 * config.tasks.store_timeout_s
+        # A try's whole step (its task read, its event kept, its turn, the POST, its settling)
+        # ends before its lease: no two replicas deliver one event at once.
+        self._step_s = self._timeout_s + _SLOW_ANSWER_S + 3 * config.tasks.store_timeout_s
         self._lease_s = self._step_s + 5.0
         self._metrics = metrics
         self._session = session
@@ -116,6 +116,9 @@ class Deliverer:
         except StoreUnavailable:
             if self._store_down_said():
                 logger.warning("task store unreachable: webhooks wait until it is back")
+            return []
+        except Exception:  # a bug must not silently stop this replica's webhooks
+            logger.exception("webhook outbox take failed")
             return []
         self._metrics.pending.set(held)
         return taken
