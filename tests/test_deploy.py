@@ -5,6 +5,7 @@ Kubernetes files parse and point at files that exist."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import shutil
@@ -282,9 +283,12 @@ async def test_prometheus_scrapes_a_gateway_and_every_dashboard_panel_shows_data
     _, url = await spawn(
         f"[server]\nmetrics_port = {metrics_port}\n[upstream]\nurl = '{fake.url}/v1'\n"
         f"[tasks]\nredis_url = '{redis_server.url}'\nkey_prefix = 'prom'\n"
-        # A named client with a budget: the spend panel's series.
+        # A named client with a budget: the spend panel's series; with a webhook to a port
+        # nothing listens on: the webhook panels' (its async task's end fails a try).
         f"[clients.team-a]\nkey_sha256 = ['{team_a}']\n"
         "daily_budget_usd = 100.0\n"
+        f"webhook_url = 'http://127.0.0.1:{free_port()}/hooks'\n"
+        f"webhook_secret = 'whsec_{base64.b64encode(bytes(32)).decode()}'\n"
     )
     targets.write_text(json.dumps([{"targets": [f"127.0.0.1:{metrics_port}"]}]))
     async with aiohttp.ClientSession() as http:
