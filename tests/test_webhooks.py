@@ -365,14 +365,14 @@ async def test_an_event_waits_out_a_hung_redis_and_is_delivered_when_it_resumes(
         redis.stop()
 
 
-def _process_config(fake: Fake, redis: RedisServer, prefix: str, hook: str) -> str:
+def _process_config(fake: Fake, redis_url: str, prefix: str, hook: str) -> str:
     return f"""
 [server]
 drain_timeout_s = 0.5
 [upstream]
 url = '{fake.url}/v1'
 [tasks]
-redis_url = '{redis.url}'
+redis_url = '{redis_url}'
 key_prefix = '{prefix}'
 store_timeout_s = 0.5
 [webhooks]
@@ -385,17 +385,20 @@ webhook_secret = '{SECRET}'
 """
 
 
+@pytest.mark.parametrize("shared", ["redis_server", "redis_cluster"])
 async def test_a_delivery_outlives_the_killed_replica_that_ended_the_task(
     spawn: Spawn,
     fake: Fake,
-    redis_server: RedisServer,
+    shared: str,
+    request: pytest.FixtureRequest,
     receiver: Receiver,
     http: aiohttp.ClientSession,
 ) -> None:
     """The replica that ran the task tries once (500) and is killed (-9); a `gateway worker`
     started after, sharing the Redis, goes on with the same event until the receiver takes it."""
     receiver.script = ["500", "500", "drop"]
-    config = _process_config(fake, redis_server, f"wh-{uuid.uuid4().hex[:8]}", receiver.url)
+    redis = request.getfixturevalue(shared)  # a standalone Redis, or a Redis Cluster
+    config = _process_config(fake, redis.url, f"wh-{uuid.uuid4().hex[:8]}", receiver.url)
     first, first_url = await spawn(config)
     task = await _submit(http, first_url, ALPHA)
     await receiver.until(1)
