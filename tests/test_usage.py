@@ -533,3 +533,42 @@ async def test_a_cancelled_queued_task_gives_its_budget_back(
     assert usage["day"]["cost_usd"] == 0
     async with http.post(url, json=IMAGE, headers=queued) as resp:
         assert resp.status == 202
+
+
+@pytest.mark.parametrize("api_version", ["v1beta", "v1"])
+async def test_google_genai_spends_the_budget_and_is_refused_past_it(
+    gateway_factory: GatewayFactory, fake: Fake, http: aiohttp.ClientSession, api_version: str
+) -> None:
+    """Nano Banana through google-genai: the image is counted as an image with Gemini's
+    usageMetadata tokens, at the Gemini price; past the budget the SDK gets the 429."""
+    from google import genai
+    from google.genai import errors, types
+
+    gw = await gateway_factory(**_sections({}, daily_usd=0.15))
+    client = genai.Client(
+        api_key=DESIGN_KEY,
+        http_options=types.HttpOptions(base_url=gw.url, api_version=api_version),
+    )
+
+    def generate() -> Any:
+        return client.models.generate_content(
+            model="gemini-2.5-flash-image", contents="a lighthouse"
+        )
+
+    reply = await asyncio.to_thread(generate)
+    assert reply.candidates
+    [model] = (await _settled(http, gw.url, DESIGN))["day"]["models"]
+    assert model == {
+        "model": "gemini-2.5-flash-image",
+        "calls": 1,
+        "images": 1,
+        "input_tokens": 10,
+        "output_tokens": 1290,
+        "cost_usd": pytest.approx(0.1),
+    }
+    with pytest.raises(errors.ClientError) as refused:
+        await asyncio.to_thread(generate)
+    assert refused.value.code == 429
+    assert "budget" in str(refused.value)
+    assert iso(Periods(time.time()).day_ends) in str(refused.value)
+    assert sum(fake.stats.by_path.values()) == 1
