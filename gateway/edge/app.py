@@ -8,12 +8,13 @@ from gateway.admission import ADMISSION, HELD, Admission, HeldConnections
 from gateway.auth import AUTH, Auth
 from gateway.config import CONFIG, Config
 from gateway.context import add_request_id
-from gateway.cors import add_cors_headers
 from gateway.edge.boundary import boundary
+from gateway.edge.cors import add_cors_headers
 from gateway.edge.dispatch import dispatch
 from gateway.edge.health import READINESS, Readiness, healthz, readyz
 from gateway.edge.replay import image_view
 from gateway.edge.task_api import cancel_view, events_view, result_view, task_view
+from gateway.edge.usage import USAGE_ROUTE, usage_view
 from gateway.errors import not_found
 from gateway.metrics import METRICS, Metrics, metrics_view
 from gateway.tasks.images import IMAGE_ROUTE
@@ -29,7 +30,6 @@ from gateway.tasks.worker import WORKER_POOL, WorkerPool
 from gateway.upstream import upstream_ctx
 from gateway.usage.meter import USAGE, Meter
 from gateway.usage.redis_ledger import open_ledger
-from gateway.usage.view import USAGE_ROUTE, usage_view
 from gateway.webhooks.delivery import webhooks_ctx
 
 # The rest of a path, line breaks included: with `.*` a decoded %0a would fall through to

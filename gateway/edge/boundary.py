@@ -10,7 +10,7 @@ import logging
 from aiohttp import web
 
 from gateway.context import REQUEST_CONTEXT, RequestContext
-from gateway.cors import preflight
+from gateway.edge.cors import preflight
 from gateway.errors import GatewayError, Handler, from_aiohttp
 from gateway.metrics import METRICS, Metrics
 
