@@ -94,6 +94,29 @@ def test_a_multipart_edit_asks_through_its_form_fields() -> None:
     assert got == Ask("gpt-image-1", 2, None, "low")
 
 
+def test_an_n_the_upstream_may_read_as_many_images_is_held_as_many() -> None:
+    """`n` as text, a float, twice, unquoted in a form, or unreadable: held as what the
+    upstream may make of it (the most, when unreadable), never as one image."""
+    route = "/v1/images/generations"
+    for n in (b'"10"', b"10.0", b"1e1", b'1, "n": 10'):
+        body = b'{"model": "gpt-image-1", "size": "1024x1024", "n": ' + n + b"}"
+        assert ask_of(route, None, "application/json", body).images == 10, n
+    for body in (b'{"n": true}', b'{"n": 2.5}', b'{"n": "2", "size": 5}'):
+        assert ask_of(route, "m", "application/json", body).images == 10, body
+    assert ask_of(route, "m", "application/json", b'{"n": "3"}').images == 3
+    gemini = b'{"generationConfig": {"candidateCount": "4"}}'
+    assert ask_of("/v1/models/{model}:generateContent", "g", "application/json", gemini).images == 4
+
+    def form(*fields: bytes) -> bytes:
+        parts = [b"--B\r\nContent-Disposition: form-data; " + f + b"\r\n" for f in fields]
+        return b"".join(parts) + b"--B--\r\n"
+
+    edits, mime = "/v1/images/edits", "multipart/form-data; boundary=B"
+    assert ask_of(edits, "m", mime, form(b'name="n"\r\n\r\n1', b'name="n"\r\n\r\n7')).images == 7
+    assert ask_of(edits, "m", mime, form(b"name=n\r\n\r\n6")).images == 6
+    assert ask_of(edits, "m", mime, form(b'name="n"\r\n\r\nsix')).images == 10
+
+
 def test_a_gemini_call_asks_through_its_path_and_generation_config() -> None:
     route = "/v1beta/models/{model}:generateContent"
     body = json.dumps(
@@ -533,6 +556,28 @@ async def test_a_cancelled_queued_task_gives_its_budget_back(
     assert usage["day"]["cost_usd"] == 0
     async with http.post(url, json=IMAGE, headers=queued) as resp:
         assert resp.status == 202
+
+
+async def test_n_as_text_cannot_spend_past_the_budget_by_being_held_as_one_image(
+    gateway_factory: GatewayFactory, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    """$1.00 a day at $0.10 an image, ten concurrent calls each asking `"n": "10"` (which the
+    upstream reads as 10 images): one is made, the others are refused, and the day's spend
+    stays within the budget. Before, each was held as one image and all ten went: $10.00."""
+    gw = await gateway_factory(**_sections({}, daily_usd=1.0))
+    url = f"{gw.url}/v1/images/generations"
+    ask = {**IMAGE, "n": "10"}
+
+    async def call() -> int:
+        async with http.post(url, json=ask, headers=DESIGN) as resp:
+            await resp.read()
+            return resp.status
+
+    statuses = await asyncio.gather(*(call() for _ in range(10)))
+    assert sorted(statuses) == [200] + [429] * 9
+    usage = await _settled(http, gw.url, DESIGN)
+    assert usage["day"]["cost_usd"] == pytest.approx(1.0)
+    assert usage["day"]["models"][0]["images"] == 10
 
 
 @pytest.mark.parametrize("api_version", ["v1beta", "v1"])

@@ -32,7 +32,10 @@ GEMINI_ROUTES = frozenset(
 # [prices] (APIYI serves Gemini's image models there too); a text model costs nothing here.
 CHAT_ROUTE = "/v1/chat/completions"
 COUNTED_ROUTES = IMAGE_ROUTES | GEMINI_ROUTES | {CHAT_ROUTE}
-# A caller's `n` beyond this is taken as this: OpenAI's own cap is 10.
+# A caller's `n` beyond this is taken as this: OpenAI's own cap is 10. An `n` the gateway cannot
+# read as a whole number ("10" as text, 10.5, true, a base64-encoded form field) is taken as this
+# too: the upstream may read it as many images, and a budget held for one image would let
+# concurrent calls spend many times their budget before any of them settles.
 _MOST_IMAGES = 10
 
 
@@ -47,7 +50,8 @@ class Ask(msgspec.Struct, frozen=True):
 
 class _OpenAIFields(msgspec.Struct):
     model: str | None = None
-    n: int | None = None
+    # Kept raw, read by `_count`: an odd `n` must not cost the other fields.
+    n: msgspec.Raw = msgspec.Raw()
     size: str | None = None
     quality: str | None = None
 
@@ -58,8 +62,8 @@ class _ImageConfig(msgspec.Struct):
 
 
 class _GenerationConfig(msgspec.Struct):
-    candidateCount: int | None = None
-    candidate_count: int | None = None
+    candidateCount: msgspec.Raw = msgspec.Raw()
+    candidate_count: msgspec.Raw = msgspec.Raw()
     imageConfig: _ImageConfig | None = None
     image_config: _ImageConfig | None = None
 
@@ -71,9 +75,13 @@ class _GeminiFields(msgspec.Struct):
 
 _openai = msgspec.json.Decoder(_OpenAIFields).decode
 _gemini = msgspec.json.Decoder(_GeminiFields).decode
-# A form field of a multipart body that is not a file: its name, then its short value.
+# Lax, as the upstream may be: "3", 3.0 and 3e0 are three images.
+_whole = msgspec.json.Decoder(int | None, strict=False).decode
+# A form field of a multipart body: its name (quoted or not, anywhere among the parameters, as
+# multipart parsers read it), then the first line of its value.
 _FORM_FIELD = re.compile(
-    rb'content-disposition:[ \t]*form-data;[ \t]*name="(model|n|size|quality)"\r\n'
+    rb"content-disposition:[ \t]*form-data[^\r\n]*?;[ \t]*"
+    rb'name=(?:"(model|n|size|quality)"|(model|n|size|quality))(?=[ \t;\r])[^\r\n]*\r\n'
     rb"(?:[^\r\n]*\r\n)*?\r\n([^\r\n]{0,100})\r\n",
     re.IGNORECASE,
 )
@@ -91,32 +99,49 @@ def ask_of(route: str, model: str | None, content_type: str, body: Body) -> Ask:
         if mime == "multipart/form-data":
             return _form_ask(model, body)
         fields = _openai(body) if body else _OpenAIFields()
+    except msgspec.ValidationError:
+        # JSON the upstream may still take, with a field of an odd type: the most it can make.
+        return Ask(model, _MOST_IMAGES, None, None, route == CHAT_ROUTE)
     except (msgspec.DecodeError, RecursionError):
+        # Not JSON: the upstream refuses it, at no cost.
         return Ask(model, 1, None, None, route == CHAT_ROUTE)
     chat = route == CHAT_ROUTE
-    return Ask(fields.model or model, _images(fields.n), fields.size, fields.quality, chat)
+    return Ask(fields.model or model, _count(fields.n), fields.size, fields.quality, chat)
 
 
 def _gemini_ask(model: str | None, body: Body) -> Ask:
     fields = _gemini(body) if body else _GeminiFields()
     config = fields.generationConfig or fields.generation_config or _GenerationConfig()
     image = config.imageConfig or config.image_config or _ImageConfig()
-    count = config.candidateCount or config.candidate_count
-    return Ask(model, _images(count), image.imageSize or image.image_size, None)
+    count = config.candidateCount if len(config.candidateCount) else config.candidate_count
+    return Ask(model, _count(count), image.imageSize or image.image_size, None)
 
 
 def _form_ask(model: str | None, body: Body) -> Ask:
     found: dict[bytes, str] = {}
+    images = 1
     for match in _FORM_FIELD.finditer(body):
-        found.setdefault(match[1].lower(), match[2].decode("utf-8", "replace").strip())
-    n = found.get(b"n", "")
+        name = (match[1] or match[2]).lower()
+        value = match[3].decode("utf-8", "replace").strip()
+        found.setdefault(name, value)
+        if name == b"n":
+            # A form with `n` twice: parsers differ on which one counts, so the larger does.
+            images = max(images, _count(msgspec.Raw(value.encode())))
     return Ask(
         found.get(b"model") or model,
-        _images(int(n) if n.isdigit() else None),
+        images,
         found.get(b"size") or None,
         found.get(b"quality") or None,
     )
 
 
-def _images(n: int | None) -> int:
-    return min(max(n or 1, 1), _MOST_IMAGES)
+def _count(n: msgspec.Raw) -> int:
+    """Images asked for by a raw `n` (JSON or a form field's text; empty when not given);
+    unreadable: the most."""
+    if not len(n):
+        return 1
+    try:
+        asked = _whole(n)
+    except msgspec.DecodeError:
+        return _MOST_IMAGES
+    return min(max(asked or 1, 1), _MOST_IMAGES)
