@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -533,6 +534,41 @@ async def test_a_budgeted_call_while_redis_is_down_goes_through_or_is_refused_as
         expected = 1 if mode == "open" else 0
         assert gw.sample("gateway_budget_unchecked_total", client="design") == expected
     finally:
+        redis.stop()
+
+
+async def test_a_hold_redis_runs_after_its_caller_gave_up_keeps_nothing_of_the_budget(
+    gateway_factory: GatewayFactory, tmp_path: Any, http: aiohttp.ClientSession
+) -> None:
+    """Redis hangs (SIGSTOP) under a budgeted call: the call goes on unchecked after
+    store_timeout_s, and once Redis resumes, the hold it ran late holds nothing, so the client
+    has the rest of its budget. Before, that hold kept $0.10 of the $0.05 left of a $0.25 day
+    from the client (its next call refused) until it lapsed, the call's deadline and a minute
+    later."""
+    redis = RedisServer(tmp_path)
+    try:
+        store = {"redis_url": redis.url, "key_prefix": "late", "store_timeout_s": 0.5}
+        gw = await gateway_factory(**_sections(store, daily_usd=0.25))
+        url = f"{gw.url}/v1/images/generations"
+        async with http.post(url, json=IMAGE, headers=DESIGN) as resp:
+            assert resp.status == 200  # checked and held: Redis has the hold script now
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            async with http.post(url, json=IMAGE, headers=DESIGN) as resp:
+                assert resp.status == 200  # unchecked: budget_store_down = open
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while (await _usage(http, gw.url, DESIGN))["day"]["cost_usd"] < 0.15:
+            assert time.monotonic() < deadline, "the unchecked call was never counted"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # Redis has long run whatever it had been sent
+        usage = await _usage(http, gw.url, DESIGN)
+        assert usage["day"]["cost_usd"] == pytest.approx(0.2)
+        assert usage["day"]["held_usd"] == 0
+        assert usage["day"]["remaining_usd"] == pytest.approx(0.05)
+    finally:
+        redis.proc.send_signal(signal.SIGCONT)
         redis.stop()
 
 

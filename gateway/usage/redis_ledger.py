@@ -4,7 +4,10 @@ replicas can both take the last of a budget; a settle (`lua/settle.lua`) lets it
 
 Every key of one client shares its hash tag, so each script runs on one Redis Cluster slot.
 Calls go through the task store's `observed` wrappers: a hold waits `tasks.store_timeout_s` at
-most, on the caller's path, and an unreachable Redis is `StoreUnavailable`.
+most, on the caller's path, and an unreachable Redis is `StoreUnavailable`. A hold is fenced
+(`tasks/redis/lua/fence.lua`): one that Redis runs only after its caller gave up (a hung Redis,
+resumed) holds nothing, since that call went on unchecked (or was refused) and would never
+settle it; else it would keep that much of the budget from the client until it lapsed.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from importlib import resources
 from typing import Any
 
 from gateway.tasks.models import TaskStore
-from gateway.tasks.redis.observed import Observer, store_call, store_wait
+from gateway.tasks.redis.observed import Observer, giving_up_at, store_call, store_wait
+from gateway.tasks.redis.scripts import script
 from gateway.tasks.redis.store import RedisStore
 from gateway.usage.ledger import (
     Budgets,
@@ -38,7 +42,7 @@ def _script(name: str) -> str:
     return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
 
 
-_HOLD = _script("holds") + _script("hold")
+_HOLD = script("fence") + _script("holds") + _script("hold")
 _SETTLE = _script("holds") + _script("settle")
 
 
@@ -66,6 +70,7 @@ class RedisLedger:
     def __init__(self, store: RedisStore, prefix: str) -> None:
         # The task store's client, readiness and metrics (`observed.py` reads them from here).
         self._store = store
+        self._clock = store.clock
         self._redis: Any = store.redis
         self.observe: Observer = store.observe
         self.deadline_s: float = store.deadline_s
@@ -100,6 +105,8 @@ class RedisLedger:
             periods.day,
             periods.month,
             int(ttl_s) + 86400,
+            # A quarter of the deadline for the error of reading Redis's clock (`creation.py`).
+            await self._clock.fence_ms(giving_up_at.get() - self.deadline_s / 4),
         ]
         refused = await self._hold(keys=keys, args=args)
         if refused is None:

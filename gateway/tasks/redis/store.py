@@ -120,6 +120,11 @@ class RedisStore:
         scripts are its own but whose Redis is this one."""
         return self._redis
 
+    @property
+    def clock(self) -> RedisClock:
+        """Redis's clock as read here, for the usage ledger's fenced holds."""
+        return self._clock
+
     async def get_ready(self) -> None:
         async with self._getting_ready:
             if not self.ready:
