@@ -118,6 +118,25 @@ def test_an_n_the_upstream_may_read_as_many_images_is_held_as_many() -> None:
     assert ask_of(edits, "m", mime, form(b'name="n"\r\n\r\nsix')).images == 10
 
 
+def test_an_edit_is_priced_by_its_form_fields_never_by_text_inside_its_images() -> None:
+    """An image whose bytes hold what looks like a form field (a cheaper model, low quality)
+    is not read as one: the edit is priced as its real fields ask. Its tens of MB are not
+    scanned either (a case-blind scan of 50 MB held the event loop 0.4 s)."""
+    fake = b'\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-image-1-mini\r\n'
+    fake += b'x--B\r\nContent-Disposition: form-data; name="quality"\r\n\r\nlow\r\n'
+    image = b"\x89PNG" + fake + b"\0" * 50_000_000
+    body = b"--B\r\n" + b'Content-Disposition: form-data; name="image"; filename="a.png"\r\n'
+    body += b"Content-Type: image/png\r\n\r\n" + image + b"\r\n"
+    for name, value in ((b"model", b"gpt-image-1"), (b"quality", b"high"), (b"n", b"2")):
+        body += b'--B\r\nContent-Disposition: form-data; name="' + name + b'"\r\n\r\n'
+        body += value + b"\r\n"
+    body += b"--B--\r\n"
+    started = time.perf_counter()
+    got = ask_of("/v1/images/edits", None, "multipart/form-data; boundary=B", body)
+    assert got == Ask("gpt-image-1", 2, None, "high")
+    assert time.perf_counter() - started < 0.15
+
+
 def test_a_gemini_call_asks_through_its_path_and_generation_config() -> None:
     route = "/v1beta/models/{model}:generateContent"
     body = json.dumps(
