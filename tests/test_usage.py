@@ -591,6 +591,31 @@ async def test_a_hold_redis_runs_after_its_caller_gave_up_keeps_nothing_of_the_b
         redis.stop()
 
 
+async def test_a_caller_gone_while_waiting_for_admission_pays_nothing(
+    gateway_factory: GatewayFactory, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    """A budgeted caller that hangs up while its call waits for an upstream slot (admission)
+    made no call: nothing is counted and its hold goes. Before, it was billed the estimate as if
+    the upstream had been sent the call."""
+    gw = await gateway_factory(
+        **_sections({}, daily_usd=1.0), admission={"model_concurrency": {"gpt-image-1": 1}}
+    )
+    url = f"{gw.url}/v1/images/generations"
+    slow = {**OPS, "X-Fake-Latency": "1.5"}
+    busy = asyncio.create_task(http.post(url, json=IMAGE, headers=slow))
+    while fake.stats.running == 0:
+        await asyncio.sleep(0.01)
+    gone = aiohttp.ClientTimeout(total=0.3)  # hangs up while its call waits for the slot
+    with pytest.raises(TimeoutError):
+        await http.post(url, json=IMAGE, headers=DESIGN, timeout=gone)
+    (await busy).release()
+    await asyncio.sleep(0.3)  # the gone caller's settle, off its path
+    usage = await _settled(http, gw.url, DESIGN)
+    assert usage["day"]["cost_usd"] == 0
+    assert usage["day"]["models"] == []
+    assert fake.stats.requests == 1
+
+
 async def test_a_cancelled_queued_task_gives_its_budget_back(
     gateway_factory: GatewayFactory, redis_server: Any, http: aiohttp.ClientSession
 ) -> None:

@@ -116,8 +116,7 @@ async def _metered(
     ttl_s = _deadline(ctx, request.app[CONFIG]) - asyncio.get_running_loop().time() + 60.0
     hold = await meter.hold(client, ask, new_hold_id(), ttl_s)
     seen = AnswerMeter()
-    # A caller gone mid-call (cancelled) leaves a call the upstream bills: the estimate.
-    result: Result | None = Result(None, sent=True)
+    result: Result | None = None
     try:
         out = await _forward(request, ctx, target, body, seen)
         result = Result(out.status, True, seen.images, seen.tokens)
@@ -125,6 +124,11 @@ async def _metered(
     except GatewayError as failure:
         # Refused here, or unsent: no call; sent but unanswered: billed all the same.
         result = Result(None) if failure.code in SENT_FAILURES else None
+        raise
+    except BaseException:
+        # The caller gone (cancelled): a call already upstream is billed there (the estimate);
+        # one still waiting for admission was never made.
+        result = Result(None) if seen.sent else None
         raise
     finally:
         meter.settle_soon(client, ask, hold.id, result)
@@ -176,6 +180,8 @@ async def _exchange(
     never a short one."""
     out: web.StreamResponse | None = None
     upstream = request.app[UPSTREAM]
+    if seen is not None:
+        seen.sent = True
     try:
         async with upstream.call(
             request.method,

@@ -46,11 +46,14 @@ _usage = msgspec.json.Decoder(_Usage).decode
 class AnswerMeter:
     """Fed an answer's body, chunk by chunk; then what it made."""
 
-    __slots__ = ("_images", "_tail")
+    __slots__ = ("_images", "_tail", "sent")
 
     def __init__(self) -> None:
         self._images = 0
         self._tail = b""
+        # Set as the call goes upstream: a caller gone before then (waiting for admission) left
+        # nothing to bill; after, the upstream bills it all the same.
+        self.sent = False
 
     def feed(self, chunk: bytes) -> None:
         overlap = self._tail[-_OVERLAP:]
