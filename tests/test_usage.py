@@ -42,8 +42,23 @@ def test_a_price_is_looked_up_by_size_and_quality_then_size_then_quality_then_de
     assert table.per_image("m", "big", "high") == 4.0
     assert table.per_image("m", "big", "low") == 3.0
     assert table.per_image("m", "small", "high") == 2.0
-    assert table.per_image("m", None, None) == 1.0
+    assert table.per_image("m", None, None) == 2.0  # quality left to the upstream: the dearest
+    assert table.per_image("m", "small", None) == 1.0
     assert table.per_image("m", "small", "low") == 1.0
+
+
+def test_a_quality_left_to_the_upstream_or_spelt_in_capitals_is_never_priced_cheaper() -> None:
+    # gpt-image answers "auto" (or no quality) with high quality as often as not: estimated at
+    # the dearest the table names, a budget is never passed by leaving quality out.
+    table = PriceTable(
+        {"gpt-image-1": {"default": 0.042, "/low": 0.011, "/high": 0.167, "1536x1024/high": 0.25}},
+        unpriced_image_usd=9.0,
+    )
+    assert table.per_image("gpt-image-1", None, None) == 0.167
+    assert table.per_image("gpt-image-1", "auto", "auto") == 0.167
+    assert table.per_image("gpt-image-1", "1536x1024", None) == 0.25
+    assert table.per_image("GPT-IMAGE-1", "1536X1024", "HIGH") == 0.25
+    assert table.per_image("gpt-image-1", None, "low") == 0.011
 
 
 def test_a_model_missing_from_the_table_never_costs_nothing() -> None:

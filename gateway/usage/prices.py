@@ -15,17 +15,31 @@ class PriceTable:
         unpriced_image_usd: float,
         on_unpriced: Callable[[str], object] = lambda model: None,
     ) -> None:
-        self._prices = prices
+        # Looked up case-blind: `GPT-IMAGE-1`, `HIGH` or `1536X1024` must not find a cheaper
+        # line (or none) than the upstream bills.
+        self._prices = {
+            model.lower(): {key.lower(): price for key, price in table.items()}
+            for model, table in prices.items()
+        }
         self._unpriced_usd = unpriced_image_usd
         self._on_unpriced = on_unpriced
         self._said: set[str] = set()
 
     def per_image(self, model: str | None, size: str | None, quality: str | None) -> float:
         """One image's price, looked up as "size/quality", "size", "/quality", "default". A
-        model the table lacks costs `unpriced_image_usd`, never $0 (LiteLLM's Imagen lesson)."""
-        table = self._prices.get(model or "")
+        model the table lacks costs `unpriced_image_usd`, never $0 (LiteLLM's Imagen lesson).
+        A quality left to the upstream (none given, or "auto": gpt-image's default, often high)
+        is the dearest the table names for the size, so a budget errs on the safe side."""
+        table = self._prices.get((model or "").lower())
         if table is None:
             return self._unpriced(model or "")
+        size = size.lower() if size and size.lower() != "auto" else None
+        quality = quality.lower() if quality and quality.lower() != "auto" else None
+        if quality is None:
+            prefix = f"{size}/" if size else "/"
+            dearest = [price for key, price in table.items() if key.startswith(prefix)]
+            if dearest:
+                return max(dearest)
         keys = [f"{size}/{quality}"] if size and quality else []
         keys += [size] if size else []
         keys += [f"/{quality}", "default"] if quality else ["default"]
