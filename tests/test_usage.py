@@ -571,6 +571,35 @@ async def test_a_budgeted_call_while_redis_is_down_goes_through_or_is_refused_as
         redis.stop()
 
 
+async def test_while_redis_hangs_a_budgeted_call_does_not_wait_on_it_each_time(
+    gateway_factory: GatewayFactory, tmp_path: Any, http: aiohttp.ClientSession
+) -> None:
+    """Once the background check has found Redis hung (/readyz says so), a budgeted call goes
+    through unchecked at once, as a plain call would without the gateway. Before, each one
+    waited out tasks.store_timeout_s (2 s) for a hold Redis would never answer."""
+    redis = RedisServer(tmp_path)
+    try:
+        gw = await gateway_factory(**_sections({"redis_url": redis.url, "key_prefix": "hung"}, 5.0))
+        url = f"{gw.url}/v1/images/generations"
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(100):  # the check runs once a second
+                async with http.get(f"{gw.url}/readyz") as resp:
+                    if resp.status == 503:
+                        break
+                await asyncio.sleep(0.1)
+            started = time.monotonic()
+            for _ in range(3):
+                async with http.post(url, json=IMAGE, headers=DESIGN) as resp:
+                    assert resp.status == 200
+            assert time.monotonic() - started < 1.5  # three calls, not 3 x 2 s
+            assert gw.sample("gateway_budget_unchecked_total", client="design") == 3
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+    finally:
+        redis.stop()
+
+
 async def test_a_hold_redis_runs_after_its_caller_gave_up_keeps_nothing_of_the_budget(
     gateway_factory: GatewayFactory, tmp_path: Any, http: aiohttp.ClientSession
 ) -> None:

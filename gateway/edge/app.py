@@ -116,7 +116,9 @@ def _add_tasks(app: web.Application, config: Config) -> None:
     store = open_store(config, app[METRICS])
     link_ttl_s = config.cors.signed_link_ttl_s
     app[TASKS] = TaskService(store, app[AUTH], open_results(config), link_ttl_s)
-    app[USAGE] = Meter(config, app[METRICS], open_ledger(store, config.tasks.key_prefix))
+    tasks = app[TASKS]
+    ledger = open_ledger(store, config.tasks.key_prefix)
+    app[USAGE] = Meter(config, app[METRICS], ledger, lambda: tasks.reachable)
     app[WORKER_POOL] = WorkerPool(config)
     app.cleanup_ctx.append(upstream_ctx(config))
     app.cleanup_ctx.append(results_ctx)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 from aiohttp import web
@@ -70,7 +70,13 @@ def answered(status: int, body: bytes) -> Result:
 
 
 class Meter:
-    def __init__(self, config: Config, metrics: Metrics, ledger: Ledger) -> None:
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        ledger: Ledger,
+        store_reachable: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._prices = config.prices
         self._table = PriceTable(
             config.prices,
@@ -81,6 +87,9 @@ class Meter:
         self._models = frozenset(config.timeouts.models) | frozenset(config.prices)
         self._metrics = metrics
         self.ledger = ledger
+        # The store's last background check (once a second): while it failed, a hold is not
+        # tried, so a hung Redis costs a budgeted call nothing rather than store_timeout_s each.
+        self._store_reachable = store_reachable
         self._settling: set[asyncio.Task[None]] = set()
         self._unchecked_said = OncePer(60.0)
         self._unrecorded_said = OncePer(60.0)
@@ -129,6 +138,8 @@ class Meter:
         amount = self.estimate(ask)
         periods = Periods(time.time())
         try:
+            if not self._store_reachable():
+                raise StoreUnavailable()
             refused = await self.ledger.hold(client, hold_id, amount, budgets, periods, ttl_s)
         except StoreUnavailable:
             if not self._fail_open:
