@@ -5,7 +5,7 @@ Upstream errors are never rendered here: they pass through byte for byte.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import msgspec
 from aiohttp import web
@@ -74,6 +74,14 @@ class Unauthorized(GatewayError):
 class NotFound(GatewayError):
     status = 404
     code = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, allowed: Iterable[str]) -> None:
+        super().__init__(message, headers={"Allow": ", ".join(sorted(allowed))})
 
 
 class BodyTooLarge(GatewayError):

@@ -15,7 +15,7 @@ from urllib.parse import unquote
 
 from aiohttp import HttpVersion, HttpVersion10
 
-from gateway.errors import BadRequest, GatewayError
+from gateway.errors import BadRequest, MethodNotAllowed
 
 ALLOWED_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 _PREFIXES = ("/v1/", "/v1beta/")
@@ -26,20 +26,6 @@ _PLAIN_PATH = re.compile(r"/v1(?:beta)?(?:/[A-Za-z0-9_\-:~+@!$&'()*,;=]*)+")
 _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f\\/]")
 # Percent-decoding more than this often is a riddle, not a path.
 _MAX_DECODES = 3
-
-
-class MethodNotAllowed(GatewayError):
-    status = 405
-    type = "invalid_request_error"
-    code = "method_not_allowed"
-
-    def __init__(self, method: str) -> None:
-        super().__init__(
-            f"{_printable(method)} is not forwarded; use one of "
-            + ", ".join(sorted(ALLOWED_METHODS))
-            + ".",
-            headers={"Allow": ", ".join(sorted(ALLOWED_METHODS))},
-        )
 
 
 def _printable(text: str) -> str:
@@ -60,7 +46,10 @@ def check_version(version: HttpVersion) -> None:
 
 def check_method(method: str) -> None:
     if method not in ALLOWED_METHODS:
-        raise MethodNotAllowed(method)
+        allowed = ", ".join(sorted(ALLOWED_METHODS))
+        raise MethodNotAllowed(
+            f"{_printable(method)} is not forwarded; use one of {allowed}.", ALLOWED_METHODS
+        )
 
 
 def check_target(target: str) -> str:

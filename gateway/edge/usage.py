@@ -14,17 +14,12 @@ from aiohttp import web
 
 from gateway.auth import AUTH
 from gateway.config import CONFIG, UNNAMED
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, MethodNotAllowed
 from gateway.usage.ledger import MICRO, PeriodFigures
 from gateway.usage.meter import USAGE
 from gateway.usage.periods import Periods, iso
 
 USAGE_ROUTE = "/v1/usage"
-
-
-class _OnlyGet(GatewayError):
-    status = 405
-    code = "method_not_allowed"
 
 
 class UsageNotKept(GatewayError):
@@ -69,7 +64,7 @@ _encode = msgspec.json.Encoder().encode
 
 async def usage_view(request: web.Request) -> web.Response:
     if request.method not in ("GET", "HEAD"):
-        raise _OnlyGet(f"{USAGE_ROUTE} is read with GET.", headers={"Allow": "GET"})
+        raise MethodNotAllowed(f"{USAGE_ROUTE} is read with GET.", ("GET",))
     client = request.app[AUTH].client(request)
     config = request.app[CONFIG]
     if client == UNNAMED or client not in config.clients:
